@@ -1,0 +1,76 @@
+"""Engine configuration: what to serve, how much KV cache, how to schedule, how to parallelise."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None        # checkpoint directory; None → the embedded default model
+    tokenizer: str | None = None    # defaults to the model directory
+    dtype: str = "auto"             # auto | float32 | float16 | bfloat16
+    max_model_len: int | None = None  # defaults to the checkpoint's context length
+    seed: int = 0
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None   # override the measured capacity
+    kv_cache_memory: int = 1 << 30     # bytes of KV cache per rank on the CPU
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256             # cap on running requests
+    max_num_batched_tokens: int = 2048  # token budget of one step
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    executor: str = "inproc"            # inproc (one rank); later transports join here
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments (`block_size=32`, ...); unknown names raise TypeError."""
+        sections = {}
+        for section in fields(cls):
+            section_cls = section.default_factory
+            names = {f.name for f in fields(section_cls)}
+            sections[section.name] = section_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        if kwargs:
+            raise TypeError(f"unknown engine arguments: {sorted(kwargs)}")
+        config = cls(**sections)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def positive(section, name):
+            value = getattr(section, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer (got {value!r})")
+
+        positive(self.cache, "block_size")
+        positive(self.cache, "num_kv_blocks")
+        positive(self.scheduler, "max_num_seqs")
+        positive(self.scheduler, "max_num_batched_tokens")
+        positive(self.parallel, "tensor_parallel_size")
+        positive(self.model, "max_model_len")
+        if not 0 < self.cache.gpu_memory_utilization <= 1:
+            raise ValueError(f"`gpu_memory_utilization` must be in (0, 1] (got {self.cache.gpu_memory_utilization})")
+        if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16 (got {self.model.dtype!r})")
+        if self.parallel.executor != "inproc":
+            raise ValueError(f"`executor` {self.parallel.executor!r} is not available; use 'inproc'")
+        if self.parallel.tensor_parallel_size != 1:
+            raise ValueError("`tensor_parallel_size` > 1 needs the distributed executor, not in this version")

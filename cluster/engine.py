@@ -1,0 +1,145 @@
+"""The engine: admits requests, steps the scheduler and executor, detokenises, stops.
+
+Synchronous and single-threaded by contract: `add_request`, `abort` and `step` must be
+called from one thread at a time (the async server wraps it in one loop thread).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from quire.cluster.block_pool import BlockPool
+from quire.cluster.config import EngineConfig
+from quire.cluster.detokenizer import IncrementalDetokenizer
+from quire.cluster.executor import Executor, InprocExecutor, WorkerSetup
+from quire.cluster.kv_cache_manager import KVCacheManager
+from quire.cluster.model_info import ModelInfo
+from quire.cluster.outputs import CompletionOutput, RequestOutput
+from quire.cluster.request import Request, RequestStatus
+from quire.cluster.scheduler import Scheduler
+from quire.protos.step import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    forward_seconds: float = 0.0       # worker-reported model forward + sampling time
+    step_seconds: float = 0.0          # wall time inside step()
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        self.config = config
+        self.info = ModelInfo.load(config.model)
+        self.tokenizer = self.info.tokenizer
+        self.max_model_len = self.info.max_model_len
+        self.executor = executor or InprocExecutor()
+        started = time.perf_counter()
+        num_blocks = self.executor.start(WorkerSetup(
+            model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
+            max_model_len=self.max_model_len, block_size=config.cache.block_size,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            kv_cache_memory=config.cache.kv_cache_memory,
+            gpu_memory_utilization=config.cache.gpu_memory_utilization, num_kv_blocks=config.cache.num_kv_blocks))
+        self.block_size = config.cache.block_size
+        self.kv = KVCacheManager(BlockPool(num_blocks), self.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.stats = EngineStats()
+        logger.info("engine ready in %.1fs: %d KV blocks x %d tokens = %d tokens; %.1f requests of max_model_len=%d fit",
+                    time.perf_counter() - started, num_blocks, self.block_size, num_blocks * self.block_size,
+                    num_blocks * self.block_size / self.max_model_len, self.max_model_len)
+
+    # -- admission ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> str:
+        """Validate and queue a request; raises ValueError naming the bad field, queuing nothing."""
+        params = params or SamplingParams()
+        params.validate()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"`request_id` {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        token_ids = self.info.encode(prompt)
+        if len(token_ids) + 1 > self.max_model_len:
+            raise ValueError(f"`prompt` has {len(token_ids)} tokens; with at least one output token it exceeds "
+                             f"max_model_len={self.max_model_len}")
+        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if self.kv.blocks_for(longest) > self.kv.pool.num_blocks:
+            raise ValueError(f"`max_tokens`: prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) needs "
+                             f"{self.kv.blocks_for(longest)} KV blocks; the cache holds {self.kv.pool.num_blocks}")
+        request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority)
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+        self.scheduler.add_request(request)
+        self.stats.prompt_tokens += len(token_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request as aborted and free its blocks. Returns whether it was live."""
+        self.detokenizers.pop(request_id, None)
+        return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return an output for each request that produced tokens."""
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.num_scheduled_tokens and not plan.finished_request_ids:
+            return []
+        result = self.executor.execute(plan)
+        self.stats.forward_seconds += result.forward_seconds
+        outputs = []
+        for request, sampled in self.scheduler.update_from_output(plan, result):
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            outputs.append(self._process_token(request, sampled.token_id))
+        self.stats.num_steps += 1
+        self.stats.generated_tokens += len(outputs)
+        self.stats.step_seconds += time.perf_counter() - started
+        return outputs
+
+    def _stop_reason(self, request: Request, token_id: int, stop_string: str | None):
+        params = request.sampling_params
+        if stop_string is not None:
+            return RequestStatus.FINISHED_STOPPED, stop_string
+        if not params.ignore_eos and token_id in self.info.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED, None
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token_id
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _process_token(self, request: Request, token_id: int) -> RequestOutput:
+        detok = self.detokenizers[request.request_id]
+        stop_string = detok.append([token_id])
+        status, stop_reason = self._stop_reason(request, token_id, stop_string)
+        finished = status is not None
+        if finished:
+            self.scheduler.finish_request(request.request_id, status)
+            self.detokenizers.pop(request.request_id)
+            self.stats.finished[status.value] = self.stats.finished.get(status.value, 0) + 1
+        completion = CompletionOutput(
+            index=0, text=detok.output_text, token_ids=request.output_token_ids,
+            finish_reason=status.value if finished else None, stop_reason=stop_reason,
+            logprobs=request.output_logprobs if request.sampling_params.logprobs is not None else None,
+            delta_text=detok.take_delta(finished), delta_token_ids=[token_id])
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv.pool.usage
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

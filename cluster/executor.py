@@ -1,0 +1,85 @@
+"""Executors carry StepPlans to the workers and bring back rank 0's StepResult.
+
+Every transport sends the same `quire.v1.Worker` protobuf messages; only the way they
+travel differs. `InprocExecutor` (one rank in this process) still serialises and
+parses every message, so the gRPC transports are drop-in replacements.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from quire.protos import worker_pb2 as pb
+from quire.protos.step import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSetup:
+    """What an executor needs to bring workers up."""
+
+    model_path: str
+    dtype: str
+    seed: int
+    max_model_len: int
+    block_size: int
+    max_num_batched_tokens: int
+    kv_cache_memory: int
+    gpu_memory_utilization: float
+    num_kv_blocks: int | None
+
+
+class Executor(ABC):
+    @abstractmethod
+    def _call(self, method: str, request):
+        """Send one `quire.v1.Worker` request to every rank; return rank 0's response."""
+
+    def start(self, setup: WorkerSetup) -> int:
+        """Load the model on every rank, size and allocate the KV pool. Returns the block count."""
+        self._call("LoadModel", pb.LoadModelRequest(
+            model_path=setup.model_path, dtype=setup.dtype, rank=0, world_size=1, seed=setup.seed,
+            max_model_len=setup.max_model_len))
+        num_blocks = setup.num_kv_blocks
+        if num_blocks is None:
+            profile = self._call("ProfileMemory", pb.ProfileMemoryRequest(
+                block_size=setup.block_size, max_num_batched_tokens=setup.max_num_batched_tokens,
+                gpu_memory_utilization=setup.gpu_memory_utilization, kv_cache_memory_bytes=setup.kv_cache_memory))
+            num_blocks = int(profile.num_blocks)
+        if num_blocks < 1:
+            raise RuntimeError("no memory is left for the KV cache; lower max_num_batched_tokens or use a smaller model")
+        self._call("AllocateKVCache", pb.AllocateKVCacheRequest(num_blocks=num_blocks, block_size=setup.block_size))
+        return num_blocks
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return StepResult.from_pb(self._call("ExecuteStep", plan.to_pb()))
+
+    def shutdown(self) -> None:
+        self._call("Shutdown", pb.ShutdownRequest())
+
+
+class InprocExecutor(Executor):
+    """One rank in this process. Messages still cross a serialisation boundary each way."""
+
+    _methods = {
+        "LoadModel": ("load_model", pb.LoadModelRequest, pb.LoadModelResponse),
+        "ProfileMemory": ("profile_memory", pb.ProfileMemoryRequest, pb.ProfileMemoryResponse),
+        "AllocateKVCache": ("allocate_kv_cache", pb.AllocateKVCacheRequest, pb.AllocateKVCacheResponse),
+        "ExecuteStep": ("execute_step", pb.StepPlan, pb.StepResult),
+        "Health": ("health", pb.HealthRequest, pb.HealthResponse),
+        "Shutdown": ("shutdown", pb.ShutdownRequest, pb.ShutdownResponse),
+    }
+
+    def __init__(self):
+        from quire.worker.worker import Worker  # the one place the controller may import the worker
+
+        self.worker = Worker()
+        self.bytes_sent = 0
+
+    def _call(self, method: str, request):
+        handler, request_cls, response_cls = self._methods[method]
+        wire = request.SerializeToString()
+        self.bytes_sent += len(wire)
+        response = getattr(self.worker, handler)(request_cls.FromString(wire))
+        return response_cls.FromString(response.SerializeToString())

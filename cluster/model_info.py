@@ -1,0 +1,88 @@
+"""What the controller knows of the model: config, tokenizer, limits. Never its tensors."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from quire.cluster.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    name: str                  # the id clients use (the directory name)
+    hf_config: object
+    tokenizer: object
+    dtype: str                 # resolved: float32 | float16 | bfloat16
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: set[int]
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> ModelInfo:
+        """Read config.json, generation_config.json and the tokenizer. ValueError naming `model`
+        when the path is not a checkpoint."""
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        if config.model is None:
+            from quire.cluster.default_model import default_model_dir
+
+            path = default_model_dir()
+        else:
+            path = Path(config.model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"`model`: {str(path)!r} is not a checkpoint directory (no config.json found)")
+        hf_config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+        eos = set()
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+            ids = generation.eos_token_id
+            eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        except OSError:
+            pass
+        ids = getattr(hf_config, "eos_token_id", None)
+        eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True) and window < limit:
+            # Sliding-window attention is not implemented: stay within the window, where it is exact.
+            logger.warning("model uses sliding-window attention (%d); serving at most %d tokens", window, window)
+            limit = window
+        max_model_len = config.max_model_len or limit
+        if max_model_len > limit:
+            raise ValueError(f"`max_model_len` {max_model_len} exceeds the model's context length {limit}")
+        return cls(path=path, name=path.name, hf_config=hf_config, tokenizer=tokenizer,
+                   dtype=cls._resolve_dtype(config.dtype, hf_config), max_model_len=max_model_len,
+                   vocab_size=hf_config.vocab_size, eos_token_ids=eos)
+
+    @staticmethod
+    def _resolve_dtype(requested: str, hf_config) -> str:
+        if requested != "auto":
+            return requested
+        import torch
+
+        if not torch.cuda.is_available():
+            return "float32"  # half precision matmuls on the CPU are slow and less exact
+        stored = str(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None) or "float16")
+        stored = stored.replace("torch.", "")
+        return stored if stored in ("float16", "bfloat16") else "float16"
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; ValueError naming `prompt` when empty or out of the vocabulary."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("`prompt` must not be empty")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("`prompt` must be a non-empty string or a non-empty list of token ids")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"`prompt` token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        return list(prompt)

@@ -1,0 +1,63 @@
+"""A generation request as the controller tracks it."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from quire.protos.step import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+
+@dataclass
+class Request:
+    """Token-level state. Every token of the request lives here (prompt and outputs), so a
+    request can be replayed on fresh workers; the workers hold only a cache of it.
+
+    `num_computed_tokens` counts tokens whose KV is in the cache; each step the scheduler
+    lets it catch up to `num_tokens`. `num_tokens_sent`/`num_blocks_sent` count what the
+    workers already know, so a StepPlan carries only what is new.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    priority: int = 0              # lower runs first and is preempted last
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_tokens_sent: int = 0
+    num_blocks_sent: int = 0
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def sort_key(self) -> tuple[int, float]:
+        """Ascending order of service: higher priority (lower value) first, then earlier arrival."""
+        return (self.priority, self.arrival_time)
+
+    def tokens_from(self, start: int) -> list[int]:
+        """All token ids (prompt then output) from index `start` on."""
+        prompt_len = len(self.prompt_token_ids)
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:]
+        return self.prompt_token_ids[start:] + self.output_token_ids

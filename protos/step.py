@@ -1,0 +1,252 @@
+"""Domain types of the controller↔worker contract (`quire.v1.Worker`).
+
+Protobuf stays at the edges: the scheduler builds a `StepPlan`, the executor calls
+`to_pb()` once per step, and the worker reads it back with `StepPlan.from_pb()`.
+A plan is incremental: `NewRequestData` carries a request in full the first time it
+is scheduled; afterwards `CachedRequestData` carries only deltas, so the plan's size
+depends on the number of scheduled requests, never on their lengths.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from quire.protos import worker_pb2 as pb
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each output token and when to stop.
+
+    `temperature == 0` (or `top_k == 1`) is greedy. `top_k <= 0` disables top-k.
+    Penalties follow OpenAI (presence, frequency: subtracted from logits of tokens
+    already in the output) and HF/CTRL (repetition: logits of tokens in prompt or
+    output divided by it when positive, multiplied when negative).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"sampling params: `{name}` {why} (got {getattr(self, name)!r})")
+
+        def finite(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                bad(name, "must be a finite number")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            finite(name)
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            bad("top_k", "must be an integer >= -1 (-1 or 0 disables it)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad("seed", "must be a non-negative integer")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "must be an integer in [0, 20]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must hold non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must hold non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_pb(self) -> pb.SamplingParams:
+        return pb.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            has_seed=self.seed is not None, seed=self.seed or 0,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=-1 if self.logprobs is None else self.logprobs,
+        )
+
+    @classmethod
+    def from_pb(cls, msg: pb.SamplingParams) -> SamplingParams:
+        """The worker-side view: only the fields that affect sampling survive the wire."""
+        return cls(
+            temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
+            seed=msg.seed if msg.has_seed else None,
+            presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+            repetition_penalty=msg.repetition_penalty,
+            logprobs=None if msg.logprobs < 0 else msg.logprobs,
+        )
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen (or whose state they dropped): sent in full once."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    output_token_ids: list[int] = field(default_factory=list)
+
+    def to_pb(self) -> pb.NewRequest:
+        return pb.NewRequest(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+            sampling_params=self.sampling_params.to_pb(), block_ids=self.block_ids,
+            num_computed_tokens=self.num_computed_tokens, output_token_ids=self.output_token_ids,
+        )
+
+    @classmethod
+    def from_pb(cls, msg: pb.NewRequest) -> NewRequestData:
+        return cls(
+            request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
+            sampling_params=SamplingParams.from_pb(msg.sampling_params), block_ids=list(msg.block_ids),
+            num_computed_tokens=msg.num_computed_tokens, output_token_ids=list(msg.output_token_ids),
+        )
+
+
+@dataclass
+class CachedRequestData:
+    """Deltas for a request the workers already hold.
+
+    `new_token_ids` are tokens appended since the request was last in a plan (the
+    outputs sampled meanwhile). `new_block_ids` extend the block table, or replace it
+    when `resumed_from_preemption` (recompute preemption freed the old blocks).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    resumed_from_preemption: bool = False
+
+    def to_pb(self) -> pb.CachedRequest:
+        return pb.CachedRequest(
+            request_id=self.request_id, new_token_ids=self.new_token_ids, new_block_ids=self.new_block_ids,
+            num_computed_tokens=self.num_computed_tokens, resumed_from_preemption=self.resumed_from_preemption,
+        )
+
+    @classmethod
+    def from_pb(cls, msg: pb.CachedRequest) -> CachedRequestData:
+        return cls(
+            request_id=msg.request_id, new_token_ids=list(msg.new_token_ids),
+            new_block_ids=list(msg.new_block_ids), num_computed_tokens=msg.num_computed_tokens,
+            resumed_from_preemption=msg.resumed_from_preemption,
+        )
+
+
+@dataclass
+class StepPlan:
+    """One step's work. `num_scheduled_tokens` maps request id → tokens to compute now,
+    in batch order; every scheduled request appears in `new_requests` or
+    `cached_requests`. `finished_request_ids` lets workers drop state."""
+
+    step_id: int
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    def to_pb(self) -> pb.StepPlan:
+        return pb.StepPlan(
+            step_id=self.step_id,
+            new_requests=[r.to_pb() for r in self.new_requests],
+            cached_requests=[r.to_pb() for r in self.cached_requests],
+            scheduled_request_ids=list(self.num_scheduled_tokens),
+            num_scheduled_tokens=list(self.num_scheduled_tokens.values()),
+            finished_request_ids=self.finished_request_ids,
+        )
+
+    @classmethod
+    def from_pb(cls, msg: pb.StepPlan) -> StepPlan:
+        return cls(
+            step_id=msg.step_id,
+            new_requests=[NewRequestData.from_pb(r) for r in msg.new_requests],
+            cached_requests=[CachedRequestData.from_pb(r) for r in msg.cached_requests],
+            num_scheduled_tokens=dict(zip(msg.scheduled_request_ids, msg.num_scheduled_tokens)),
+            finished_request_ids=list(msg.finished_request_ids),
+        )
+
+
+@dataclass
+class SampledToken:
+    """A token rank 0 sampled for a request that reached the end of its known tokens."""
+
+    request_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+    def to_pb(self) -> pb.SampledToken:
+        msg = pb.SampledToken(request_id=self.request_id, token_id=self.token_id)
+        if self.logprob is not None:
+            msg.has_logprobs, msg.logprob = True, self.logprob
+        for token_id, logprob in (self.top_logprobs or {}).items():
+            msg.top_logprobs.add(token_id=token_id, logprob=logprob)
+        return msg
+
+    @classmethod
+    def from_pb(cls, msg: pb.SampledToken) -> SampledToken:
+        if not msg.has_logprobs:
+            return cls(msg.request_id, msg.token_id)
+        return cls(msg.request_id, msg.token_id, msg.logprob, {t.token_id: t.logprob for t in msg.top_logprobs})
+
+
+@dataclass
+class StepResult:
+    """What a rank answers for one StepPlan; only rank 0's carries tokens."""
+
+    step_id: int
+    rank: int = 0
+    sampled: list[SampledToken] = field(default_factory=list)
+    forward_seconds: float = 0.0
+
+    def to_pb(self) -> pb.StepResult:
+        return pb.StepResult(
+            step_id=self.step_id, rank=self.rank, sampled=[s.to_pb() for s in self.sampled],
+            forward_seconds=self.forward_seconds,
+        )
+
+    @classmethod
+    def from_pb(cls, msg: pb.StepResult) -> StepResult:
+        return cls(
+            step_id=msg.step_id, rank=msg.rank,
+            sampled=[SampledToken.from_pb(s) for s in msg.sampled],
+            forward_seconds=msg.forward_seconds,
+        )

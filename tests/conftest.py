@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny checkpoints built by the tests themselves (no download)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=512,
+            rms_norm_eps=1e-6, initializer_range=0.2)
+
+# name → (config class name, overrides): the families and attention shapes quire must match HF on.
+TINY_CONFIGS = {
+    "llama-mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa4": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "llama3-tied-rope": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, rope_theta=500000.0)),
+    "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded default model's tokenizer, built once per session in a temp cache."""
+    from quire.cluster.default_model import default_model_dir
+
+    return default_model_dir(tmp_path_factory.mktemp("quire-cache"))
+
+
+def build_checkpoint(directory: Path, name: str, tokenizer_dir: Path, dtype=torch.float32) -> Path:
+    import transformers
+    from transformers import AutoTokenizer
+
+    config_cls_name, overrides = TINY_CONFIGS[name]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = getattr(transformers, config_cls_name)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **{**TINY, **overrides})
+    model_cls = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM}[config_cls_name]
+    torch.manual_seed(0)
+    model = model_cls(config).to(dtype)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
+    """`tiny_checkpoint(name)` → path of a saved tiny checkpoint of that TINY_CONFIGS entry (cached)."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_checkpoint(tmp_path_factory.mktemp(name), name, tokenizer_dir)
+        return built[name]
+
+    return get

@@ -1,0 +1,167 @@
+"""Per-request state on a worker, and one forward pass per StepPlan over a flat batch."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quire.protos.step import NewRequestData, SampledToken, SamplingParams, StepPlan, StepResult
+from quire.worker.attention import AttentionMetadata
+from quire.worker.kv_pool import KVPool
+from quire.worker.parallel import ParallelContext
+from quire.worker.sampler import Sampler, SamplingRow
+
+
+@dataclass
+class RequestState:
+    """What a worker remembers of a request between steps; the controller's plan deltas keep it current."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+
+
+class ModelRunner:
+    """Applies StepPlans to per-request state and runs the model on one flat batch.
+
+    `execute` mutates the request states (new, resumed, finished requests, computed
+    token counts) and this rank's KV pool. Only rank 0 samples; other ranks return an
+    empty StepResult.
+    """
+
+    def __init__(self, model, ctx: ParallelContext, device: torch.device, kv_pool: KVPool, backend: str,
+                 sampler: Sampler):
+        self.model, self.ctx, self.device = model, ctx, device
+        self.kv_pool, self.backend, self.sampler = kv_pool, backend, sampler
+        self.block_size = kv_pool.block_size
+        self.requests: dict[str, RequestState] = {}
+
+    def _apply_plan(self, plan: StepPlan) -> None:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in plan.new_requests:
+            self.requests[new.request_id] = RequestState(
+                new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                list(new.block_ids), new.num_computed_tokens)
+        for delta in plan.cached_requests:
+            state = self.requests.get(delta.request_id)
+            if state is None:
+                raise ValueError(f"step {plan.step_id}: unknown request {delta.request_id!r} in cached_requests")
+            state.output_token_ids.extend(delta.new_token_ids)
+            if delta.resumed_from_preemption:
+                state.block_ids = list(delta.new_block_ids)
+            else:
+                state.block_ids.extend(delta.new_block_ids)
+            state.num_computed_tokens = delta.num_computed_tokens
+
+    def _prepare(self, plan: StepPlan):
+        """Flat input tensors and attention metadata for the scheduled requests, in plan order."""
+        states, query_lens, token_ids = [], [], []
+        for request_id, num_tokens in plan.num_scheduled_tokens.items():
+            state = self.requests.get(request_id)
+            if state is None:
+                raise ValueError(f"step {plan.step_id}: request {request_id!r} scheduled but never sent")
+            end = state.num_computed_tokens + num_tokens
+            if end > state.num_tokens or end > len(state.block_ids) * self.block_size:
+                raise ValueError(f"step {plan.step_id}: request {request_id!r} scheduled past its tokens or blocks")
+            states.append(state)
+            query_lens.append(num_tokens)
+            token_ids.extend(state.token_slice(state.num_computed_tokens, end))
+        num_reqs = len(states)
+        query_lens_np = np.asarray(query_lens, dtype=np.int64)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
+        np.cumsum(query_lens_np, out=query_start_loc[1:])
+        computed = np.asarray([s.num_computed_tokens for s in states], dtype=np.int64)
+        seq_lens = computed + query_lens_np
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int64)
+        for row, state in enumerate(states):
+            block_tables[row, :len(state.block_ids)] = state.block_ids
+        # positions[t] = computed tokens of t's request + t's offset within its query rows
+        req_of_token = np.repeat(np.arange(num_reqs), query_lens_np)
+        positions = computed[req_of_token] + np.arange(len(token_ids)) - query_start_loc[:-1][req_of_token]
+        slots = block_tables[req_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(self.device),
+            block_tables=torch.from_numpy(block_tables).to(self.device),
+            seq_lens=seq_lens.tolist(),
+            query_start_loc=query_start_loc.tolist(),
+            backend=self.backend,
+            kv_caches=self.kv_pool.caches,
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        # A request samples when this step computes its last known token.
+        to_sample = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
+        return input_ids, torch.from_numpy(positions).to(self.device), meta, states, seq_lens, to_sample
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        self._apply_plan(plan)
+        result = StepResult(step_id=plan.step_id, rank=self.ctx.rank)
+        if not plan.num_scheduled_tokens:
+            return result
+        input_ids, positions, meta, states, seq_lens, to_sample = self._prepare(plan)
+        hidden = self.model(input_ids, positions, meta)
+        for state, seq_len in zip(states, seq_lens.tolist()):
+            state.num_computed_tokens = seq_len
+        if to_sample:
+            last_rows = torch.tensor([meta.query_start_loc[i + 1] - 1 for i in to_sample], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, last_rows))
+            if logits is not None:  # rank 0
+                rows = [SamplingRow(states[i].params, states[i].prompt_token_ids, states[i].output_token_ids)
+                        for i in to_sample]
+                out = self.sampler(logits, rows)
+                result.sampled = [
+                    SampledToken(states[i].request_id, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
+                    for j, i in enumerate(to_sample)
+                ]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result.forward_seconds = time.perf_counter() - started
+        return result
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Logits at every position of each prompt (`[len, vocab]` fp32, rank 0; None elsewhere),
+        computed through the paged KV pool with scratch blocks; for parity tests and scoring.
+        Uses blocks `0..` of the pool, so it must not run while requests hold blocks."""
+        total_blocks = sum(-(-len(p) // self.block_size) for p in prompts)
+        if total_blocks > self.kv_pool.num_blocks:
+            raise ValueError(f"prompts need {total_blocks} KV blocks, the pool has {self.kv_pool.num_blocks}")
+        plan, next_block = StepPlan(step_id=0), 0
+        for i, prompt in enumerate(prompts):
+            n = -(-len(prompt) // self.block_size)
+            # One extra phantom token so no request reaches its end: nothing is sampled.
+            plan.new_requests.append(NewRequestData(f"__logits_{i}", prompt + [0], SamplingParams(temperature=0),
+                                                    list(range(next_block, next_block + n)), 0))
+            plan.num_scheduled_tokens[f"__logits_{i}"] = len(prompt)
+            next_block += n
+        self._apply_plan(plan)
+        try:
+            input_ids, positions, meta, _, _, _ = self._prepare(plan)
+            hidden = self.model(input_ids, positions, meta)
+            logits = self.model.compute_logits(hidden)
+        finally:
+            for i in range(len(prompts)):
+                self.requests.pop(f"__logits_{i}", None)
+        if logits is None:
+            return None
+        return list(logits.split([len(p) for p in prompts]))

@@ -1,0 +1,165 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) with tensor parallelism inside the layers.
+
+Reads like Hugging Face's `modeling_llama.py` and keeps its parameter names, except
+that q/k/v and gate/up projections are fused (`qkv_proj`, `gate_up_proj`); the loader
+maps checkpoint names onto them. The model runs on one flat batch of tokens from all
+requests: activations are `[num_tokens, hidden]`, never padded.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quire.worker.attention import Attention, AttentionMetadata
+from quire.worker.embedding import ParallelLMHead, VocabParallelEmbedding
+from quire.worker.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from quire.worker.parallel import ParallelContext
+from quire.worker.rotary import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """Replicated on every rank. Normalises in fp32 and casts back, as HF's LlamaRMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU. `gate_up_proj` is column-parallel (each rank: its slice of the intermediate
+    size for gate and for up), `down_proj` row-parallel (partial sums all-reduced)."""
+
+    def __init__(self, config, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, ctx, dtype)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, ctx, dtype)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"config hidden_act {config.hidden_act!r} is not supported (only silu)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaAttention(nn.Module):
+    """Each rank computes attention for `H/tp` query heads and their KV heads
+    (`qkv_proj` column-parallel by head), then `o_proj` (row-parallel) sums the heads'
+    contributions across ranks."""
+
+    def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool,
+                 max_position: int):
+        super().__init__()
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          num_kv_heads, qkv_bias, ctx, dtype)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        getattr(config, "attention_bias", False), ctx, dtype)
+        self.q_size = self.qkv_proj.num_heads * self.head_dim
+        self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position, dtype)
+        self.attn = Attention(layer_index, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, self.head_dim,
+                              self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous(), meta))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool,
+                 max_position: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_index, ctx, dtype, qkv_bias, max_position)
+        self.mlp = LlamaMLP(config, ctx, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool, max_position: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, ctx, dtype, qkv_bias, max_position) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Also serves MistralForCausalLM and Qwen2ForCausalLM (q/k/v bias)."""
+
+    # checkpoint name fragment → (fused parameter fragment, shard id)
+    stacked_params = [
+        (".q_proj.", ".qkv_proj.", "q"),
+        (".k_proj.", ".qkv_proj.", "k"),
+        (".v_proj.", ".qkv_proj.", "v"),
+        (".gate_proj.", ".gate_up_proj.", 0),
+        (".up_proj.", ".gate_up_proj.", 1),
+    ]
+
+    def __init__(self, config, ctx: ParallelContext, dtype: torch.dtype, max_position: int):
+        super().__init__()
+        architecture = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+        qkv_bias = architecture == "Qwen2ForCausalLM" or getattr(config, "attention_bias", False)
+        self.config = config
+        self.model = LlamaModel(config, ctx, dtype, qkv_bias, max_position)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states `[num_tokens, hidden]`, replicated on every rank."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head.compute_logits(hidden)
+
+    def load_weights(self, tensors) -> None:
+        """Load from `(checkpoint_name, source)` pairs; `source` is sliced lazily, so each
+        layer reads only this rank's part. Raises if a parameter is left unloaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, source in tensors:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            shard_id = None
+            for ckpt_part, param_part, shard in self.stacked_params:
+                if ckpt_part in name:
+                    name, shard_id = name.replace(ckpt_part, param_part), shard
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in quire's model")
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            loader = getattr(module, "weight_loader", None)
+            if loader is None:
+                params[name].data.copy_(torch.as_tensor(source[:]).to(params[name].dtype))
+            elif shard_id is None:
+                loader(params[name], source)
+            else:
+                loader(params[name], source, shard_id)
+            loaded.add(name)
+        missing = {n for n in params if n not in loaded and not (self.tie_word_embeddings and n == "lm_head.weight")}
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")

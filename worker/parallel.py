@@ -1,0 +1,51 @@
+"""The tensor-parallel group of one worker: rank, size and the collectives the layers need.
+
+One instance per worker, passed explicitly to every parallel layer; there is no global
+process-group state in quire. With `world_size == 1` every collective is the identity,
+so a single-rank worker never initializes torch.distributed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    group: object | None = None  # a torch.distributed ProcessGroup when world_size > 1
+
+    @classmethod
+    def initialize(cls, rank: int, world_size: int, init_method: str, device: torch.device) -> ParallelContext:
+        """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU); identity for one rank."""
+        if world_size == 1:
+            return cls()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+        return cls(rank=rank, world_size=world_size, group=dist.group.WORLD)
+
+    def shard_range(self, size: int) -> tuple[int, int]:
+        """This rank's `[start, end)` of a dimension of `size` split evenly (size % world_size == 0)."""
+        if size % self.world_size:
+            raise ValueError(f"dimension {size} is not divisible by tensor-parallel size {self.world_size}")
+        per_rank = size // self.world_size
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns `tensor`."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def gather_to_first(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate every rank's `tensor` along `dim` on rank 0; other ranks get None."""
+        if self.world_size == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(tensor, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=dim) if self.rank == 0 else None

@@ -1,0 +1,59 @@
+"""Rotary position embedding, computed as Hugging Face does (rotate-half layout).
+
+Default RoPE is computed here; scaled variants (llama3, linear, dynamic, yarn, ...)
+take their inverse frequencies and attention factor from transformers' own
+`ROPE_INIT_FUNCTIONS`, so they match the checkpoint's reference implementation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config) -> dict:
+    """`{"rope_type", "rope_theta", ...}` from a transformers config of any recent version."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.get("type", "default"))
+    scaling.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return scaling
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype):
+        super().__init__()
+        params = rope_parameters(config)
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            attention_scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(f"config rope type {rope_type!r} is not supported")
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        positions = torch.arange(max_position, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", (emb.cos() * attention_scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * attention_scaling).to(dtype), persistent=False)
+        self.head_dim = head_dim
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: `[T, H*D]`, k: `[T, KV*D]`, positions: `[T]` → rotated (q, k), same shapes."""
+        num_tokens = q.shape[0]
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        q = q.view(num_tokens, -1, self.head_dim)
+        k = k.view(num_tokens, -1, self.head_dim)
+        q = q * cos + self._rotate_half(q) * sin
+        k = k * cos + self._rotate_half(k) * sin
+        return q.flatten(1), k.flatten(1)
