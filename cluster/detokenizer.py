@@ -60,7 +60,7 @@ class IncrementalDetokenizer:
         self._stops = [s for s in dict.fromkeys(stop) if s]
         self._max_stop_len = max(map(len, self._stops), default=0)
 
-        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        context = list(prompt_token_ids[max(0, len(prompt_token_ids) - _PROMPT_CONTEXT_TOKENS) :])
         # A prompt ending mid-character would let the first output token complete
         # that character and shift the window's text; decode without context then.
         if context and self._decode(context).endswith(_REPLACEMENT):

@@ -90,6 +90,22 @@ def test_prompt_context_not_in_output(tok):
     assert d.output_text == " café 🚀"
 
 
+def test_prompt_context_gives_leading_space():
+    # SentencePiece-style decoding drops the first token's leading space; in the
+    # middle of a sentence the output must keep it, as decoding in context does.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "▁hello", "▁world", "▁again", "!"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    sp = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    assert sp.decode([2, 3]) == "world again"
+    d, _, _ = stream(sp, [2, 3, 4], prompt=[1])
+    assert d.output_text == " world again!"
+
+
 def test_prompt_ending_mid_character(tok):
     emoji = tok.encode("🤖")
     assert len(emoji) > 1

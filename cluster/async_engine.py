@@ -1,0 +1,210 @@
+"""An asyncio front for the synchronous `Engine`: one background thread runs the engine loop.
+
+The `Engine` is not thread-safe, so exactly one thread (the engine loop) ever touches it.
+Callers on any asyncio loop talk to it through a command queue (add / abort) and get
+each request's outputs back on an `asyncio.Queue` filled with `loop.call_soon_threadsafe`.
+The loop drains commands, then steps while there is work, and sleeps on a condition
+variable when there is none.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from quire.cluster.engine import Engine
+from quire.cluster.outputs import CompletionOutput, RequestOutput
+from quire.protos.step import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed or was shut down; the request cannot complete."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    last: CompletionOutput | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """Hand an item to the consumer's loop; False when that loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the consumer's event loop is closed
+            return False
+
+
+class AsyncEngine:
+    """Owns an `Engine` and runs it in one daemon thread.
+
+    Contracts: `generate` yields every output of its request in order and ends after the
+    finished one; a bad request raises ValueError (from `Engine.add_request`) before any
+    output; a consumer that stops iterating aborts its request, freeing its KV blocks; if
+    a step raises, every in-flight stream raises `EngineDeadError` and `healthy` turns False.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._commands: deque[tuple] = deque()
+        self._streams: dict[str, _Stream] = {}  # owned by the engine loop thread
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        # Snapshots published by the loop thread, so readers never touch the engine.
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_usage = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and not self._stopping and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.info.name
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine loop thread (idempotent)."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="quire-engine-loop", daemon=True)
+                self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop, end every open stream with EngineDeadError, release the engine."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self._fail_all(EngineDeadError("the engine was shut down"))
+            self.engine.shutdown()
+
+    # -- client API (any thread / event loop) ----------------------------------------------
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with a finish_reason "abort" output."""
+        self._submit(("abort", request_id, True))
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if not self.healthy:
+            raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})")
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._submit(("add", request_id, prompt, params, stream))
+        done = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.finished
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:  # consumer went away (closed, cancelled): free the request's blocks
+                self._submit(("abort", request_id, False))
+
+    def _submit(self, command: tuple) -> None:
+        with self._cond:
+            if self._stopping:  # the loop has drained its last commands or is about to
+                if command[0] == "add":
+                    command[4].put(EngineDeadError("the engine was shut down"))
+                return
+            self._commands.append(command)
+            self._cond.notify()
+
+    # -- engine loop (the only thread that touches self.engine) ----------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                # After a failure the engine's state is suspect: never step it again.
+                while not (self._commands or self._stopping or (self._error is None and engine.has_unfinished())):
+                    self._cond.wait()
+                commands, self._commands = self._commands, deque()
+                if self._stopping:
+                    break
+            try:
+                for command in commands:
+                    self._handle(command)
+                if self._error is None and engine.has_unfinished():
+                    self._dispatch(engine.step())
+            except Exception as exc:  # noqa: BLE001 - any failure must end the streams, not hang them
+                logger.exception("engine loop failed; failing %d requests", len(self._streams))
+                self._error = exc
+                self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+            self._publish()
+        for command in commands:  # queued before shutdown: tell the callers instead of hanging them
+            if command[0] == "add":
+                command[4].put(EngineDeadError("the engine was shut down"))
+
+    def _handle(self, command: tuple) -> None:
+        kind, request_id = command[0], command[1]
+        if kind == "add":
+            _, _, prompt, params, stream = command
+            if self._error is not None:
+                stream.put(EngineDeadError(f"the engine failed earlier: {self._error!r}"))
+                return
+            try:
+                self.engine.add_request(prompt, params, request_id=request_id)
+            except ValueError as exc:
+                stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
+                return
+            request = self.engine.scheduler.requests[request_id]
+            stream.prompt, stream.prompt_token_ids = request.prompt, list(request.prompt_token_ids)
+            self._streams[request_id] = stream
+        elif kind == "abort":
+            notify = command[2]
+            stream = self._streams.pop(request_id, None)
+            if self._error is None:
+                self.engine.abort(request_id)
+            if stream is not None and notify:
+                last = stream.last or CompletionOutput(index=0, text="", token_ids=[])
+                final = dataclasses.replace(last, finish_reason="abort", delta_text="", delta_token_ids=[])
+                stream.put(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids, [final], True))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            # Engine outputs alias the request's live lists; snapshot them before another
+            # thread reads them while this one keeps appending.
+            completion = output.outputs[0]
+            completion = dataclasses.replace(
+                completion, token_ids=list(completion.token_ids),
+                logprobs=None if completion.logprobs is None else list(completion.logprobs))
+            output = dataclasses.replace(output, outputs=[completion])
+            stream.last = completion
+            if output.finished:
+                del self._streams[output.request_id]
+            if not stream.put(output) and not output.finished:
+                self._streams.pop(output.request_id, None)
+                self.engine.abort(output.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(EngineDeadError(str(error)))
+
+    def _publish(self) -> None:
+        scheduler = self.engine.scheduler
+        self.num_running, self.num_waiting = len(scheduler.running), len(scheduler.waiting)
+        self.kv_usage = self.engine.kv_usage

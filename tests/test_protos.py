@@ -1,0 +1,45 @@
+"""The committed generated code matches the .proto files, and messages round-trip."""
+import importlib.util
+from pathlib import Path
+
+from quire.protos import worker_pb2 as pb
+from quire.protos.step import (CachedRequestData, NewRequestData, SampledToken, SamplingParams, StepPlan,
+                               StepResult)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_code_is_fresh(tmp_path):
+    written = _load_generator().generate(tmp_path)
+    assert written, "no protos were generated"
+    for fresh in written:
+        committed = ROOT / "protos" / fresh.name
+        assert committed.exists(), f"{fresh.name} is not committed; run `make protos`"
+        assert committed.read_bytes() == fresh.read_bytes(), f"{fresh.name} is stale; run `make protos`"
+
+
+def test_step_plan_round_trips_through_the_wire():
+    plan = StepPlan(
+        step_id=7,
+        new_requests=[NewRequestData("a", [1, 2, 3], SamplingParams(temperature=0.5, seed=3, logprobs=2), [4, 9], 0)],
+        cached_requests=[CachedRequestData("b", [11], [5], 40, resumed_from_preemption=True)],
+        num_scheduled_tokens={"a": 3, "b": 1},
+        finished_request_ids=["c"],
+    )
+    parsed = StepPlan.from_pb(pb.StepPlan.FromString(plan.to_pb().SerializeToString()))
+    assert parsed == plan
+
+
+def test_step_result_round_trips_logprobs_only_when_present():
+    result = StepResult(step_id=2, sampled=[SampledToken("a", 5), SampledToken("b", 6, -0.25, {6: -0.25, 1: -2.0})])
+    parsed = StepResult.from_pb(pb.StepResult.FromString(result.to_pb().SerializeToString()))
+    assert parsed.sampled[0] == SampledToken("a", 5)
+    assert parsed.sampled[1].token_id == 6 and parsed.sampled[1].logprob == -0.25
+    assert list(parsed.sampled[1].top_logprobs) == [6, 1]

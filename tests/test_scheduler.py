@@ -1,0 +1,122 @@
+"""Scheduler: token budget, max_num_seqs, chunked catch-up, recompute preemption, incremental plans."""
+from quire.cluster.block_pool import BlockPool
+from quire.cluster.config import SchedulerConfig
+from quire.cluster.kv_cache_manager import KVCacheManager
+from quire.cluster.request import Request, RequestStatus
+from quire.cluster.scheduler import Scheduler
+from quire.protos.step import SampledToken, SamplingParams, StepResult
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16):
+    kv = KVCacheManager(BlockPool(num_blocks), block_size)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv)
+
+
+def add(scheduler, request_id, prompt_len, arrival, priority=0):
+    request = Request(request_id, list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=100),
+                      priority=priority, arrival_time=arrival)
+    scheduler.add_request(request)
+    return request
+
+
+def run_step(scheduler, token=7):
+    """Schedule, then answer as rank 0 would: a token for each request that reached its end."""
+    plan = scheduler.schedule()
+    scheduler.check_integrity()
+    sampled = [SampledToken(rid, token) for rid in plan.num_scheduled_tokens
+               if scheduler.requests[rid].num_computed_tokens == scheduler.requests[rid].num_tokens]
+    scheduler.update_from_output(plan, StepResult(plan.step_id, sampled=sampled))
+    scheduler.check_integrity()
+    return plan
+
+
+def test_budget_chunks_prompts_without_phases():
+    s = make_scheduler(budget=16)
+    add(s, "a", 10, 0.0)
+    add(s, "b", 10, 1.0)
+    add(s, "c", 10, 2.0)
+    plan = run_step(s)
+    assert plan.num_scheduled_tokens == {"a": 10, "b": 6}
+    assert [r.request_id for r in plan.new_requests] == ["a", "b"]
+    assert plan.new_requests[0].block_ids == [0, 1, 2] and plan.new_requests[1].block_ids == [3, 4]
+    # a decodes (1 token) while b finishes its prompt (4) and c starts (11 left in the budget → 10)
+    plan = run_step(s)
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 4, "c": 10}
+    assert [c.request_id for c in plan.cached_requests] == ["a", "b"]
+    a_delta = plan.cached_requests[0]
+    assert a_delta.new_token_ids == [7] and a_delta.num_computed_tokens == 10 and a_delta.new_block_ids == []
+    b_delta = plan.cached_requests[1]
+    assert b_delta.new_token_ids == [] and b_delta.new_block_ids == [5] and b_delta.num_computed_tokens == 6
+    assert s.requests["a"].output_token_ids == [7, 7] and s.requests["b"].output_token_ids == [7]
+
+
+def test_max_num_seqs_caps_running_requests():
+    s = make_scheduler(max_num_seqs=2, budget=100)
+    for i in range(4):
+        add(s, f"r{i}", 3, float(i))
+    plan = run_step(s)
+    assert list(plan.num_scheduled_tokens) == ["r0", "r1"]
+    s.finish_request("r0", RequestStatus.FINISHED_STOPPED)
+    s.check_integrity()
+    plan = run_step(s)
+    assert plan.num_scheduled_tokens == {"r1": 1, "r2": 3}
+    assert plan.finished_request_ids == ["r0"]
+
+
+def test_preempts_latest_arrival_and_resumes_with_replaced_table():
+    s = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    add(s, "old", 8, 0.0)
+    add(s, "new", 8, 1.0)
+    run_step(s)  # both prompts: 2 blocks each, the pool is full
+    assert s.kv.pool.num_free_blocks == 0
+    plan = run_step(s)  # tokens 9 fit in no block: "old" needs one, "new" (latest) is preempted
+    assert plan.num_scheduled_tokens == {"old": 1}
+    assert s.requests["new"].status is RequestStatus.PREEMPTED and s.num_preemptions == 1
+    assert s.kv.block_ids("old") == [0, 1, 3] and s.kv.block_ids("new") == []
+    s.finish_request("old", RequestStatus.FINISHED_STOPPED)
+    plan = run_step(s)
+    delta = plan.cached_requests[0]
+    assert delta.request_id == "new" and delta.resumed_from_preemption
+    assert delta.num_computed_tokens == 0 and plan.num_scheduled_tokens == {"new": 9}
+    assert delta.new_block_ids == s.kv.block_ids("new") and len(delta.new_block_ids) == 3
+    assert delta.new_token_ids == [7], "the token sampled before preemption was never sent"
+    assert plan.finished_request_ids == ["old"]
+
+
+def test_lower_priority_value_is_served_first_and_preempted_last():
+    s = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    add(s, "background", 8, 0.0, priority=5)
+    add(s, "urgent", 8, 1.0, priority=0)
+    plan = run_step(s)
+    assert list(plan.num_scheduled_tokens) == ["urgent", "background"]
+    run_step(s)
+    assert s.requests["background"].status is RequestStatus.PREEMPTED
+    assert s.requests["urgent"].status is RequestStatus.RUNNING
+
+
+def test_abort_frees_blocks_and_tells_workers_only_if_sent():
+    s = make_scheduler(budget=4)
+    add(s, "a", 4, 0.0)
+    add(s, "b", 4, 1.0)
+    run_step(s)
+    s.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    s.finish_request("b", RequestStatus.FINISHED_ABORTED)  # never scheduled, so workers never heard of it
+    s.finish_request("b", RequestStatus.FINISHED_ABORTED)
+    s.check_integrity()
+    assert s.kv.num_used_blocks == 0
+    plan = s.schedule()
+    assert plan.finished_request_ids == ["a"] and not plan.num_scheduled_tokens
+
+
+def test_decode_plan_size_does_not_grow_with_context():
+    def decode_plan_bytes(context):
+        """Bytes of the decode step after which each of 256 requests holds `context` tokens."""
+        s = make_scheduler(num_blocks=256 * (context // 16 + 2), block_size=16, max_num_seqs=256, budget=1 << 20)
+        for i in range(256):
+            add(s, f"request-{i:04d}", context - 1, float(i))
+        run_step(s)  # prefill everything
+        plan = run_step(s)
+        assert all(n == 1 for n in plan.num_scheduled_tokens.values()) and len(plan.cached_requests) == 256
+        return len(plan.to_pb().SerializeToString())
+
+    assert decode_plan_bytes(100) == decode_plan_bytes(2000)
