@@ -19,6 +19,7 @@ TINY_CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64}, rope_theta=500000.0)),
     "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral-gqa": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32)),
 }
 
 
@@ -39,7 +40,7 @@ def build_checkpoint(directory: Path, name: str, tokenizer_dir: Path, dtype=torc
     config = getattr(transformers, config_cls_name)(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **{**TINY, **overrides})
-    model_cls = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM}[config_cls_name]
+    model_cls = getattr(transformers, config_cls_name.replace("Config", "ForCausalLM"))
     torch.manual_seed(0)
     model = model_cls(config).to(dtype)
     model.save_pretrained(directory, safe_serialization=True)
