@@ -12,17 +12,25 @@ greedy and produces exactly its own output length (EOS never stops it). Peers:
                            (the padding waste is inherent to static batching).
 * ``hf_generate_batch`` -- transformers' continuous batching (``ContinuousBatchingManager``,
                            the engine behind ``model.generate_batch``) with a per-request
-                           ``max_new_tokens``.
+                           ``max_new_tokens``; timed from the first request added to the
+                           last result (manager start/stop reported separately).
 
-Each peer gets an untimed warm-up first. Reported per peer: wall seconds, useful output
-tokens/s and total (prompt + useful output) tokens/s; ratios are quire's throughput over
-the peer's. A parity check compares quire's greedy tokens with unbatched HF ``generate``
-for the first ``--check-requests`` requests (reported, never fatal).
+Each peer is set up and warmed up once (untimed); then the timed runs are interleaved
+(quire, hf_generate, hf_generate_batch, quire, ...) ``--repeats`` times and the median
+wall time is reported. Reported per peer: wall seconds, useful output tokens/s, total
+(prompt + useful output) tokens/s; ratios are quire's throughput over the peer's. A
+parity check compares every peer's greedy tokens with unbatched HF ``generate`` for the
+first ``--check-requests`` requests (reported, never fatal).
 
-Example (about a minute on 2 CPU cores with the embedded default model):
+A fixed matmul "speed probe" runs before and after every timed run: if the machine
+slows down under sustained load (shared or burst-credited vCPUs), the probe shows it
+(``speed_probe_us``) and the report carries a warning. On small VMs ``--threads 1``
+often gives steadier (and no slower) numbers than two OpenMP threads.
+
+Example (the embedded default model, about a minute on 2 CPU cores):
 
     python benchmarks/throughput.py --num-requests 64 --input-len 32:128 --output-len 32:128 \
-        --out /tmp/throughput.json
+        --threads 1 --out /tmp/throughput.json
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import os
 import platform
 import pstats
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -78,25 +87,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=_range, default=(32, 128), metavar="MIN:MAX")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=16, help="static batch size of HF generate")
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="quire (and HF CB) cap on running requests")
+    ap.add_argument("--max-num-seqs", type=int, default=256,
+                    help="quire's cap on running requests (also HF CB max_requests_per_batch)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                    help="quire (and HF CB) token budget per step")
+                    help="quire's token budget per step (also HF CB max_batch_tokens)")
     ap.add_argument("--peers", type=_peers, default=list(PEERS), help=f"subset of {','.join(PEERS)}")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per peer, interleaved; median reported")
     ap.add_argument("--hf-attn", default="sdpa", help="attn_implementation for HF generate (default sdpa)")
     ap.add_argument("--hf-cb-attn", default="sdpa",
                     help="attn_implementation for HF continuous batching: sdpa or paged|eager (default sdpa)")
     ap.add_argument("--hf-cb-page-size", type=int, default=256, help="HF continuous batching KV page size")
     ap.add_argument("--check-requests", type=int, default=4,
                     help="requests whose greedy tokens are compared with unbatched HF generate (0: skip)")
-    ap.add_argument("--warmup-requests", type=int, default=4)
+    ap.add_argument("--warmup-requests", type=int, default=8,
+                    help="untimed warm-up: this many requests, full prompts, at most 4 output tokens")
     ap.add_argument("--profile", action="store_true",
                     help="also run quire once more under cProfile (untimed) and report its top functions")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--out", default=None, help="write the JSON here (it is always printed to stdout)")
     args = ap.parse_args(argv)
-    if args.num_requests < 1 or args.hf_batch_size < 1:
-        ap.error("--num-requests and --hf-batch-size must be >= 1")
+    if args.num_requests < 1 or args.hf_batch_size < 1 or args.repeats < 1:
+        ap.error("--num-requests, --hf-batch-size and --repeats must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
     return args
 
 
@@ -123,90 +138,100 @@ def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tup
     return work
 
 
-def throughput(wall: float, prompt_tokens: int, useful_output: int) -> dict:
-    return {
-        "wall_seconds": round(wall, 4),
-        "output_tokens_per_s": round(useful_output / wall, 2) if wall > 0 else None,
-        "total_tokens_per_s": round((prompt_tokens + useful_output) / wall, 2) if wall > 0 else None,
-        "requests_per_s": None,
-    }
+def warmup_work(work, n: int):
+    return [(p, min(o, 4)) for p, o in work[:max(1, n)]]
+
+
+_PROBE = {}
+
+
+def speed_probe() -> float:
+    """Microseconds per fixed small matmul (median of 30): a thermometer for machine slowdowns."""
+    if not _PROBE:
+        gen = torch.Generator().manual_seed(0)
+        _PROBE["a"] = torch.randn(64, 256, generator=gen)
+        _PROBE["w"] = torch.randn(1024, 256, generator=gen)
+    a, w = _PROBE["a"], _PROBE["w"]
+    times = []
+    for _ in range(30):
+        t = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 # --------------------------------------------------------------------------------------------
-# quire
+# Peers: setup() once (untimed, includes warm-up), run() per timed repeat -> tokens, extras
 # --------------------------------------------------------------------------------------------
 
-def _stats_snapshot(stats) -> dict:
-    return {k: getattr(stats, k) for k in ("num_steps", "forward_seconds", "step_seconds", "generated_tokens",
-                                           "prompt_tokens")}
+class QuirePeer:
+    name = "quire"
 
+    def __init__(self, args, model_path: str, work):
+        self.args, self.model_path, self.work = args, model_path, work
+        self.llm = None
 
-def run_quire(args, model_path: str, work) -> tuple[dict, list[list[int]], object]:
-    from quire.cluster import LLM, SamplingParams
+    def setup(self) -> dict:
+        from quire.cluster import LLM
 
-    t0 = time.perf_counter()
-    llm = LLM(model=model_path, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              dtype=args.dtype, seed=args.seed)
-    init_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.llm = LLM(model=self.model_path, max_num_seqs=self.args.max_num_seqs,
+                       max_num_batched_tokens=self.args.max_num_batched_tokens, dtype=self.args.dtype,
+                       seed=self.args.seed)
+        init = time.perf_counter() - t0
+        self._generate(warmup_work(self.work, self.args.warmup_requests))
+        return {"init_seconds": round(init, 3)}
 
-    warm = work[:max(1, args.warmup_requests)]
-    llm.generate([p for p, _ in warm], [SamplingParams(temperature=0, max_tokens=min(o, 8), ignore_eos=True)
-                                        for _, o in warm], use_tqdm=False)
+    def _generate(self, work):
+        from quire.cluster import SamplingParams
 
-    prompts = [p for p, _ in work]
-    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
-    before = _stats_snapshot(llm.engine.stats)
-    t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    after = _stats_snapshot(llm.engine.stats)
-    delta = {k: after[k] - before[k] for k in after}
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
+        return self.llm.generate([p for p, _ in work], params, use_tqdm=False)
 
-    tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    prompt_tokens = sum(len(p) for p in prompts)
-    useful = sum(min(len(t), o) for t, (_, o) in zip(tokens, work))
-    res = throughput(wall, prompt_tokens, useful)
-    res["requests_per_s"] = round(len(work) / wall, 3)
-    res.update({
-        "init_seconds": round(init_seconds, 3),
-        "useful_output_tokens": useful,
-        "computed_output_tokens": sum(len(t) for t in tokens),
-        "prompt_tokens": prompt_tokens,
-        "length_mismatches": sum(len(t) != o for t, (_, o) in zip(tokens, work)),
-        "engine_stats": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in delta.items()},
-        "forward_seconds": round(delta["forward_seconds"], 4),
-        "step_seconds": round(delta["step_seconds"], 4),
-        "seconds_in_step_outside_forward": round(delta["step_seconds"] - delta["forward_seconds"], 4),
-        "seconds_outside_step": round(wall - delta["step_seconds"], 4),
-        "overhead_outside_forward": round(1 - delta["forward_seconds"] / wall, 4),
-        "mean_step_ms": round(1000 * delta["step_seconds"] / max(delta["num_steps"], 1), 3),
-        "mean_forward_ms": round(1000 * delta["forward_seconds"] / max(delta["num_steps"], 1), 3),
-    })
-    return res, tokens, llm
+    def run(self):
+        stats = self.llm.engine.stats
+        keys = ("num_steps", "forward_seconds", "step_seconds", "generated_tokens", "prompt_tokens")
+        before = {k: getattr(stats, k) for k in keys}
+        t0 = time.perf_counter()
+        outputs = self._generate(self.work)
+        wall = time.perf_counter() - t0
+        d = {k: getattr(stats, k) - before[k] for k in keys}
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        extras = {
+            "engine_stats": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()},
+            "forward_seconds": round(d["forward_seconds"], 4),
+            "seconds_in_step_outside_forward": round(d["step_seconds"] - d["forward_seconds"], 4),
+            "seconds_outside_step": round(wall - d["step_seconds"], 4),
+            "overhead_outside_forward": round(1 - d["forward_seconds"] / wall, 4),
+            "mean_step_ms": round(1000 * d["step_seconds"] / max(d["num_steps"], 1), 3),
+            "mean_forward_ms": round(1000 * d["forward_seconds"] / max(d["num_steps"], 1), 3),
+        }
+        return wall, tokens, extras
 
+    def profile(self, top: int) -> dict:
+        """One more (untimed) run under cProfile: top functions by own time, and quire/protobuf/
+        tokenizer functions by cumulative time."""
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        self._generate(self.work)
+        prof.disable()
+        wall = time.perf_counter() - t0
+        rows = []
+        for (file, line, func), (_, nc, tt, ct, _) in pstats.Stats(prof).stats.items():
+            rows.append({"function": f"{_short(file)}:{line}({func})", "calls": nc, "tottime": round(tt, 4),
+                         "cumtime": round(ct, 4)})
+        by_tot = sorted(rows, key=lambda r: -r["tottime"])[:top]
+        ours = [r for r in rows if any(s in r["function"] for s in ("cluster/", "protos/", "worker/", "kernels/",
+                                                                    "protobuf", "tokeniz"))]
+        by_cum = sorted(ours, key=lambda r: -r["cumtime"])[:top]
+        return {"profiled_wall_seconds": round(wall, 3), "top_by_tottime": by_tot, "top_quire_by_cumtime": by_cum,
+                "note": "cProfile inflates Python-level costs; use it for ranking, not absolute numbers"}
 
-def profile_quire(llm, work, top: int) -> dict:
-    """One more (untimed) quire run under cProfile; top functions by own time and cumulative time."""
-    from quire.cluster import SamplingParams
-
-    prompts = [p for p, _ in work]
-    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    llm.generate(prompts, params, use_tqdm=False)
-    prof.disable()
-    wall = time.perf_counter() - t0
-    st = pstats.Stats(prof)
-    rows = []
-    for (file, line, func), (cc, nc, tt, ct, _) in st.stats.items():
-        rows.append({"function": f"{_short(file)}:{line}({func})", "calls": nc, "tottime": round(tt, 4),
-                     "cumtime": round(ct, 4)})
-    by_tot = sorted(rows, key=lambda r: -r["tottime"])[:top]
-    by_cum = sorted((r for r in rows if "quire" in r["function"] or "protobuf" in r["function"]
-                     or "tokeniz" in r["function"]), key=lambda r: -r["cumtime"])[:top]
-    return {"profiled_wall_seconds": round(wall, 3), "top_by_tottime": by_tot, "top_quire_by_cumtime": by_cum,
-            "note": "cProfile inflates Python-level costs; use it for ranking, not absolute numbers"}
+    def close(self):
+        if self.llm is not None:
+            with contextlib.suppress(Exception):
+                self.llm.shutdown()
 
 
 def _short(path: str) -> str:
@@ -215,10 +240,6 @@ def _short(path: str) -> str:
             return path.split(marker, 1)[1]
     return path
 
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face
-# --------------------------------------------------------------------------------------------
 
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
@@ -233,8 +254,9 @@ def load_hf(model_path: str, dtype: str, attn: str):
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), attn_implementation=attn)
     model.eval()
-    # Disable EOS everywhere: every row must emit exactly its output length, through EOS tokens,
-    # as quire does with ignore_eos=True. (min_new_tokens would instead *ban* EOS, changing tokens.)
+    # Disable EOS: every row must emit exactly its output length, through EOS tokens, as quire
+    # does with ignore_eos=True. (min_new_tokens would instead *ban* EOS and change the tokens.)
+    # generate() fills unset fields from model.generation_config, so clear it there too.
     model.generation_config.eos_token_id = None
     return model
 
@@ -247,9 +269,9 @@ def _hf_gen_config(max_new_tokens: int, pad_id: int):
 
 
 @torch.inference_mode()
-def hf_generate_batch_static(model, batch: list[tuple[list[int], int]], pad_id: int) -> tuple[list[list[int]], int]:
+def hf_static_batch(model, batch, pad_id: int) -> tuple[list[list[int]], int]:
     """One left-padded static batch run to its longest output; returns each row's own tokens
-    and the number of output tokens computed (rows x max output)."""
+    and the number of output tokens computed (rows x longest output)."""
     max_prompt = max(len(p) for p, _ in batch)
     max_new = max(o for _, o in batch)
     ids = torch.full((len(batch), max_prompt), pad_id, dtype=torch.long)
@@ -264,103 +286,6 @@ def hf_generate_batch_static(model, batch: list[tuple[list[int], int]], pad_id: 
     return [gen[row, :o].tolist() for row, (_, o) in enumerate(batch)], gen.numel()
 
 
-def run_hf_generate(args, model, work, pad_id: int) -> tuple[dict, list[list[int]]]:
-    warm = [(p, min(o, 8)) for p, o in work[:max(1, args.warmup_requests)]]
-    hf_generate_batch_static(model, warm, pad_id)
-
-    tokens, computed = [], 0
-    t0 = time.perf_counter()
-    for start in range(0, len(work), args.hf_batch_size):
-        toks, n = hf_generate_batch_static(model, work[start:start + args.hf_batch_size], pad_id)
-        tokens.extend(toks)
-        computed += n
-    wall = time.perf_counter() - t0
-    prompt_tokens = sum(len(p) for p, _ in work)
-    useful = sum(len(t) for t in tokens)
-    res = throughput(wall, prompt_tokens, useful)
-    res["requests_per_s"] = round(len(work) / wall, 3)
-    res.update({
-        "batch_size": args.hf_batch_size,
-        "num_batches": math.ceil(len(work) / args.hf_batch_size),
-        "useful_output_tokens": useful,
-        "computed_output_tokens": computed,
-        "padded_output_waste": round(1 - useful / computed, 4) if computed else None,
-        "prompt_tokens": prompt_tokens,
-        "attn_implementation": model.config._attn_implementation,
-    })
-    return res, tokens
-
-
-def _cb_run(model, work, args, pad_id: int) -> tuple[list[list[int]], dict]:
-    """Run `work` through transformers' continuous batching with a per-request max_new_tokens.
-    Returns per-request tokens (request order) and timings."""
-    from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.continuous_api import WorkloadHints
-
-    page = args.hf_cb_page_size
-    # Size the cache explicitly: on the CPU, auto-sizing reads host memory (needs psutil) and
-    # may allocate gigabytes. Every request fits at once, so nothing is ever evicted.
-    num_blocks = sum(math.ceil((len(p) + o) / page) for p, o in work) + 2
-    cb_config = ContinuousBatchingConfig(
-        page_size=page, num_blocks=num_blocks, max_batch_tokens=args.max_num_batched_tokens,
-        max_requests_per_batch=args.max_num_seqs, allow_block_sharing=False, seed=args.seed,
-        auto_switch_to_flash=False)
-    gen_config = GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False, eos_token_id=-1,
-                                  pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-    hints = WorkloadHints(max_prompt_length=max(len(p) for p, _ in work),
-                          max_generated_length=max(o for _, o in work), num_requests=len(work))
-    t_enter = time.perf_counter()
-    results = {}
-    with model.continuous_batching_context_manager(generation_config=gen_config, continuous_batching_config=cb_config,
-                                                   block=True, timeout=10, workload_hints=hints) as manager:
-        t_start = time.perf_counter()
-        ids = [manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=o, eos_token_id=-1)
-               for i, (p, o) in enumerate(work)]
-        if any(i is None for i in ids):
-            raise RuntimeError("continuous batching manager refused a request")
-        while len(results) < len(work):
-            out = manager.get_result(timeout=1)
-            if out is None:
-                if not manager.is_running():
-                    raise RuntimeError("HF continuous batching thread stopped with requests pending")
-                continue
-            if out.is_finished():
-                if out.error is not None:
-                    raise RuntimeError(f"HF continuous batching request {out.request_id} failed: {out.error}")
-                results[out.request_id] = out
-        t_done = time.perf_counter()
-    t_exit = time.perf_counter()
-    tokens = [list(results[f"r{i}"].generated_tokens) for i in range(len(work))]
-    return tokens, {"generation_seconds": t_done - t_start, "setup_seconds": t_start - t_enter,
-                    "teardown_seconds": t_exit - t_done, "num_blocks": num_blocks, "page_size": page}
-
-
-def run_hf_generate_batch(args, model_path: str, work, pad_id: int) -> tuple[dict, list[list[int]]]:
-    model = load_hf(model_path, args.dtype, args.hf_cb_attn)
-    _cb_run(model, [(p, min(o, 8)) for p, o in work[:max(1, args.warmup_requests)]], args, pad_id)  # warm-up
-    tokens, timing = _cb_run(model, work, args, pad_id)
-    wall = timing["generation_seconds"]
-    prompt_tokens = sum(len(p) for p, _ in work)
-    useful = sum(min(len(t), o) for t, (_, o) in zip(tokens, work))
-    res = throughput(wall, prompt_tokens, useful)
-    res["requests_per_s"] = round(len(work) / wall, 3)
-    res.update({
-        "wall_seconds_with_setup_teardown": round(timing["setup_seconds"] + wall + timing["teardown_seconds"], 4),
-        "setup_seconds": round(timing["setup_seconds"], 4),
-        "teardown_seconds": round(timing["teardown_seconds"], 4),
-        "useful_output_tokens": useful,
-        "computed_output_tokens": sum(len(t) for t in tokens),
-        "prompt_tokens": prompt_tokens,
-        "length_mismatches": sum(len(t) != o for t, (_, o) in zip(tokens, work)),
-        "attn_implementation": model.config._attn_implementation,
-        "page_size": timing["page_size"], "num_blocks": timing["num_blocks"],
-        "per_request_max_new_tokens": True,
-        "note": "wall_seconds = first add_request to last result; manager start/stop reported separately",
-    })
-    return res, tokens
-
-
 @torch.inference_mode()
 def hf_reference(model, work, n: int, pad_id: int) -> list[list[int]]:
     """Unbatched, unpadded HF greedy tokens for the first `n` requests."""
@@ -372,6 +297,111 @@ def hf_reference(model, work, n: int, pad_id: int) -> list[list[int]]:
     return refs
 
 
+class HFGeneratePeer:
+    name = "hf_generate"
+
+    def __init__(self, args, model_path: str, work, pad_id: int, model=None, load_seconds: float | None = None):
+        self.args, self.model_path, self.work, self.pad_id = args, model_path, work, pad_id
+        self.model, self.load_seconds = model, load_seconds
+
+    def setup(self) -> dict:
+        t0 = time.perf_counter()
+        if self.model is None:
+            self.model = load_hf(self.model_path, self.args.dtype, self.args.hf_attn)
+            self.load_seconds = time.perf_counter() - t0
+        init = self.load_seconds or 0.0
+        warm = warmup_work(self.work, self.args.warmup_requests)
+        for start in range(0, len(warm), self.args.hf_batch_size):
+            hf_static_batch(self.model, warm[start:start + self.args.hf_batch_size], self.pad_id)
+        return {"init_seconds": round(init, 3), "attn_implementation": self.model.config._attn_implementation,
+                "batch_size": self.args.hf_batch_size,
+                "num_batches": math.ceil(len(self.work) / self.args.hf_batch_size)}
+
+    def run(self):
+        tokens, computed = [], 0
+        bs = self.args.hf_batch_size
+        t0 = time.perf_counter()
+        for start in range(0, len(self.work), bs):
+            toks, n = hf_static_batch(self.model, self.work[start:start + bs], self.pad_id)
+            tokens.extend(toks)
+            computed += n
+        wall = time.perf_counter() - t0
+        useful = sum(len(t) for t in tokens)
+        return wall, tokens, {"computed_output_tokens": computed,
+                              "padded_output_waste": round(1 - useful / computed, 4) if computed else None}
+
+
+class HFGenerateBatchPeer:
+    """transformers' continuous batching, driven through its manager so that every request
+    gets its own max_new_tokens (generate_batch itself takes one max_new_tokens for all)."""
+
+    name = "hf_generate_batch"
+
+    def __init__(self, args, model_path: str, work, pad_id: int):
+        self.args, self.model_path, self.work, self.pad_id = args, model_path, work, pad_id
+        self.model = None
+
+    def setup(self) -> dict:
+        t0 = time.perf_counter()
+        self.model = load_hf(self.model_path, self.args.dtype, self.args.hf_cb_attn)
+        init = time.perf_counter() - t0
+        self._run(warmup_work(self.work, self.args.warmup_requests))
+        return {"init_seconds": round(init, 3), "attn_implementation": self.model.config._attn_implementation,
+                "page_size": self.args.hf_cb_page_size, "per_request_max_new_tokens": True,
+                "note": "wall_seconds: first add_request to last result; manager start/stop in setup/teardown_seconds"}
+
+    def _run(self, work):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        page = self.args.hf_cb_page_size
+        # Size the cache explicitly: on the CPU auto-sizing reads host memory (psutil) and may
+        # allocate gigabytes. Every request fits at once, so nothing is ever evicted.
+        num_blocks = sum(math.ceil((len(p) + o) / page) for p, o in work) + 2
+        cb_config = ContinuousBatchingConfig(
+            page_size=page, num_blocks=num_blocks, max_batch_tokens=self.args.max_num_batched_tokens,
+            max_requests_per_batch=self.args.max_num_seqs, allow_block_sharing=False, seed=self.args.seed,
+            auto_switch_to_flash=False)
+        gen_config = GenerationConfig(max_new_tokens=max(o for _, o in work), do_sample=False, eos_token_id=-1,
+                                      pad_token_id=self.pad_id, temperature=None, top_p=None, top_k=None)
+        hints = WorkloadHints(max_prompt_length=max(len(p) for p, _ in work),
+                              max_generated_length=max(o for _, o in work), num_requests=len(work))
+        results = {}
+        t_enter = time.perf_counter()
+        with self.model.continuous_batching_context_manager(
+                generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=30,
+                workload_hints=hints) as manager:
+            t_start = time.perf_counter()
+            for i, (p, o) in enumerate(work):
+                # eos_token_id=-1: no EOS, each request stops at exactly its own max_new_tokens.
+                if manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=o, eos_token_id=-1) is None:
+                    raise RuntimeError("the continuous batching manager refused a request")
+            while len(results) < len(work):
+                out = manager.get_result(timeout=1)
+                if out is None:
+                    if not manager.is_running():
+                        raise RuntimeError("the HF continuous batching thread stopped with requests pending")
+                    continue
+                if out.is_finished():
+                    if out.error is not None:
+                        raise RuntimeError(f"HF continuous batching request {out.request_id} failed: {out.error}")
+                    results[out.request_id] = out
+            t_done = time.perf_counter()
+        t_exit = time.perf_counter()
+        tokens = [list(results[f"r{i}"].generated_tokens) for i in range(len(work))]
+        return tokens, {"generation_seconds": t_done - t_start, "setup_seconds": round(t_start - t_enter, 4),
+                        "teardown_seconds": round(t_exit - t_done, 4), "num_blocks": num_blocks}
+
+    def run(self):
+        tokens, timing = self._run(self.work)
+        return timing.pop("generation_seconds"), tokens, timing
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
 def compare(tokens: list[list[int]], refs: list[list[int]]) -> dict:
     per = []
     for got, want in zip(tokens, refs):
@@ -379,13 +409,32 @@ def compare(tokens: list[list[int]], refs: list[list[int]]) -> dict:
         if first is None and len(got) != len(want):
             first = min(len(got), len(want))
         per.append(first)
-    return {"checked": len(per), "exact_matches": sum(f is None for f in per),
-            "first_mismatch_position": per}
+    return {"checked": len(per), "exact_matches": sum(f is None for f in per), "first_mismatch_position": per}
 
 
-# --------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------
+def summarize(runs: list[dict], work, tokens: list[list[int]], setup: dict) -> dict:
+    """Median-wall run's figures plus every run's wall time."""
+    walls = [r["wall"] for r in runs]
+    median_run = sorted(runs, key=lambda r: r["wall"])[(len(runs) - 1) // 2]
+    wall = median_run["wall"]
+    prompt_tokens = sum(len(p) for p, _ in work)
+    useful = sum(min(len(t), o) for t, (_, o) in zip(tokens, work))
+    res = {
+        "wall_seconds": round(wall, 4),
+        "output_tokens_per_s": round(useful / wall, 2),
+        "total_tokens_per_s": round((prompt_tokens + useful) / wall, 2),
+        "requests_per_s": round(len(work) / wall, 3),
+        "useful_output_tokens": useful,
+        "prompt_tokens": prompt_tokens,
+        "length_mismatches": sum(len(t) != o for t, (_, o) in zip(tokens, work)),
+        "wall_seconds_all_runs": [round(w, 4) for w in walls],
+        "speed_probe_us_around_runs": [r["probe"] for r in runs],
+    }
+    res.update(setup)
+    res.update(median_run["extras"])
+    res.setdefault("computed_output_tokens", sum(len(t) for t in tokens))
+    return res
+
 
 def machine_info() -> dict:
     import transformers
@@ -404,8 +453,14 @@ def _error(exc: BaseException) -> dict:
     return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
 
 
+def log(msg: str) -> None:
+    print(f"[throughput] {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     _quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
@@ -421,70 +476,93 @@ def main(argv=None) -> dict:
     excluded = special_ids(tokenizer, hf_config)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        pad_id = next(iter(sorted(excluded)), 0)
+        pad_id = min(excluded) if excluded else 0
     work = make_workload(args.num_requests, args.input_len, args.output_len, args.seed, vocab, excluded)
-
     torch.manual_seed(args.seed)
+
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"}
     config.update({"model": model_path, "vocab_size": vocab, "excluded_special_ids": sorted(excluded),
                    "total_prompt_tokens": sum(len(p) for p, _ in work),
-                   "total_output_tokens": sum(o for _, o in work)})
+                   "total_output_tokens": sum(o for _, o in work), "argv": sys.argv[1:]})
     report = {"config": config, "results": {}, "ratios": {}, "quire_overhead_outside_forward": None,
-              "machine": machine_info()}
-    outputs: dict[str, list[list[int]]] = {}
-    llm = None
-
-    def log(msg):
-        print(f"[throughput] {msg}", file=sys.stderr, flush=True)
-
+              "machine": machine_info(), "warnings": []}
     log(f"{len(work)} requests, {config['total_prompt_tokens']} prompt + {config['total_output_tokens']} output "
         f"tokens, model {model_path}, {torch.get_num_threads()} threads")
-    if "quire" in args.peers:
-        log("quire ...")
-        try:
-            res, outputs["quire"], llm = run_quire(args, model_path, work)
-            report["results"]["quire"] = res
-            report["quire_overhead_outside_forward"] = res["overhead_outside_forward"]
-            log(f"quire: {res['wall_seconds']:.2f}s, {res['output_tokens_per_s']} out tok/s")
-        except Exception as exc:  # noqa: BLE001 -- a broken peer is recorded, the others still run
-            report["results"]["quire"] = _error(exc)
 
-    hf_model = None
-    if "hf_generate" in args.peers or (args.check_requests and "quire" in outputs):
+    # The unbatched HF reference model doubles as the hf_generate peer's model.
+    need_ref = args.check_requests > 0
+    hf_model, hf_load_seconds = None, None
+    if "hf_generate" in args.peers or need_ref:
         try:
+            t0 = time.perf_counter()
             hf_model = load_hf(model_path, args.dtype, args.hf_attn)
-        except Exception as exc:  # noqa: BLE001
-            report["results"]["hf_generate"] = _error(exc)
-    if "hf_generate" in args.peers and hf_model is not None:
-        log("hf_generate ...")
-        try:
-            res, outputs["hf_generate"] = run_hf_generate(args, hf_model, work, pad_id)
-            report["results"]["hf_generate"] = res
-            log(f"hf_generate: {res['wall_seconds']:.2f}s, {res['output_tokens_per_s']} out tok/s")
-        except Exception as exc:  # noqa: BLE001
+            hf_load_seconds = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 -- recorded; other peers still run
             report["results"]["hf_generate"] = _error(exc)
 
-    if "hf_generate_batch" in args.peers:
-        log("hf_generate_batch ...")
-        try:
-            res, outputs["hf_generate_batch"] = run_hf_generate_batch(args, model_path, work, pad_id)
-            report["results"]["hf_generate_batch"] = res
-            log(f"hf_generate_batch: {res['wall_seconds']:.2f}s, {res['output_tokens_per_s']} out tok/s")
-        except Exception as exc:  # noqa: BLE001
-            report["results"]["hf_generate_batch"] = _error(exc)
+    peers = {}
+    for name in args.peers:
+        if name == "quire":
+            peers[name] = QuirePeer(args, model_path, work)
+        elif name == "hf_generate":
+            if hf_model is not None:
+                peers[name] = HFGeneratePeer(args, model_path, work, pad_id, hf_model, hf_load_seconds)
+        else:
+            peers[name] = HFGenerateBatchPeer(args, model_path, work, pad_id)
 
-    # Parity: greedy tokens of every peer vs unbatched, unpadded HF generate.
+    setups, runs, tokens = {}, {name: [] for name in peers}, {}
+    for name in list(peers):
+        log(f"{name}: setup and warm-up ...")
+        try:
+            setups[name] = peers[name].setup()
+        except Exception as exc:  # noqa: BLE001
+            report["results"][name] = _error(exc)
+            del peers[name]
+
+    for rep in range(args.repeats):
+        for name in list(peers):
+            before = speed_probe()
+            try:
+                wall, toks, extras = peers[name].run()
+            except Exception as exc:  # noqa: BLE001
+                report["results"][name] = _error(exc)
+                del peers[name]
+                continue
+            after = speed_probe()
+            runs[name].append({"wall": wall, "extras": extras, "probe": [before, after]})
+            tokens.setdefault(name, toks)
+            log(f"{name} run {rep + 1}/{args.repeats}: {wall:.2f}s "
+                f"(speed probe {before:.0f} -> {after:.0f} us)")
+
+    for name in peers:
+        report["results"][name] = summarize(runs[name], work, tokens[name], setups[name])
+
+    probes = [p for name in peers for r in runs[name] for p in r["probe"]]
+    if probes and max(probes) > 2.5 * min(probes):
+        report["warnings"].append(
+            f"speed probe varied {min(probes):.0f}..{max(probes):.0f} us across timed runs: the machine slowed "
+            "down during the benchmark (throttled or shared CPU); try --threads 1, --repeats, or a quieter machine")
+    report["speed_probe_us"] = {"min": min(probes, default=None), "max": max(probes, default=None)}
+
     n_check = min(args.check_requests, len(work))
-    if n_check and hf_model is not None and outputs:
+    if n_check and hf_model is not None and tokens:
         try:
             refs = hf_reference(hf_model, work, n_check, pad_id)
-            report["parity_vs_hf_unbatched"] = {name: compare(toks[:n_check], refs) for name, toks in outputs.items()}
-            if "quire" in outputs:
-                report["quire_greedy_matches_hf"] = report["parity_vs_hf_unbatched"]["quire"]["exact_matches"]
+            report["parity_vs_hf_unbatched"] = {name: compare(t[:n_check], refs) for name, t in tokens.items()}
+            if "quire" in tokens:
+                report["quire_greedy_matches_hf"] = (f"{report['parity_vs_hf_unbatched']['quire']['exact_matches']}"
+                                                     f"/{n_check}")
         except Exception as exc:  # noqa: BLE001
             report["parity_vs_hf_unbatched"] = _error(exc)
+    if "quire" in tokens:
+        # Free extra evidence: every request, quire vs each HF peer's (batched) output.
+        report["quire_vs_peer_all_requests"] = {
+            name: {k: v for k, v in compare(tokens["quire"], t).items() if k != "first_mismatch_position"}
+            for name, t in tokens.items() if name != "quire"}
 
     q = report["results"].get("quire", {})
+    if "overhead_outside_forward" in q:
+        report["quire_overhead_outside_forward"] = q["overhead_outside_forward"]
     for name in ("hf_generate", "hf_generate_batch"):
         peer = report["results"].get(name, {})
         if q.get("output_tokens_per_s") and peer.get("output_tokens_per_s"):
@@ -493,15 +571,14 @@ def main(argv=None) -> dict:
                 "total_tokens_per_s": round(q["total_tokens_per_s"] / peer["total_tokens_per_s"], 3),
             }
 
-    if args.profile and llm is not None:
-        log("profiling quire ...")
+    if args.profile and "quire" in peers:
+        log("quire: profiling one more run under cProfile ...")
         try:
-            report["quire_profile"] = profile_quire(llm, work, args.profile_top)
+            report["quire_profile"] = peers["quire"].profile(args.profile_top)
         except Exception as exc:  # noqa: BLE001
             report["quire_profile"] = _error(exc)
-    if llm is not None:
-        with contextlib.suppress(Exception):
-            llm.shutdown()
+    if "quire" in peers:
+        peers["quire"].close()
 
     text = json.dumps(report, indent=2)
     if args.out:

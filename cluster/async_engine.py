@@ -61,6 +61,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # owned by the engine loop thread
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False
         self._error: BaseException | None = None
         # Snapshots published by the loop thread, so readers never touch the engine.
         self.num_running = 0
@@ -90,7 +91,8 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._thread is None or not self._thread.is_alive():
+        if (self._thread is None or not self._thread.is_alive()) and not self._closed:
+            self._closed = True
             self._fail_all(EngineDeadError("the engine was shut down"))
             self.engine.shutdown()
 
@@ -101,6 +103,8 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs (ValueError first if the engine rejects it).
+        Closing or cancelling the iteration before the finished output aborts the request."""
         if not self.healthy:
             raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})")
         request_id = request_id or uuid.uuid4().hex
@@ -166,6 +170,10 @@ class AsyncEngine:
                 self.engine.add_request(prompt, params, request_id=request_id)
             except ValueError as exc:
                 stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
+                return
+            except Exception as exc:  # noqa: BLE001 - one odd request must not take the engine down
+                logger.exception("add_request(%s) failed", request_id)
+                stream.put(RuntimeError(f"could not add the request: {exc!r}"))
                 return
             request = self.engine.scheduler.requests[request_id]
             stream.prompt, stream.prompt_token_ids = request.prompt, list(request.prompt_token_ids)

@@ -17,7 +17,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None   # override the measured capacity
-    kv_cache_memory: int = 1 << 30     # bytes of KV cache per rank on the CPU
+    kv_cache_memory: int = 512 << 20   # bytes of KV cache per rank on the CPU
     gpu_memory_utilization: float = 0.9
 
 
@@ -66,6 +66,7 @@ class EngineConfig:
         positive(self.scheduler, "max_num_batched_tokens")
         positive(self.parallel, "tensor_parallel_size")
         positive(self.model, "max_model_len")
+        positive(self.cache, "kv_cache_memory")
         if not 0 < self.cache.gpu_memory_utilization <= 1:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1] (got {self.cache.gpu_memory_utilization})")
         if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):

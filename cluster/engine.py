@@ -85,7 +85,10 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Finish a request as aborted and free its blocks. Returns whether it was live."""
         self.detokenizers.pop(request_id, None)
-        return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED) is not None
+        if self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED) is None:
+            return False
+        self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -131,9 +134,10 @@ class Engine:
             self.detokenizers.pop(request.request_id)
             self.stats.finished[status.value] = self.stats.finished.get(status.value, 0) + 1
         completion = CompletionOutput(
-            index=0, text=detok.output_text, token_ids=request.output_token_ids,
+            # Copies: an output outlives the step, the request's lists keep growing.
+            index=0, text=detok.output_text, token_ids=list(request.output_token_ids),
             finish_reason=status.value if finished else None, stop_reason=stop_reason,
-            logprobs=request.output_logprobs if request.sampling_params.logprobs is not None else None,
+            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
             delta_text=detok.take_delta(finished), delta_token_ids=[token_id])
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished)
 

@@ -69,14 +69,14 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         keys = k_cache[tables].flatten(1, 2)  # [n, max_len, kv_heads, dim]
         values = v_cache[tables].flatten(1, 2)
         mask = torch.arange(keys.shape[1], device=query.device)[None, :] < lens[:, None]
-        q = query.index_select(0, rows).unsqueeze(2).to(compute_dtype)  # [n, heads, 1, dim]
+        # Query heads sharing a KV head ride in the query-length dimension, so K/V are
+        # never copied per query head (head h uses KV head h // group, as HF's repeat_kv).
+        n = len(decode_reqs)
+        q = query.index_select(0, rows).view(n, num_kv_heads, group, head_dim).to(compute_dtype)
         k = keys.permute(0, 2, 1, 3).to(compute_dtype)
         v = values.permute(0, 2, 1, 3).to(compute_dtype)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-        out.index_copy_(0, rows, attn.squeeze(2).to(out.dtype))
+        out.index_copy_(0, rows, attn.reshape(n, num_heads, head_dim).to(out.dtype))
 
     for i in range(num_reqs):
         q_len = query_lens[i]
@@ -85,12 +85,12 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         start, seq_len = query_start_loc[i], seq_lens[i]
         k = _gather_context(k_cache, block_tables[i], seq_len).transpose(0, 1).to(compute_dtype)
         v = _gather_context(v_cache, block_tables[i], seq_len).transpose(0, 1).to(compute_dtype)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=0)
-            v = v.repeat_interleave(group, dim=0)
-        q = query[start:start + q_len].transpose(0, 1).to(compute_dtype)  # [heads, q_len, dim]
+        # [kv_heads, group * q_len, dim]: the group's query heads stacked along the rows.
+        q = query[start:start + q_len].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(num_kv_heads, group * q_len, head_dim).to(compute_dtype)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
         mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        out[start:start + q_len] = attn.transpose(0, 1).to(out.dtype)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1), scale=scale)
+        attn = attn.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+        out[start:start + q_len] = attn.reshape(q_len, num_heads, head_dim).to(out.dtype)
     return out

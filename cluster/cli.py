@@ -1,0 +1,145 @@
+"""The `quire` command line.
+
+    quire serve [--model PATH] [--host 127.0.0.1] [--port 8000] ...   OpenAI-compatible HTTP server
+    quire generate --prompt TEXT [--prompt TEXT ...] [--max-tokens 32] offline generation
+
+Without `--model` the embedded default checkpoint is used (built on first use under
+$QUIRE_CACHE_DIR). `serve` prints `quire: serving MODEL on http://HOST:PORT` once the
+socket is bound (the real port when `--port 0`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '1GiB', '512MiB', '1.5GB' → bytes. argparse turns ValueError into a usage error."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1073741824, 512MiB, 1GiB)")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    return value
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    group.add_argument("--max-num-seqs", type=int, default=None, help="cap on concurrently running requests")
+    group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
+    group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                       help="KV-cache bytes on the CPU, e.g. 1GiB (default: 1GiB)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    group.add_argument("--seed", type=int, default=0, help="random seed of the workers (sampling)")
+    group.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"])
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    # Unset options are left out so EngineConfig's own defaults apply.
+    names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+             "kv_cache_memory", "dtype", "seed")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from quire.cluster.api_server import build_app
+    from quire.cluster.async_engine import AsyncEngine
+    from quire.cluster.config import EngineConfig
+    from quire.cluster.engine import Engine
+
+    engine = AsyncEngine(Engine(EngineConfig.from_kwargs(**_engine_kwargs(args))))
+    host = args.host
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # sockets are bound now, so the port is known even for --port 0
+                port = self.servers[0].sockets[0].getsockname()[1]
+                shown = f"[{host}]" if ":" in host else host
+                print(f"quire: serving {engine.model_name} on http://{shown}:{port}", flush=True)
+
+    server = Server(uvicorn.Config(build_app(engine), host=host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0 if server.started else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from quire.cluster.llm import LLM
+    from quire.protos.step import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=args.stop or [], ignore_eos=args.ignore_eos)
+    kwargs = _engine_kwargs(args)
+    llm = LLM(**kwargs)
+    try:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    for prompt, output in zip(args.prompt, outputs):
+        completion = output.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": completion.text, "token_ids": list(completion.token_ids),
+                              "finish_reason": completion.finish_reason}), flush=True)
+        else:
+            print(f"Prompt: {prompt!r}\nCompletion: {completion.text!r} "
+                  f"({len(completion.token_ids)} tokens, finish_reason={completion.finish_reason})", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quire", description="quire: a paged-attention LLM serving engine")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed once bound)")
+    _add_engine_args(serve)
+    serve.set_defaults(func=_serve, default_log_level="info")
+
+    generate = commands.add_parser("generate", help="generate completions offline and print them")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--stop", action="append", default=None, help="a stop string; repeat for several")
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    _add_engine_args(generate)
+    generate.set_defaults(func=_generate, default_log_level="warning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.log_level = args.log_level or args.default_log_level
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad configuration: say what, not a traceback
+        print(f"quire: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The `quire` command line (quire.cluster.cli): `generate` and `serve` run as subprocesses,
+through the installed console script when there is one."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from quire.cluster.cli import build_parser, main, parse_bytes
+
+SMALL = ["--num-kv-blocks", "16", "--max-model-len", "64"]
+
+
+def quire_command() -> list[str]:
+    script = Path(sys.executable).with_name("quire")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "quire.cluster.cli"]
+
+
+@pytest.fixture(scope="module")
+def cache_env(tokenizer_dir):
+    # conftest built the default model into a session temp cache; reuse it instead of rebuilding.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
+        yield {**os.environ}
+
+
+def test_generate_prints_completions(cache_env):
+    result = subprocess.run(
+        [*quire_command(), "generate", "--prompt", "Hello world", "--prompt", "The cat", "--max-tokens", "5",
+         "--ignore-eos", "--json", *SMALL], env=cache_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == ["Hello world", "The cat"]
+    for line in lines:
+        assert len(line["token_ids"]) == 5 and line["finish_reason"] == "length" and line["text"]
+
+
+def test_generate_bad_input_is_a_clean_error(cache_env, capsys):
+    assert main(["generate", "--prompt", "", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "quire: error:" in err and "`prompt`" in err and "Traceback" not in err
+
+
+def test_serve_port_zero_announces_bound_port(cache_env):
+    proc = subprocess.Popen([*quire_command(), "serve", "--port", "0", "--log-level", "warning", *SMALL],
+                            env=cache_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        deadline, match, seen = time.monotonic() + 60, None, []
+        while match is None:
+            try:
+                seen.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                pytest.fail(f"no serving line within 60s; output: {''.join(seen)}")
+            match = re.match(r"quire: serving (\S+) on (http://127\.0\.0\.1:(\d+))$", seen[-1].strip())
+        model, url, port = match.groups()
+        assert model == "default-llama-v1" and int(port) > 0
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/health").status_code == 200
+            body = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}).json()
+            assert body["usage"]["completion_tokens"] == 3
+        # Ctrl-C: uvicorn shuts down gracefully, then re-raises the signal; 130 is the shell's code for it.
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        time.sleep(0.1)  # let the reader thread drain the pipe
+        rest = "".join(lines.get_nowait() for _ in range(lines.qsize()))
+        assert "Traceback" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_parse_bytes_and_serve_arguments():
+    assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("4096") == 4096
+    with pytest.raises(Exception):
+        parse_bytes("lots")
+    args = build_parser().parse_args(["serve", "--port", "0", "--kv-cache-memory", "64MiB", "--max-num-seqs", "4"])
+    assert (args.host, args.port, args.kv_cache_memory, args.max_num_seqs) == ("127.0.0.1", 0, 64 << 20, 4)
+    assert args.block_size == 16 and args.max_num_batched_tokens is None
