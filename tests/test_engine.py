@@ -136,3 +136,19 @@ def test_streamed_text_never_holds_a_broken_character(llm):
     assert "".join(deltas) == tokenizer.decode(target)
     assert request.status is RequestStatus.FINISHED_LENGTH and detok.output_text == tokenizer.decode(target)
     assert engine.kv.num_used_blocks == 0
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, tiny_checkpoint):
+    import transformers
+
+    source = tiny_checkpoint("qwen2-bias")
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [[7, 8, 9], [100, 200, 300, 400, 500]]
+    single = LLM(model=str(source), dtype="float32", num_kv_blocks=16).generate(prompts, params, use_tqdm=False)
+    split = LLM(model=str(sharded), dtype="float32", num_kv_blocks=16).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in split] == [o.outputs[0].token_ids for o in single]
