@@ -14,6 +14,8 @@ token up to their own position.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -29,84 +31,87 @@ def write_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, 
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """`[seq_len, num_kv_heads, head_dim]`: one request's context, in token order."""
-    block_size = cache.shape[1]
-    num_blocks = -(-seq_len // block_size)
-    blocks = cache.index_select(0, block_table[:num_blocks])
-    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
+@dataclass
+class _Group:
+    """Requests attended together: their query rows, the flattened block ids of their
+    contexts (padded to the longest), and the boolean mask `[n, q_len, ctx]` of what
+    each query row may see."""
+
+    rows: torch.Tensor
+    flat_tables: torch.Tensor
+    num_reqs: int
+    query_len: int
+    ctx_len: int
+    mask: torch.Tensor
 
 
-def _decode_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, reqs, scale,
-                      compute_dtype, out) -> None:
-    """Attention for requests `reqs`, each with one query row; writes their rows of `out`."""
-    device = query.device
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_heads // num_kv_heads
-    rows = torch.tensor([query_start_loc[i] for i in reqs], device=device)
-    lens = torch.tensor([seq_lens[i] for i in reqs], device=device)
-    max_blocks = -(-max(seq_lens[i] for i in reqs) // block_size)
-    tables = block_tables.index_select(0, torch.tensor(reqs, device=device))[:, :max_blocks]
-    n, max_len = len(reqs), max_blocks * block_size
-    flat_tables = tables.reshape(-1)
-    # index_select + one transposing copy into SDPA's contiguous [n, kv_heads, len, dim]
-    # layout is several times faster on the CPU than fancy indexing + strided SDPA.
-    k = k_cache.index_select(0, flat_tables).view(n, max_len, num_kv_heads, head_dim)
-    v = v_cache.index_select(0, flat_tables).view(n, max_len, num_kv_heads, head_dim)
-    k = k.transpose(1, 2).to(compute_dtype).contiguous()
-    v = v.transpose(1, 2).to(compute_dtype).contiguous()
-    mask = torch.arange(max_len, device=device)[None, :] < lens[:, None]
-    # Query heads sharing a KV head ride in the query-length dimension, so K/V are
-    # never copied per query head (head h uses KV head h // group, as HF's repeat_kv).
-    q = query.index_select(0, rows).view(n, num_kv_heads, group, head_dim).to(compute_dtype)
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    out.index_copy_(0, rows, attn.reshape(n, num_heads, head_dim).to(out.dtype))
+class RefAttentionPlan:
+    """The layer-independent part of a step's attention: built once per step, reused by
+    every layer (valid while the step's block tables and lengths are unchanged).
+
+    Single-token decodes are sorted by context length and split into at most four groups,
+    each padded to its longest context and masked, so a group runs as one batched SDPA
+    with little padding. Each prefill chunk is a group of its own.
+    """
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int], block_size: int):
+        device = block_tables.device
+        num_reqs = len(seq_lens)
+        query_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(num_reqs)]
+        decodes = sorted((i for i in range(num_reqs) if query_lens[i] == 1), key=lambda i: seq_lens[i])
+        parts = min(4, -(-len(decodes) // 16))
+        groups = [decodes[p * len(decodes) // parts:(p + 1) * len(decodes) // parts] for p in range(parts)]
+        groups += [[i] for i in range(num_reqs) if query_lens[i] > 1]
+        self.groups = []
+        for reqs in groups:
+            q_len = query_lens[reqs[0]]
+            num_blocks = -(-max(seq_lens[i] for i in reqs) // block_size)
+            ctx_len = num_blocks * block_size
+            index = torch.tensor(reqs, device=device)
+            tables = block_tables.index_select(0, index)[:, :num_blocks]
+            lens = torch.tensor([seq_lens[i] for i in reqs], device=device)
+            # query row r of request i sits at position seq_len_i - q_len + r
+            q_pos = lens[:, None] - q_len + torch.arange(q_len, device=device)[None, :]
+            mask = torch.arange(ctx_len, device=device)[None, None, :] <= q_pos[:, :, None]
+            rows = torch.cat([torch.arange(query_start_loc[i], query_start_loc[i] + q_len) for i in reqs]).to(device)
+            self.groups.append(_Group(rows, tables.reshape(-1), len(reqs), q_len, ctx_len, mask))
 
 
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int],
-                        scale: float) -> torch.Tensor:
+                        scale: float, plan: RefAttentionPlan | None = None) -> torch.Tensor:
     """Attention of every query row over its request's paged context.
 
     query: `[num_tokens, num_heads, head_dim]`; block_tables: `[num_reqs, max_blocks]`
     (padding entries are never read past `seq_lens`); seq_lens / query_start_loc: host
-    lists. `num_heads` must be a multiple of `num_kv_heads` (GQA/MQA). Returns
-    `[num_tokens, num_heads, head_dim]` in the query's dtype; scores accumulate in fp32
-    when the cache is half precision.
+    lists; `plan` is the step's RefAttentionPlan (built here when not given).
+    `num_heads` must be a multiple of `num_kv_heads` (GQA/MQA). Returns
+    `[num_tokens, num_heads, head_dim]` in the query's dtype; half-precision inputs are
+    computed in fp32 on the CPU.
     """
     _, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    plan = plan or RefAttentionPlan(block_tables, seq_lens, query_start_loc, block_size)
+    cpu_half = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu"
+    compute_dtype = torch.float32 if cpu_half else query.dtype
     out = torch.empty_like(query)
-    num_reqs = len(seq_lens)
-    query_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(num_reqs)]
-    decode_reqs = [i for i in range(num_reqs) if query_lens[i] == 1]
-    compute_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu" else query.dtype
-
-    # Single-token queries attend to everything they have: contexts are padded to the
-    # longest in a group and masked, so a group of decodes runs as one batched SDPA.
-    # Grouping by length (a few groups of similar contexts) bounds the padding.
-    decode_reqs.sort(key=lambda i: seq_lens[i])
-    num_groups = min(4, -(-len(decode_reqs) // 16))
-    for part in range(num_groups):
-        group_reqs = decode_reqs[part * len(decode_reqs) // num_groups:(part + 1) * len(decode_reqs) // num_groups]
-        _decode_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, group_reqs, scale,
-                          compute_dtype, out)
-
-    for i in range(num_reqs):
-        q_len = query_lens[i]
-        if q_len <= 1:
-            continue
-        start, seq_len = query_start_loc[i], seq_lens[i]
-        k = _gather_context(k_cache, block_tables[i], seq_len).transpose(0, 1).to(compute_dtype)
-        v = _gather_context(v_cache, block_tables[i], seq_len).transpose(0, 1).to(compute_dtype)
-        # [kv_heads, group * q_len, dim]: the group's query heads stacked along the rows.
-        q = query[start:start + q_len].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        q = q.reshape(num_kv_heads, group * q_len, head_dim).to(compute_dtype)
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1), scale=scale)
-        attn = attn.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-        out[start:start + q_len] = attn.reshape(q_len, num_heads, head_dim).to(out.dtype)
+    for g in plan.groups:
+        n, q_len, ctx = g.num_reqs, g.query_len, g.ctx_len
+        # index_select plus one transposing copy into SDPA's contiguous
+        # [n, kv_heads, ctx, dim] layout is several times faster on the CPU than fancy
+        # indexing followed by a strided SDPA.
+        k = k_cache.index_select(0, g.flat_tables).view(n, ctx, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, g.flat_tables).view(n, ctx, num_kv_heads, head_dim)
+        k = k.transpose(1, 2).to(compute_dtype).contiguous()
+        v = v.transpose(1, 2).to(compute_dtype).contiguous()
+        # The query heads sharing a KV head are stacked along the query dimension
+        # ([n, kv_heads, group * q_len, dim]), so K/V are never copied per query head;
+        # head h uses KV head h // group, as HF's repeat_kv.
+        q = query.index_select(0, g.rows).view(n, q_len, num_kv_heads, group, head_dim)
+        q = q.permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * q_len, head_dim).to(compute_dtype)
+        mask = g.mask.repeat(1, group, 1)[:, None] if group > 1 else g.mask[:, None]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        attn = attn.view(n, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+        out.index_copy_(0, g.rows, attn.reshape(n * q_len, num_heads, head_dim).to(out.dtype))
     return out
