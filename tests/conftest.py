@@ -1,11 +1,16 @@
 """Shared fixtures: tiny checkpoints built by the tests themselves (no download)."""
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before
+# any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=512,
             rms_norm_eps=1e-6, initializer_range=0.2)

@@ -34,6 +34,8 @@ class AttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     # torch backend: the step's layer-independent gather indices and masks, built once.
     ref_plan: RefAttentionPlan | None = None
+    # triton backend: the step's launch description (device tensors), built once.
+    triton_plan: object | None = None
 
 
 class Attention(nn.Module):
@@ -55,8 +57,13 @@ class Attention(nn.Module):
         if meta.backend == "triton":
             from quire.kernels import triton_attention
 
+            if meta.triton_plan is None:
+                meta.triton_plan = triton_attention.TritonAttentionPlan.build(
+                    meta.seq_lens, meta.query_start_loc, self.num_heads // self.num_kv_heads, self.num_kv_heads,
+                    q.device)
             triton_attention.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = triton_attention.paged_attention(q, k_cache, v_cache, meta, self.scale)
+            out = triton_attention.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.triton_plan,
+                                                   self.scale)
         else:
             write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
             if meta.ref_plan is None:
