@@ -70,7 +70,11 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self._error is None and not self._stopping and self._thread is not None and self._thread.is_alive()
+        # A worker found dead by the executor's health thread makes the engine unhealthy
+        # even before the next step fails on it.
+        worker_failure = getattr(self.engine.executor, "failure", None)
+        return (self._error is None and worker_failure is None and not self._stopping
+                and self._thread is not None and self._thread.is_alive())
 
     @property
     def model_name(self) -> str:

@@ -39,16 +39,24 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                       help="KV-cache bytes on the CPU, e.g. 1GiB (default: 1GiB)")
+                       help="KV-cache bytes per rank on the CPU, e.g. 1GiB (default: 512MiB)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     group.add_argument("--seed", type=int, default=0, help="random seed of the workers (sampling)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="GPUs (ranks) per model")
+    group.add_argument("--executor", default=None, choices=["auto", "inproc", "ray", "workers"],
+                       help="auto: in-process for one rank, Ray for more")
+    group.add_argument("--worker-addresses", default=None, type=lambda text: text.split(","),
+                       help="HOST:PORT,... of workers started with `quire worker` (rank order)")
+    group.add_argument("--dist-init-method", default=None, help="torch.distributed URL those workers share")
+    group.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS or a new one)")
     group.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"])
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     # Unset options are left out so EngineConfig's own defaults apply.
     names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "kv_cache_memory", "dtype", "seed")
+             "kv_cache_memory", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
+             "dist_init_method", "ray_address")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -124,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     _add_engine_args(generate)
     generate.set_defaults(func=_generate, default_log_level="warning")
+
+    from quire.worker import server
+
+    worker = commands.add_parser("worker", help="run one tensor-parallel worker (gRPC) for a controller")
+    server.add_worker_args(worker)
+    worker.set_defaults(func=lambda args: server.run_from_args(args) or 0, default_log_level="warning")
     return parser
 
 

@@ -30,7 +30,18 @@ class SchedulerConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    executor: str = "inproc"            # inproc (one rank); later transports join here
+    # auto: inproc for one rank, ray for more | inproc | ray | workers (gRPC workers at
+    # worker_addresses, or launched on this host when none are given)
+    executor: str = "auto"
+    worker_addresses: list[str] | None = None
+    dist_init_method: str | None = None  # torch.distributed URL for workers started by hand
+    ray_address: str | None = None       # join this Ray cluster (else $RAY_ADDRESS, else start one)
+
+    @property
+    def resolved_executor(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "inproc" if self.tensor_parallel_size == 1 and not self.worker_addresses else "ray"
 
 
 @dataclass
@@ -71,7 +82,11 @@ class EngineConfig:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1] (got {self.cache.gpu_memory_utilization})")
         if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16 (got {self.model.dtype!r})")
-        if self.parallel.executor != "inproc":
-            raise ValueError(f"`executor` {self.parallel.executor!r} is not available; use 'inproc'")
-        if self.parallel.tensor_parallel_size != 1:
-            raise ValueError("`tensor_parallel_size` > 1 needs the distributed executor, not in this version")
+        parallel = self.parallel
+        if parallel.executor not in ("auto", "inproc", "ray", "workers"):
+            raise ValueError(f"`executor` must be auto, inproc, ray or workers (got {parallel.executor!r})")
+        if parallel.resolved_executor == "inproc" and parallel.tensor_parallel_size != 1:
+            raise ValueError("`executor` inproc runs one rank; use ray or workers for tensor_parallel_size > 1")
+        if parallel.worker_addresses and len(parallel.worker_addresses) != parallel.tensor_parallel_size:
+            raise ValueError(f"`worker_addresses` lists {len(parallel.worker_addresses)} workers for "
+                             f"tensor_parallel_size={parallel.tensor_parallel_size}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from quire.cluster.block_pool import BlockPool
 from quire.cluster.config import EngineConfig
 from quire.cluster.detokenizer import IncrementalDetokenizer
-from quire.cluster.executor import Executor, InprocExecutor, WorkerSetup
+from quire.cluster.executor import Executor, WorkerFailure, WorkerSetup
 from quire.cluster.kv_cache_manager import KVCacheManager
 from quire.cluster.model_info import ModelInfo
 from quire.cluster.outputs import CompletionOutput, RequestOutput
@@ -40,14 +40,26 @@ class Engine:
         self.info = ModelInfo.load(config.model)
         self.tokenizer = self.info.tokenizer
         self.max_model_len = self.info.max_model_len
-        self.executor = executor or InprocExecutor()
+        dist_init_method = ""
+        if executor is None:
+            from quire.cluster.launch import create_executor
+
+            executor, dist_init_method = create_executor(config.parallel)
+        self.executor = executor
+        self.failure: WorkerFailure | None = None
         started = time.perf_counter()
-        num_blocks = self.executor.start(WorkerSetup(
-            model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
-            max_model_len=self.max_model_len, block_size=config.cache.block_size,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            kv_cache_memory=config.cache.kv_cache_memory,
-            gpu_memory_utilization=config.cache.gpu_memory_utilization, num_kv_blocks=config.cache.num_kv_blocks))
+        try:
+            num_blocks = self.executor.start(WorkerSetup(
+                model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
+                max_model_len=self.max_model_len, block_size=config.cache.block_size,
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                kv_cache_memory=config.cache.kv_cache_memory,
+                gpu_memory_utilization=config.cache.gpu_memory_utilization,
+                num_kv_blocks=config.cache.num_kv_blocks,
+                dist_init_method=dist_init_method))
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(BlockPool(num_blocks), self.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
@@ -100,7 +112,17 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.num_scheduled_tokens and not plan.finished_request_ids:
             return []
-        result = self.executor.execute(plan)
+        if self.failure is not None:
+            raise self.failure
+        try:
+            result = self.executor.execute(plan)
+        except WorkerFailure as failure:
+            # The step's work is lost and the workers are gone: end every request now
+            # (freeing its blocks) rather than leave any waiting.
+            self.failure = failure
+            for request_id in list(self.scheduler.requests):
+                self.abort(request_id)
+            raise
         self.stats.forward_seconds += result.forward_seconds
         outputs = []
         for request, sampled in self.scheduler.update_from_output(plan, result):

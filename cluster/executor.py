@@ -1,8 +1,9 @@
 """Executors carry StepPlans to the workers and bring back rank 0's StepResult.
 
-Every transport sends the same `quire.v1.Worker` protobuf messages; only the way they
-travel differs. `InprocExecutor` (one rank in this process) still serialises and
-parses every message, so the gRPC transports are drop-in replacements.
+Every transport sends the same `quire.v1.Worker` protobuf messages to every rank; only
+the way they travel differs: `InprocExecutor` (one rank in this process; it still
+serialises and parses every message) and `GrpcExecutor` (worker processes at given
+addresses, started by hand, by `LocalWorkerLauncher`, or as Ray actors).
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from quire.protos import worker_pb2 as pb
 from quire.protos.step import StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died, hung or failed a call; the message names the rank."""
 
 
 @dataclass
@@ -29,24 +34,35 @@ class WorkerSetup:
     kv_cache_memory: int
     gpu_memory_utilization: float
     num_kv_blocks: int | None
+    dist_init_method: str = ""
 
 
 class Executor(ABC):
+    world_size: int = 1
+
     @abstractmethod
+    def _call_all(self, method: str, requests: list) -> list:
+        """Send `requests[r]` to rank r (all ranks at once); return every rank's response,
+        or raise WorkerFailure as soon as any rank fails."""
+
     def _call(self, method: str, request):
-        """Send one `quire.v1.Worker` request to every rank; return rank 0's response."""
+        return self._call_all(method, [request] * self.world_size)[0]
 
     def start(self, setup: WorkerSetup) -> int:
-        """Load the model on every rank, size and allocate the KV pool. Returns the block count."""
-        self._call("LoadModel", pb.LoadModelRequest(
-            model_path=setup.model_path, dtype=setup.dtype, rank=0, world_size=1, seed=setup.seed,
-            max_model_len=setup.max_model_len))
+        """Load the model on every rank, size and allocate the KV pool. Returns the block
+        count: the minimum over ranks of what each can hold."""
+        self._call_all("LoadModel", [pb.LoadModelRequest(
+            model_path=setup.model_path, dtype=setup.dtype, rank=rank, world_size=self.world_size, seed=setup.seed,
+            max_model_len=setup.max_model_len, dist_init_method=setup.dist_init_method)
+            for rank in range(self.world_size)])
         num_blocks = setup.num_kv_blocks
         if num_blocks is None:
-            profile = self._call("ProfileMemory", pb.ProfileMemoryRequest(
+            profiles = self._call_all("ProfileMemory", [pb.ProfileMemoryRequest(
                 block_size=setup.block_size, max_num_batched_tokens=setup.max_num_batched_tokens,
-                gpu_memory_utilization=setup.gpu_memory_utilization, kv_cache_memory_bytes=setup.kv_cache_memory))
-            num_blocks = int(profile.num_blocks)
+                gpu_memory_utilization=setup.gpu_memory_utilization,
+                kv_cache_memory_bytes=setup.kv_cache_memory)] * self.world_size)
+            num_blocks = int(min(p.num_blocks for p in profiles))
+            logger.info("KV blocks each rank can hold: %s", [int(p.num_blocks) for p in profiles])
         if num_blocks < 1:
             raise RuntimeError("no memory is left for the KV cache; lower max_num_batched_tokens or use a smaller model")
         self._call("AllocateKVCache", pb.AllocateKVCacheRequest(num_blocks=num_blocks, block_size=setup.block_size))
@@ -54,6 +70,10 @@ class Executor(ABC):
 
     def execute(self, plan: StepPlan) -> StepResult:
         return StepResult.from_pb(self._call("ExecuteStep", plan.to_pb()))
+
+    def check_health(self) -> None:
+        """Raise WorkerFailure naming the rank when a worker is dead or unresponsive."""
+        self._call("Health", pb.HealthRequest())
 
     def shutdown(self) -> None:
         self._call("Shutdown", pb.ShutdownRequest())
@@ -77,9 +97,9 @@ class InprocExecutor(Executor):
         self.worker = Worker()
         self.bytes_sent = 0
 
-    def _call(self, method: str, request):
+    def _call_all(self, method: str, requests: list) -> list:
         handler, request_cls, response_cls = self._methods[method]
-        wire = request.SerializeToString()
+        wire = requests[0].SerializeToString()
         self.bytes_sent += len(wire)
         response = getattr(self.worker, handler)(request_cls.FromString(wire))
-        return response_cls.FromString(response.SerializeToString())
+        return [response_cls.FromString(response.SerializeToString())]

@@ -25,6 +25,8 @@ TINY_CONFIGS = {
                       "original_max_position_embeddings": 64}, rope_theta=500000.0)),
     "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral-gqa": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32)),
+    # For tensor parallelism: 2 KV heads (replicated at tp=4), a vocabulary not divisible by 4.
+    "llama-tp": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=2051)),
 }
 
 
@@ -42,9 +44,9 @@ def build_checkpoint(directory: Path, name: str, tokenizer_dir: Path, dtype=torc
 
     config_cls_name, overrides = TINY_CONFIGS[name]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = getattr(transformers, config_cls_name)(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **{**TINY, **overrides})
+    settings = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = getattr(transformers, config_cls_name)(**{**settings, **TINY, **overrides})
     model_cls = getattr(transformers, config_cls_name.replace("Config", "ForCausalLM"))
     torch.manual_seed(0)
     model = model_cls(config).to(dtype)

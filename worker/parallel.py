@@ -7,6 +7,7 @@ so a single-rank worker never initializes torch.distributed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,9 @@ class ParallelContext:
             return cls()
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+            # Bounded, so a rank whose peer died fails instead of waiting forever.
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=120))
         return cls(rank=rank, world_size=world_size, group=dist.group.WORLD)
 
     def shard_range(self, size: int) -> tuple[int, int]:

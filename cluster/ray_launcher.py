@@ -1,0 +1,82 @@
+"""Workers as Ray actors: one per rank, in a placement group (one GPU per bundle, packed
+on one node, as tensor parallelism wants; CPU bundles on a cluster without GPUs). Each
+actor runs the same gRPC worker server as `quire worker`, so the controller talks to
+every transport the same way. Ray is imported here only: quire runs without it."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+logger = logging.getLogger(__name__)
+
+
+class _WorkerActor:
+    """Runs the worker's gRPC server in a thread of the actor process."""
+
+    def __init__(self, rank: int, world_size: int, on_loopback: bool):
+        self.rank, self.world_size = rank, world_size
+        self.host = "127.0.0.1" if on_loopback else None
+
+    def _host(self) -> str:
+        import ray
+
+        return self.host or ray.util.get_node_ip_address()
+
+    def start(self) -> str:
+        from quire.worker import server
+
+        grpc_server, address, servicer = server.start_server(self.rank, self.world_size, f"{self._host()}:0")
+
+        def stop_on_shutdown():
+            servicer.stopped.wait()
+            grpc_server.stop(grace=1)
+
+        threading.Thread(target=stop_on_shutdown, daemon=True).start()
+        return address
+
+    def rendezvous(self) -> str:
+        """A torch.distributed URL on this actor's node (rank 0 hosts the store)."""
+        from quire.cluster.worker_launcher import free_port
+
+        return f"tcp://{self._host()}:{free_port(self._host())}"
+
+
+class RayWorkerGroup:
+    def __init__(self, world_size: int, ray_address: str | None = None, start_timeout: float = 300.0):
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        if not ray.is_initialized():
+            # A local Ray needs no dashboard; quire's workers are its only tenants.
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                     **({} if address else {"num_cpus": max(world_size, os.cpu_count() or 1)}))
+        self._remove_pg = remove_placement_group
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= world_size
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        self.placement_group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
+        ray.get(self.placement_group.ready(), timeout=start_timeout)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_WorkerActor)
+        threads = str(max(1, (os.cpu_count() or 1) // world_size))
+        self.actors = [
+            actor_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+            ).remote(rank, world_size, on_loopback=not address)
+            for rank in range(world_size)
+        ]
+        self.addresses = ray.get([actor.start.remote() for actor in self.actors], timeout=start_timeout)
+        self.dist_init_method = ray.get(self.actors[0].rendezvous.remote(), timeout=start_timeout)
+        logger.info("Ray workers up at %s (%s bundles)", self.addresses, "GPU" if use_gpu else "CPU")
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if getattr(self, "placement_group", None) is not None:
+            self._remove_pg(self.placement_group)
+            self.placement_group = None

@@ -1,0 +1,122 @@
+"""A worker as its own process: the `quire.v1.Worker` gRPC service around one `Worker`.
+
+    quire worker --rank R --world-size N --listen HOST:PORT
+
+`--listen HOST:0` binds a free port; the bound address is printed as
+`quire-worker: rank R listening on HOST:PORT` so launchers can read it. The torch
+distributed group (NCCL on CUDA, gloo on the CPU) is joined on LoadModel, at the URL
+the controller sends (or `--dist-init`), by all ranks at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+
+from quire.protos import worker_pb2 as pb
+from quire.protos import worker_pb2_grpc
+from quire.worker.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+# Step plans are small, but a resumed request's full table or a long new prompt can be large.
+MAX_MESSAGE_BYTES = 256 << 20
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Serialises every state-changing call on the worker (one step at a time); Health
+    answers concurrently. A failure is returned as a gRPC error naming the rank."""
+
+    def __init__(self, worker: Worker, rank: int, world_size: int, dist_init: str | None):
+        self.worker, self.rank, self.world_size, self.dist_init = worker, rank, world_size, dist_init
+        self._lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def _run(self, context, method, request):
+        with self._lock:
+            try:
+                return method(request)
+            except ValueError as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {self.rank}: {error}")
+            except Exception as error:  # the controller must learn which rank failed and why
+                logger.exception("rank %d: %s failed", self.rank, method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, f"rank {self.rank}: {type(error).__name__}: {error}")
+
+    def LoadModel(self, request, context):
+        if request.world_size != self.world_size or request.rank != self.rank:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"worker started as rank {self.rank}/{self.world_size}, "
+                          f"asked to load as {request.rank}/{request.world_size}")
+        if self.dist_init and not request.dist_init_method:
+            request.dist_init_method = self.dist_init
+        return self._run(context, self.worker.load_model, request)
+
+    def ProfileMemory(self, request, context):
+        return self._run(context, self.worker.profile_memory, request)
+
+    def AllocateKVCache(self, request, context):
+        return self._run(context, self.worker.allocate_kv_cache, request)
+
+    def ExecuteStep(self, request, context):
+        return self._run(context, self.worker.execute_step, request)
+
+    def Health(self, request, context):
+        return self.worker.health(request)
+
+    def Shutdown(self, request, context):
+        response = self._run(context, self.worker.shutdown, request)
+        self.stopped.set()
+        return response
+
+
+def start_server(rank: int, world_size: int, listen: str, dist_init: str | None = None):
+    """Start the gRPC server; returns (server, bound "host:port", servicer)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    servicer = WorkerServicer(Worker(), rank, world_size, dist_init)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    host = listen.rsplit(":", 1)[0]
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {listen}")
+    server.start()
+    return server, f"{host}:{port}", servicer
+
+
+def serve(rank: int, world_size: int, listen: str, dist_init: str | None = None) -> None:
+    """Run the worker's gRPC server until Shutdown (or the process is killed)."""
+    server, address, servicer = start_server(rank, world_size, listen, dist_init)
+    print(f"quire-worker: rank {rank} listening on {address}", flush=True)
+    servicer.stopped.wait()
+    server.stop(grace=1).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="quire worker", description="Run one tensor-parallel worker")
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    run_from_args(args)
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any free port)")
+    parser.add_argument("--dist-init", default=None, help="torch.distributed URL, e.g. tcp://HOST:PORT")
+    parser.add_argument("--log-level", default=None)
+
+
+def run_from_args(args) -> None:
+    logging.basicConfig(level=(args.log_level or "warning").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not 0 <= args.rank < args.world_size:
+        raise SystemExit(f"quire worker: --rank must be in [0, --world-size) (got {args.rank}, {args.world_size})")
+    serve(args.rank, args.world_size, args.listen, args.dist_init)
+
+
+if __name__ == "__main__":
+    main()
