@@ -29,6 +29,7 @@ class EngineStats:
     num_steps: int = 0
     forward_seconds: float = 0.0       # worker-reported model forward + sampling time
     step_seconds: float = 0.0          # wall time inside step()
+    execute_seconds: float = 0.0       # wall time waiting for the executor (forward + transport)
     generated_tokens: int = 0
     prompt_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
@@ -110,10 +111,11 @@ class Engine:
         """Run one scheduler step; return an output for each request that produced tokens."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
-        if not plan.num_scheduled_tokens and not plan.finished_request_ids:
+        if not plan.num_scheduled_tokens and not plan.finished_handles:
             return []
         if self.failure is not None:
             raise self.failure
+        executing = time.perf_counter()
         try:
             result = self.executor.execute(plan)
         except WorkerFailure as failure:
@@ -123,6 +125,7 @@ class Engine:
             for request_id in list(self.scheduler.requests):
                 self.abort(request_id)
             raise
+        self.stats.execute_seconds += time.perf_counter() - executing
         self.stats.forward_seconds += result.forward_seconds
         outputs = []
         for request, sampled in self.scheduler.update_from_output(plan, result):

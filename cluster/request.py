@@ -45,6 +45,7 @@ class Request:
     num_blocks_sent: int = 0
     num_preemptions: int = 0
     first_token_time: float | None = None
+    handle: int = 0                # the request's id on the wire, set by the scheduler
 
     @property
     def num_tokens(self) -> int:

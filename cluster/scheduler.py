@@ -27,7 +27,9 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by Request.sort_key
         self.running: list[Request] = []  # sorted by Request.sort_key; the tail is preempted first
         self.requests: dict[str, Request] = {}
-        self._finished_ids: list[str] = []  # to tell the workers in the next plan
+        self.by_handle: dict[int, Request] = {}
+        self._next_handle = 1
+        self._finished_handles: list[int] = []  # to tell the workers in the next plan
         self._step_id = 0
         self.num_preemptions = 0
 
@@ -36,7 +38,10 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add_request(self, request: Request) -> None:
+        """Queue a request and give it its wire handle (unique while the scheduler lives)."""
+        request.handle, self._next_handle = self._next_handle, self._next_handle + 1
         self.requests[request.request_id] = request
+        self.by_handle[request.handle] = request
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
@@ -44,6 +49,7 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        del self.by_handle[request.handle]
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -51,7 +57,7 @@ class Scheduler:
         request.status = status
         self.kv.free(request_id)
         if request.num_tokens_sent:
-            self._finished_ids.append(request_id)
+            self._finished_handles.append(request.handle)
         return request
 
     def _preempt(self, request: Request) -> None:
@@ -68,23 +74,23 @@ class Scheduler:
         table = self.kv.block_ids(request.request_id)
         if request.num_tokens_sent == 0:
             plan.new_requests.append(NewRequestData(
-                request.request_id, request.prompt_token_ids, request.sampling_params, list(table),
+                request.handle, request.request_id, request.prompt_token_ids, request.sampling_params, list(table),
                 request.num_computed_tokens, list(request.output_token_ids)))
         else:
             plan.cached_requests.append(CachedRequestData(
-                request.request_id, request.tokens_from(request.num_tokens_sent), table[request.num_blocks_sent:],
+                request.handle, request.tokens_from(request.num_tokens_sent), table[request.num_blocks_sent:],
                 request.num_computed_tokens, resumed_from_preemption=request.num_blocks_sent == 0))
         request.num_tokens_sent = request.num_tokens
         request.num_blocks_sent = len(table)
-        plan.num_scheduled_tokens[request.request_id] = num_new_tokens
+        plan.num_scheduled_tokens[request.handle] = num_new_tokens
         request.num_computed_tokens += num_new_tokens
 
     def schedule(self) -> StepPlan:
         """Choose this step's tokens and allocate their blocks. Mutates queues, block tables,
         and `num_computed_tokens` (advanced as if the step succeeds)."""
         self._step_id += 1
-        plan = StepPlan(step_id=self._step_id, finished_request_ids=self._finished_ids)
-        self._finished_ids = []
+        plan = StepPlan(step_id=self._step_id, finished_handles=self._finished_handles)
+        self._finished_handles = []
         budget = self.config.max_num_batched_tokens
         preempted = False
         index = 0
@@ -125,11 +131,11 @@ class Scheduler:
         stop checks; requests that finished or were aborted meanwhile are skipped."""
         updated = []
         for sampled in result.sampled:
-            request = self.requests.get(sampled.request_id)
+            request = self.by_handle.get(sampled.handle)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue
             if request.num_computed_tokens != request.num_tokens:
-                raise RuntimeError(f"step {plan.step_id}: worker sampled {sampled.request_id!r} mid-prompt")
+                raise RuntimeError(f"step {plan.step_id}: worker sampled {request.request_id!r} mid-prompt")
             request.output_token_ids.append(sampled.token_id)
             if sampled.top_logprobs is not None:
                 request.output_logprobs.append({sampled.token_id: sampled.logprob, **sampled.top_logprobs})
@@ -140,5 +146,6 @@ class Scheduler:
         self.kv.check_integrity()
         live = {r.request_id for r in self.running} | {r.request_id for r in self.waiting}
         assert live == set(self.requests), "queues and request map disagree"
+        assert {r.handle for r in self.requests.values()} == set(self.by_handle), "handles disagree"
         assert set(self.kv.tables) <= {r.request_id for r in self.running}, "a non-running request holds blocks"
         assert len(self.running) <= self.config.max_num_seqs

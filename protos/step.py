@@ -113,8 +113,10 @@ class SamplingParams:
 
 @dataclass
 class NewRequestData:
-    """A request the workers have not seen (or whose state they dropped): sent in full once."""
+    """A request the workers have not seen: sent in full once. `handle` names it on the
+    wire from then on (a small integer, so deltas stay a few bytes)."""
 
+    handle: int
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
@@ -124,7 +126,7 @@ class NewRequestData:
 
     def to_pb(self) -> pb.NewRequest:
         return pb.NewRequest(
-            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+            handle=self.handle, request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
             sampling_params=self.sampling_params.to_pb(), block_ids=self.block_ids,
             num_computed_tokens=self.num_computed_tokens, output_token_ids=self.output_token_ids,
         )
@@ -132,7 +134,7 @@ class NewRequestData:
     @classmethod
     def from_pb(cls, msg: pb.NewRequest) -> NewRequestData:
         return cls(
-            request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
+            handle=msg.handle, request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
             sampling_params=SamplingParams.from_pb(msg.sampling_params), block_ids=list(msg.block_ids),
             num_computed_tokens=msg.num_computed_tokens, output_token_ids=list(msg.output_token_ids),
         )
@@ -147,7 +149,7 @@ class CachedRequestData:
     when `resumed_from_preemption` (recompute preemption freed the old blocks).
     """
 
-    request_id: str
+    handle: int
     new_token_ids: list[int]
     new_block_ids: list[int]
     num_computed_tokens: int
@@ -155,14 +157,14 @@ class CachedRequestData:
 
     def to_pb(self) -> pb.CachedRequest:
         return pb.CachedRequest(
-            request_id=self.request_id, new_token_ids=self.new_token_ids, new_block_ids=self.new_block_ids,
+            handle=self.handle, new_token_ids=self.new_token_ids, new_block_ids=self.new_block_ids,
             num_computed_tokens=self.num_computed_tokens, resumed_from_preemption=self.resumed_from_preemption,
         )
 
     @classmethod
     def from_pb(cls, msg: pb.CachedRequest) -> CachedRequestData:
         return cls(
-            request_id=msg.request_id, new_token_ids=list(msg.new_token_ids),
+            handle=msg.handle, new_token_ids=list(msg.new_token_ids),
             new_block_ids=list(msg.new_block_ids), num_computed_tokens=msg.num_computed_tokens,
             resumed_from_preemption=msg.resumed_from_preemption,
         )
@@ -170,15 +172,15 @@ class CachedRequestData:
 
 @dataclass
 class StepPlan:
-    """One step's work. `num_scheduled_tokens` maps request id → tokens to compute now,
-    in batch order; every scheduled request appears in `new_requests` or
-    `cached_requests`. `finished_request_ids` lets workers drop state."""
+    """One step's work. `num_scheduled_tokens` maps request handle → tokens to compute
+    now, in batch order; every scheduled request appears in `new_requests` or
+    `cached_requests`. `finished_handles` lets workers drop state."""
 
     step_id: int
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    finished_request_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
+    finished_handles: list[int] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -189,9 +191,9 @@ class StepPlan:
             step_id=self.step_id,
             new_requests=[r.to_pb() for r in self.new_requests],
             cached_requests=[r.to_pb() for r in self.cached_requests],
-            scheduled_request_ids=list(self.num_scheduled_tokens),
+            scheduled_handles=list(self.num_scheduled_tokens),
             num_scheduled_tokens=list(self.num_scheduled_tokens.values()),
-            finished_request_ids=self.finished_request_ids,
+            finished_handles=self.finished_handles,
         )
 
     @classmethod
@@ -200,8 +202,8 @@ class StepPlan:
             step_id=msg.step_id,
             new_requests=[NewRequestData.from_pb(r) for r in msg.new_requests],
             cached_requests=[CachedRequestData.from_pb(r) for r in msg.cached_requests],
-            num_scheduled_tokens=dict(zip(msg.scheduled_request_ids, msg.num_scheduled_tokens)),
-            finished_request_ids=list(msg.finished_request_ids),
+            num_scheduled_tokens=dict(zip(msg.scheduled_handles, msg.num_scheduled_tokens)),
+            finished_handles=list(msg.finished_handles),
         )
 
 
@@ -209,13 +211,13 @@ class StepPlan:
 class SampledToken:
     """A token rank 0 sampled for a request that reached the end of its known tokens."""
 
-    request_id: str
+    handle: int
     token_id: int
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None
 
     def to_pb(self) -> pb.SampledToken:
-        msg = pb.SampledToken(request_id=self.request_id, token_id=self.token_id)
+        msg = pb.SampledToken(handle=self.handle, token_id=self.token_id)
         if self.logprob is not None:
             msg.has_logprobs, msg.logprob = True, self.logprob
         for token_id, logprob in (self.top_logprobs or {}).items():
@@ -225,8 +227,8 @@ class SampledToken:
     @classmethod
     def from_pb(cls, msg: pb.SampledToken) -> SampledToken:
         if not msg.has_logprobs:
-            return cls(msg.request_id, msg.token_id)
-        return cls(msg.request_id, msg.token_id, msg.logprob, {t.token_id: t.logprob for t in msg.top_logprobs})
+            return cls(msg.handle, msg.token_id)
+        return cls(msg.handle, msg.token_id, msg.logprob, {t.token_id: t.logprob for t in msg.top_logprobs})
 
 
 @dataclass

@@ -28,18 +28,18 @@ def test_generated_code_is_fresh(tmp_path):
 def test_step_plan_round_trips_through_the_wire():
     plan = StepPlan(
         step_id=7,
-        new_requests=[NewRequestData("a", [1, 2, 3], SamplingParams(temperature=0.5, seed=3, logprobs=2), [4, 9], 0)],
-        cached_requests=[CachedRequestData("b", [11], [5], 40, resumed_from_preemption=True)],
-        num_scheduled_tokens={"a": 3, "b": 1},
-        finished_request_ids=["c"],
+        new_requests=[NewRequestData(1, "a", [1, 2, 3], SamplingParams(temperature=0.5, seed=3, logprobs=2), [4, 9], 0)],
+        cached_requests=[CachedRequestData(2, [11], [5], 40, resumed_from_preemption=True)],
+        num_scheduled_tokens={1: 3, 2: 1},
+        finished_handles=[3],
     )
     parsed = StepPlan.from_pb(pb.StepPlan.FromString(plan.to_pb().SerializeToString()))
     assert parsed == plan
 
 
 def test_step_result_round_trips_logprobs_only_when_present():
-    result = StepResult(step_id=2, sampled=[SampledToken("a", 5), SampledToken("b", 6, -0.25, {6: -0.25, 1: -2.0})])
+    result = StepResult(step_id=2, sampled=[SampledToken(1, 5), SampledToken(2, 6, -0.25, {6: -0.25, 1: -2.0})])
     parsed = StepResult.from_pb(pb.StepResult.FromString(result.to_pb().SerializeToString()))
-    assert parsed.sampled[0] == SampledToken("a", 5)
+    assert parsed.sampled[0] == SampledToken(1, 5)
     assert parsed.sampled[1].token_id == 6 and parsed.sampled[1].logprob == -0.25
     assert list(parsed.sampled[1].top_logprobs) == [6, 1]

@@ -19,12 +19,17 @@ def add(scheduler, request_id, prompt_len, arrival, priority=0):
     return request
 
 
+def scheduled(scheduler, plan):
+    """The plan's tokens per request, by request id (the wire uses handles)."""
+    return {scheduler.by_handle[h].request_id: n for h, n in plan.num_scheduled_tokens.items()}
+
+
 def run_step(scheduler, token=7):
     """Schedule, then answer as rank 0 would: a token for each request that reached its end."""
     plan = scheduler.schedule()
     scheduler.check_integrity()
-    sampled = [SampledToken(rid, token) for rid in plan.num_scheduled_tokens
-               if scheduler.requests[rid].num_computed_tokens == scheduler.requests[rid].num_tokens]
+    sampled = [SampledToken(h, token) for h in plan.num_scheduled_tokens
+               if scheduler.by_handle[h].num_computed_tokens == scheduler.by_handle[h].num_tokens]
     scheduler.update_from_output(plan, StepResult(plan.step_id, sampled=sampled))
     scheduler.check_integrity()
     return plan
@@ -36,13 +41,13 @@ def test_budget_chunks_prompts_without_phases():
     add(s, "b", 10, 1.0)
     add(s, "c", 10, 2.0)
     plan = run_step(s)
-    assert plan.num_scheduled_tokens == {"a": 10, "b": 6}
-    assert [r.request_id for r in plan.new_requests] == ["a", "b"]
+    assert scheduled(s, plan) == {"a": 10, "b": 6}
+    assert [r.request_id for r in plan.new_requests] == ["a", "b"] and [r.handle for r in plan.new_requests] == [1, 2]
     assert plan.new_requests[0].block_ids == [0, 1, 2] and plan.new_requests[1].block_ids == [3, 4]
     # a decodes (1 token) while b finishes its prompt (4) and c starts (11 left in the budget → 10)
     plan = run_step(s)
-    assert plan.num_scheduled_tokens == {"a": 1, "b": 4, "c": 10}
-    assert [c.request_id for c in plan.cached_requests] == ["a", "b"]
+    assert scheduled(s, plan) == {"a": 1, "b": 4, "c": 10}
+    assert [c.handle for c in plan.cached_requests] == [1, 2]
     a_delta = plan.cached_requests[0]
     assert a_delta.new_token_ids == [7] and a_delta.num_computed_tokens == 10 and a_delta.new_block_ids == []
     b_delta = plan.cached_requests[1]
@@ -55,12 +60,13 @@ def test_max_num_seqs_caps_running_requests():
     for i in range(4):
         add(s, f"r{i}", 3, float(i))
     plan = run_step(s)
-    assert list(plan.num_scheduled_tokens) == ["r0", "r1"]
+    assert list(scheduled(s, plan)) == ["r0", "r1"]
+    r0 = s.requests["r0"].handle
     s.finish_request("r0", RequestStatus.FINISHED_STOPPED)
     s.check_integrity()
     plan = run_step(s)
-    assert plan.num_scheduled_tokens == {"r1": 1, "r2": 3}
-    assert plan.finished_request_ids == ["r0"]
+    assert scheduled(s, plan) == {"r1": 1, "r2": 3}
+    assert plan.finished_handles == [r0]
 
 
 def test_preempts_latest_arrival_and_resumes_with_replaced_table():
@@ -70,17 +76,18 @@ def test_preempts_latest_arrival_and_resumes_with_replaced_table():
     run_step(s)  # both prompts: 2 blocks each, the pool is full
     assert s.kv.pool.num_free_blocks == 0
     plan = run_step(s)  # tokens 9 fit in no block: "old" needs one, "new" (latest) is preempted
-    assert plan.num_scheduled_tokens == {"old": 1}
+    assert scheduled(s, plan) == {"old": 1}
     assert s.requests["new"].status is RequestStatus.PREEMPTED and s.num_preemptions == 1
     assert s.kv.block_ids("old") == [0, 1, 3] and s.kv.block_ids("new") == []
+    old = s.requests["old"].handle
     s.finish_request("old", RequestStatus.FINISHED_STOPPED)
     plan = run_step(s)
     delta = plan.cached_requests[0]
-    assert delta.request_id == "new" and delta.resumed_from_preemption
-    assert delta.num_computed_tokens == 0 and plan.num_scheduled_tokens == {"new": 9}
+    assert delta.handle == s.requests["new"].handle and delta.resumed_from_preemption
+    assert delta.num_computed_tokens == 0 and scheduled(s, plan) == {"new": 9}
     assert delta.new_block_ids == s.kv.block_ids("new") and len(delta.new_block_ids) == 3
     assert delta.new_token_ids == [7], "the token sampled before preemption was never sent"
-    assert plan.finished_request_ids == ["old"]
+    assert plan.finished_handles == [old]
 
 
 def test_lower_priority_value_is_served_first_and_preempted_last():
@@ -88,7 +95,7 @@ def test_lower_priority_value_is_served_first_and_preempted_last():
     add(s, "background", 8, 0.0, priority=5)
     add(s, "urgent", 8, 1.0, priority=0)
     plan = run_step(s)
-    assert list(plan.num_scheduled_tokens) == ["urgent", "background"]
+    assert list(scheduled(s, plan)) == ["urgent", "background"]
     run_step(s)
     assert s.requests["background"].status is RequestStatus.PREEMPTED
     assert s.requests["urgent"].status is RequestStatus.RUNNING
@@ -99,13 +106,14 @@ def test_abort_frees_blocks_and_tells_workers_only_if_sent():
     add(s, "a", 4, 0.0)
     add(s, "b", 4, 1.0)
     run_step(s)
+    a = s.requests["a"].handle
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
     s.finish_request("b", RequestStatus.FINISHED_ABORTED)  # never scheduled, so workers never heard of it
     s.finish_request("b", RequestStatus.FINISHED_ABORTED)
     s.check_integrity()
     assert s.kv.num_used_blocks == 0
     plan = s.schedule()
-    assert plan.finished_request_ids == ["a"] and not plan.num_scheduled_tokens
+    assert plan.finished_handles == [a] and not plan.num_scheduled_tokens
 
 
 def test_decode_plan_size_does_not_grow_with_context():
@@ -119,4 +127,6 @@ def test_decode_plan_size_does_not_grow_with_context():
         assert all(n == 1 for n in plan.num_scheduled_tokens.values()) and len(plan.cached_requests) == 256
         return len(plan.to_pb().SerializeToString())
 
-    assert decode_plan_bytes(100) == decode_plan_bytes(2000)
+    size = decode_plan_bytes(2000)
+    assert decode_plan_bytes(100) == size
+    assert size / 256 <= 32, f"{size / 256:.1f} bytes per running request in a decode plan"

@@ -14,10 +14,14 @@ from quire.worker.parallel import ParallelContext
 from quire.worker.sampler import Sampler, SamplingRow
 
 
+SCRATCH_HANDLE = 2**64 - 1  # and downwards: handles of the runner's own scratch requests
+
+
 @dataclass
 class RequestState:
     """What a worker remembers of a request between steps; the controller's plan deltas keep it current."""
 
+    handle: int
     request_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -51,19 +55,19 @@ class ModelRunner:
         self.model, self.ctx, self.device = model, ctx, device
         self.kv_pool, self.backend, self.sampler = kv_pool, backend, sampler
         self.block_size = kv_pool.block_size
-        self.requests: dict[str, RequestState] = {}
+        self.requests: dict[int, RequestState] = {}  # by handle
 
     def _apply_plan(self, plan: StepPlan) -> None:
-        for request_id in plan.finished_request_ids:
-            self.requests.pop(request_id, None)
+        for handle in plan.finished_handles:
+            self.requests.pop(handle, None)
         for new in plan.new_requests:
-            self.requests[new.request_id] = RequestState(
-                new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+            self.requests[new.handle] = RequestState(
+                new.handle, new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
                 list(new.block_ids), new.num_computed_tokens)
         for delta in plan.cached_requests:
-            state = self.requests.get(delta.request_id)
+            state = self.requests.get(delta.handle)
             if state is None:
-                raise ValueError(f"step {plan.step_id}: unknown request {delta.request_id!r} in cached_requests")
+                raise ValueError(f"step {plan.step_id}: unknown request handle {delta.handle} in cached_requests")
             state.output_token_ids.extend(delta.new_token_ids)
             if delta.resumed_from_preemption:
                 state.block_ids = list(delta.new_block_ids)
@@ -74,13 +78,13 @@ class ModelRunner:
     def _prepare(self, plan: StepPlan):
         """Flat input tensors and attention metadata for the scheduled requests, in plan order."""
         states, query_lens, token_ids = [], [], []
-        for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            state = self.requests.get(request_id)
+        for handle, num_tokens in plan.num_scheduled_tokens.items():
+            state = self.requests.get(handle)
             if state is None:
-                raise ValueError(f"step {plan.step_id}: request {request_id!r} scheduled but never sent")
+                raise ValueError(f"step {plan.step_id}: request handle {handle} scheduled but never sent")
             end = state.num_computed_tokens + num_tokens
             if end > state.num_tokens or end > len(state.block_ids) * self.block_size:
-                raise ValueError(f"step {plan.step_id}: request {request_id!r} scheduled past its tokens or blocks")
+                raise ValueError(f"step {plan.step_id}: request {state.request_id!r} scheduled past its tokens or blocks")
             states.append(state)
             query_lens.append(num_tokens)
             token_ids.extend(state.token_slice(state.num_computed_tokens, end))
@@ -130,7 +134,7 @@ class ModelRunner:
                         for i in to_sample]
                 out = self.sampler(logits, rows)
                 result.sampled = [
-                    SampledToken(states[i].request_id, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
+                    SampledToken(states[i].handle, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
                     for j, i in enumerate(to_sample)
                 ]
         if self.device.type == "cuda":
@@ -150,9 +154,12 @@ class ModelRunner:
         for i, prompt in enumerate(prompts):
             n = -(-len(prompt) // self.block_size)
             # One extra phantom token so no request reaches its end: nothing is sampled.
-            plan.new_requests.append(NewRequestData(f"__logits_{i}", prompt + [0], SamplingParams(temperature=0),
+            # Handles from the top of the range never meet the controller's.
+            handle = SCRATCH_HANDLE - i
+            plan.new_requests.append(NewRequestData(handle, f"__logits_{i}", prompt + [0],
+                                                    SamplingParams(temperature=0),
                                                     list(range(next_block, next_block + n)), 0))
-            plan.num_scheduled_tokens[f"__logits_{i}"] = len(prompt)
+            plan.num_scheduled_tokens[handle] = len(prompt)
             next_block += n
         self._apply_plan(plan)
         try:
@@ -161,7 +168,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         finally:
             for i in range(len(prompts)):
-                self.requests.pop(f"__logits_{i}", None)
+                self.requests.pop(SCRATCH_HANDLE - i, None)
         if logits is None:
             return None
         return list(logits.split([len(p) for p in prompts]))

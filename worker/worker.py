@@ -85,10 +85,10 @@ class Worker:
                       self.device)
         runner = ModelRunner(self.model, self.ctx, self.device, pool, select_attention_backend(self.device.type),
                              Sampler(0))
-        plan = StepPlan(step_id=0, new_requests=[NewRequestData("__profile", [0] * num_tokens,
+        plan = StepPlan(step_id=0, new_requests=[NewRequestData(1, "__profile", [0] * num_tokens,
                                                                 SamplingParams(temperature=0),
                                                                 list(range(num_blocks)), 0)],
-                        num_scheduled_tokens={"__profile": num_tokens})
+                        num_scheduled_tokens={1: num_tokens})
         runner.execute(plan)
         del runner, pool
 
