@@ -118,7 +118,7 @@ class GrpcExecutor(Executor):
         if self.failure is None:
             try:
                 self._call_all("Shutdown", [pb.ShutdownRequest()] * self.world_size)
-            except WorkerFailure:
+            except WorkerFailure:  # already gone: nothing left to stop
                 pass
         self.close()
         if self._on_shutdown is not None:

@@ -42,7 +42,7 @@ class ModelInfo:
             generation = GenerationConfig.from_pretrained(path)
             ids = generation.eos_token_id
             eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        except OSError:
+        except OSError:  # no generation_config.json: config and tokenizer still name the eos
             pass
         ids = getattr(hf_config, "eos_token_id", None)
         eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
