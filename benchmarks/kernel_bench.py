@@ -83,7 +83,6 @@ def bench_case(num_heads, num_kv_heads, head_dim, batch, ctx, block_size, dtype,
     got = paged_attention(query, k_cache, v_cache, tables, plan, scale)
     max_error = (got.float() - reference.squeeze(2).float()).abs().max().item()
     kv_bytes = 2 * batch * ctx * num_kv_heads * head_dim * k_cache.element_size()
-    del k_cache, v_cache, k, v
     return {"batch": batch, "context": ctx, "num_splits": plan.num_splits, "paged_seconds": paged_s,
             "sdpa_contiguous_seconds": sdpa_s, "paged_over_sdpa": paged_s / sdpa_s,
             "kv_bytes": kv_bytes, "paged_gb_per_s": kv_bytes / paged_s / 1e9, "max_abs_error_vs_sdpa": max_error}

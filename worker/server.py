@@ -16,7 +16,6 @@ from concurrent import futures
 
 import grpc
 
-from quire.protos import worker_pb2 as pb
 from quire.protos import worker_pb2_grpc
 from quire.worker.worker import Worker
 
