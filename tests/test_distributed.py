@@ -97,3 +97,27 @@ def test_killed_worker_fails_requests_fast(tp_checkpoint):
         llm.shutdown()
     finally:
         launcher.stop()
+
+
+@pytest.mark.slow
+def test_idle_server_turns_unhealthy_when_a_worker_dies(tp_checkpoint):
+    from quire.cluster.async_engine import AsyncEngine
+
+    launcher = LocalWorkerLauncher(2)
+    try:
+        llm = LLM(model=str(tp_checkpoint), tensor_parallel_size=2, executor="workers",
+                  worker_addresses=launcher.addresses, dist_init_method=launcher.dist_init_method,
+                  dtype="float32", num_kv_blocks=16)
+        server_engine = AsyncEngine(llm.engine)
+        server_engine.start()
+        assert server_engine.healthy
+        launcher.processes[0].kill()
+        deadline = time.monotonic() + 10
+        while server_engine.healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not server_engine.healthy, "no step ran, yet the health watch must notice the dead rank"
+        assert "rank 0" in str(llm.engine.executor.failure)
+        server_engine.shutdown()
+        llm.shutdown()
+    finally:
+        launcher.stop()
