@@ -14,13 +14,10 @@ import grpc
 
 from quire.cluster.executor import Executor, WorkerFailure
 from quire.protos import worker_pb2 as pb
-from quire.protos import worker_pb2_grpc
+from quire.protos import GRPC_OPTIONS, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 << 20
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # Seconds a call may take before its rank counts as hung (loading a 70B shard is slow).
 TIMEOUTS = {"LoadModel": 1800.0, "ProfileMemory": 600.0, "AllocateKVCache": 600.0, "ExecuteStep": 300.0,
             "Health": 5.0, "Shutdown": 10.0}
@@ -85,8 +82,6 @@ class GrpcExecutor(Executor):
                 for other in futures:
                     other.cancel()
                 code = error.code() if isinstance(error, grpc.Call) else None
-                if method == "Shutdown":
-                    return []
                 raise self._fail(rank, f"failed {method}: {code.name if code else ''} {error.details() if isinstance(error, grpc.Call) else error}")
         if self.failure is not None:
             for future in futures:

@@ -21,7 +21,7 @@ class RequestStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: queues find and remove it by identity, not by comparing fields
 class Request:
     """Token-level state. Every token of the request lives here (prompt and outputs), so a
     request can be replayed on fresh workers; the workers hold only a cache of it.

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -43,6 +44,21 @@ def ray_session():
     ray.shutdown()
 
 
+@contextmanager
+def llm_on_local_workers(checkpoint, tp, **kwargs):
+    """An LLM over `tp` worker processes started apart from it (as `quire worker` would be
+    by hand): the controller knows only their addresses and the rendezvous URL."""
+    launcher = LocalWorkerLauncher(tp)
+    try:
+        llm = LLM(model=str(checkpoint), tensor_parallel_size=tp, executor="workers",
+                  worker_addresses=launcher.addresses, dist_init_method=launcher.dist_init_method,
+                  dtype="float32", **kwargs)
+        yield llm, launcher
+        llm.shutdown()
+    finally:
+        launcher.stop()
+
+
 def generate_and_check(llm, hf_tokens):
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_tokens
@@ -64,26 +80,13 @@ def test_parity_through_ray(tp, tp_checkpoint, hf_tokens, ray_session):
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_parity_through_standalone_workers(tp, tp_checkpoint, hf_tokens):
-    # Workers started apart from the controller (as `quire worker` would be by hand);
-    # the controller only knows their addresses and the rendezvous URL.
-    launcher = LocalWorkerLauncher(tp)
-    try:
-        llm = LLM(model=str(tp_checkpoint), tensor_parallel_size=tp, executor="workers",
-                  worker_addresses=launcher.addresses, dist_init_method=launcher.dist_init_method,
-                  dtype="float32", kv_cache_memory=4 << 20)
+    with llm_on_local_workers(tp_checkpoint, tp, kv_cache_memory=4 << 20) as (llm, _):
         generate_and_check(llm, hf_tokens)
-        llm.shutdown()
-    finally:
-        launcher.stop()
 
 
 @pytest.mark.slow
 def test_killed_worker_fails_requests_fast(tp_checkpoint):
-    launcher = LocalWorkerLauncher(2)
-    try:
-        llm = LLM(model=str(tp_checkpoint), tensor_parallel_size=2, executor="workers",
-                  worker_addresses=launcher.addresses, dist_init_method=launcher.dist_init_method,
-                  dtype="float32", num_kv_blocks=64)
+    with llm_on_local_workers(tp_checkpoint, 2, num_kv_blocks=64) as (llm, launcher):
         victim = launcher.processes[1]
         threading.Timer(1.0, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
         started = time.monotonic()
@@ -94,20 +97,13 @@ def test_killed_worker_fails_requests_fast(tp_checkpoint):
         assert not engine.has_unfinished() and engine.kv.num_used_blocks == 0
         with pytest.raises(WorkerFailure):
             llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
-        llm.shutdown()
-    finally:
-        launcher.stop()
 
 
 @pytest.mark.slow
 def test_idle_server_turns_unhealthy_when_a_worker_dies(tp_checkpoint):
     from quire.cluster.async_engine import AsyncEngine
 
-    launcher = LocalWorkerLauncher(2)
-    try:
-        llm = LLM(model=str(tp_checkpoint), tensor_parallel_size=2, executor="workers",
-                  worker_addresses=launcher.addresses, dist_init_method=launcher.dist_init_method,
-                  dtype="float32", num_kv_blocks=16)
+    with llm_on_local_workers(tp_checkpoint, 2, num_kv_blocks=16) as (llm, launcher):
         server_engine = AsyncEngine(llm.engine)
         server_engine.start()
         assert server_engine.healthy
@@ -118,6 +114,3 @@ def test_idle_server_turns_unhealthy_when_a_worker_dies(tp_checkpoint):
         assert not server_engine.healthy, "no step ran, yet the health watch must notice the dead rank"
         assert "rank 0" in str(llm.engine.executor.failure)
         server_engine.shutdown()
-        llm.shutdown()
-    finally:
-        launcher.stop()

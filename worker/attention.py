@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quire.kernels.attention_ref import RefAttentionPlan, paged_attention_ref, write_kv_ref
+from quire.kernels.attention_ref import paged_attention_ref, write_kv_ref
 
 
 @dataclass
@@ -32,10 +32,9 @@ class AttentionMetadata:
     backend: str = "torch"
     # K/V tensors per layer, set by the runner for the step: [num_blocks, block_size, kv_heads, head_dim].
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    # torch backend: the step's layer-independent gather indices and masks, built once.
-    ref_plan: RefAttentionPlan | None = None
-    # triton backend: the step's launch description (device tensors), built once.
-    triton_plan: object | None = None
+    # The backend's layer-independent plan for the step (a RefAttentionPlan or a
+    # TritonAttentionPlan), built once by the runner and shared by every layer.
+    plan: object | None = None
 
 
 class Attention(nn.Module):
@@ -57,18 +56,10 @@ class Attention(nn.Module):
         if meta.backend == "triton":
             from quire.kernels import triton_attention
 
-            if meta.triton_plan is None:
-                meta.triton_plan = triton_attention.TritonAttentionPlan.build(
-                    meta.seq_lens, meta.query_start_loc, self.num_heads // self.num_kv_heads, self.num_kv_heads,
-                    q.device)
             triton_attention.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = triton_attention.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.triton_plan,
-                                                   self.scale)
+            out = triton_attention.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.plan, self.scale)
         else:
             write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-            if meta.ref_plan is None:
-                meta.ref_plan = RefAttentionPlan(meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                                 k_cache.shape[1])
             out = paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                      meta.query_start_loc, self.scale, meta.ref_plan)
+                                      meta.query_start_loc, self.scale, meta.plan)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from quire.protos.step import NewRequestData, SampledToken, SamplingParams, StepPlan, StepResult
+from quire.kernels.attention_ref import RefAttentionPlan
 from quire.worker.attention import AttentionMetadata
 from quire.worker.kv_pool import KVPool
 from quire.worker.parallel import ParallelContext
@@ -55,6 +56,9 @@ class ModelRunner:
         self.model, self.ctx, self.device = model, ctx, device
         self.kv_pool, self.backend, self.sampler = kv_pool, backend, sampler
         self.block_size = kv_pool.block_size
+        # This rank's heads, for the attention plan: query heads split evenly, KV heads as the pool holds them.
+        self.num_heads = model.config.num_attention_heads // ctx.world_size
+        self.num_kv_heads = kv_pool.caches[0][0].shape[2]
         self.requests: dict[int, RequestState] = {}  # by handle
 
     def _apply_plan(self, plan: StepPlan) -> None:
@@ -110,10 +114,19 @@ class ModelRunner:
             backend=self.backend,
             kv_caches=self.kv_pool.caches,
         )
+        meta.plan = self._attention_plan(meta)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         # A request samples when this step computes its last known token.
         to_sample = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
         return input_ids, torch.from_numpy(positions).to(self.device), meta, states, seq_lens, to_sample
+
+    def _attention_plan(self, meta: AttentionMetadata):
+        if self.backend == "triton":
+            from quire.kernels.triton_attention import TritonAttentionPlan
+
+            return TritonAttentionPlan.build(meta.seq_lens, meta.query_start_loc,
+                                             self.num_heads // self.num_kv_heads, self.num_kv_heads, self.device)
+        return RefAttentionPlan(meta.block_tables, meta.seq_lens, meta.query_start_loc, self.block_size)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:

@@ -16,15 +16,11 @@ from concurrent import futures
 
 import grpc
 
-from quire.protos import worker_pb2_grpc
+from quire.protos import GRPC_OPTIONS, worker_pb2_grpc
 from quire.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
-# Step plans are small, but a resumed request's full table or a long new prompt can be large.
-MAX_MESSAGE_BYTES = 256 << 20
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
