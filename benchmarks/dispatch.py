@@ -2,11 +2,13 @@
 executor and through Ray + gRPC workers at tp=1 and tp=2, in one run, plus the
 controller's own cost per step at 256 running requests.
 
-Reports per transport: wall seconds, output tokens/s and the ratio to in-process,
-controller time per step (inside `Engine.step`, outside the executor: scheduling, plan
-building, detokenising, stop checks), transport time per step (executor wall time minus
-the worker's forward), and bytes per StepPlan. Separately, with no model: scheduling
-plus serialising one decode plan for 256 running requests, and its bytes per request.
+Reports per transport (medians of interleaved repeats): wall seconds, output tokens/s
+and the ratio to in-process, controller time per step (inside `Engine.step`, outside
+the executor: scheduling, plan building, detokenising, stop checks), the worker's
+forward time per step, transport time per step (executor wall time minus the worker's
+forward), and bytes per StepPlan. Separately, with no model, the controller's side of
+a decode step for 256 running requests: scheduling, serialising the plan, parsing the
+answer and appending its tokens; and the plan's bytes per request.
 
     python benchmarks/dispatch.py --num-requests 64 --out dispatch.json
 """
@@ -49,6 +51,7 @@ def run_transport(name, kwargs, model, prompts, params):
         return {
             "transport": name, "wall_seconds": wall, "output_tokens_per_s": tokens / wall, "steps": stats.num_steps,
             "controller_us_per_step": 1e6 * (stats.step_seconds - stats.execute_seconds) / stats.num_steps,
+            "worker_forward_us_per_step": 1e6 * stats.forward_seconds / stats.num_steps,
             "transport_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
             "plan_bytes_per_step": (llm.engine.executor.bytes_sent - bytes_before) / world / stats.num_steps,
         }, [o.outputs[0].token_ids for o in outputs]
@@ -57,29 +60,39 @@ def run_transport(name, kwargs, model, prompts, params):
 
 
 def controller_microbench(num_running: int, steps: int) -> dict:
-    """Scheduling + serialising a decode step for `num_running` requests (no model)."""
+    """The controller's side of a decode step for `num_running` requests, with no model:
+    schedule, serialise the plan, parse rank 0's answer and append its tokens. (Building
+    that answer is the worker's work and is not timed.)"""
     from quire.cluster.block_pool import BlockPool
     from quire.cluster.config import SchedulerConfig
     from quire.cluster.kv_cache_manager import KVCacheManager
     from quire.cluster.request import Request
     from quire.cluster.scheduler import Scheduler
-    from quire.protos.step import SampledToken, SamplingParams, StepResult
+    from quire.protos import worker_pb2 as pb
+    from quire.protos.step import SamplingParams, StepResult
 
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=num_running, max_num_batched_tokens=1 << 20),
                           KVCacheManager(BlockPool(num_running * 40), 16))
     for i in range(num_running):
-        scheduler.add_request(Request(f"request-{i}", [5] * 100, SamplingParams(temperature=0, max_tokens=10**6)))
+        # Staggered lengths spread block-boundary crossings over the steps, as in real traffic.
+        scheduler.add_request(Request(f"request-{i}", [5] * (100 + i % 16),
+                                      SamplingParams(temperature=0, max_tokens=10**6)))
     timings, sizes = [], []
     for step in range(steps + 1):
         began = time.perf_counter()
         plan = scheduler.schedule()
         wire = plan.to_pb().SerializeToString()
-        result = StepResult(plan.step_id, sampled=[SampledToken(h, 7) for h in plan.num_scheduled_tokens])
-        scheduler.update_from_output(plan, result)
+        planned = time.perf_counter()
+        handles = [handle for handle, _ in plan.scheduled()]
+        answer = StepResult(plan.step_id, sampled_handles=handles, sampled_token_ids=[7] * len(handles))
+        answer_wire = answer.to_pb().SerializeToString()
+        answered = time.perf_counter()
+        scheduler.update_from_output(plan, StepResult.from_pb(pb.StepResult.FromString(answer_wire)))
         if step:  # step 0 is the prefill
-            timings.append(time.perf_counter() - began)
+            timings.append(time.perf_counter() - answered + planned - began)
             sizes.append(len(wire))
     return {"running_requests": num_running, "us_per_step_median": 1e6 * statistics.median(timings),
+            "us_per_step_mean": 1e6 * statistics.mean(timings),
             "plan_bytes": statistics.median(sizes), "plan_bytes_per_request": statistics.median(sizes) / num_running}
 
 
@@ -91,6 +104,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=span, default=(32, 128))
     parser.add_argument("--output-len", type=span, default=(32, 128))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per transport (medians reported)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from quire.cluster.default_model import default_model_dir
@@ -101,19 +115,26 @@ def main() -> None:
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    results, tokens = [], {}
-    for name, kwargs in [("inproc", dict(executor="inproc")),
-                         ("ray-grpc-tp1", dict(executor="ray", tensor_parallel_size=1)),
-                         ("ray-grpc-tp2", dict(executor="ray", tensor_parallel_size=2))]:
-        row, tokens[name] = run_transport(name, kwargs, model, prompts, params)
-        results.append(row)
-        print(json.dumps(row), flush=True)
+    transports = [("inproc", dict(executor="inproc")),
+                  ("ray-grpc-tp1", dict(executor="ray", tensor_parallel_size=1)),
+                  ("ray-grpc-tp2", dict(executor="ray", tensor_parallel_size=2))]
+    runs, tokens = {name: [] for name, _ in transports}, {}
+    # Interleaved repeats: a shared machine's speed drifts, and each transport should see the same drift.
+    for _ in range(args.repeats):
+        for name, kwargs in transports:
+            row, tokens[name] = run_transport(name, kwargs, model, prompts, params)
+            runs[name].append(row)
+            print(json.dumps(row), flush=True)
+    results = []
+    for name, rows in runs.items():
+        median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "transport"}
+        results.append({"transport": name, **median, "wall_seconds_all": [row["wall_seconds"] for row in rows]})
     base = results[0]["output_tokens_per_s"]
     for row in results:
         row["throughput_vs_inproc"] = row["output_tokens_per_s"] / base
     report = {"config": {k: v for k, v in vars(args).items()}, "results": results,
               "identical_tokens": {n: t == tokens["inproc"] for n, t in tokens.items()},
-              "controller_256": controller_microbench(256, 50),
+              "controller_256": controller_microbench(256, 200),
               "machine": {"torch_threads": torch.get_num_threads()}}
     text = json.dumps(report, indent=2)
     if args.out:

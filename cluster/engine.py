@@ -111,7 +111,7 @@ class Engine:
         """Run one scheduler step; return an output for each request that produced tokens."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
-        if not plan.num_scheduled_tokens and not plan.finished_handles:
+        if not plan.num_scheduled_requests and not plan.finished_handles:
             return []
         if self.failure is not None:
             raise self.failure
@@ -128,10 +128,10 @@ class Engine:
         self.stats.execute_seconds += time.perf_counter() - executing
         self.stats.forward_seconds += result.forward_seconds
         outputs = []
-        for request, sampled in self.scheduler.update_from_output(plan, result):
+        for request in self.scheduler.update_from_output(plan, result):
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            outputs.append(self._process_token(request, sampled.token_id))
+            outputs.append(self._process_token(request, request.output_token_ids[-1]))
         self.stats.num_steps += 1
         self.stats.generated_tokens += len(outputs)
         self.stats.step_seconds += time.perf_counter() - started

@@ -16,7 +16,7 @@ import logging
 from quire.cluster.config import SchedulerConfig
 from quire.cluster.kv_cache_manager import KVCacheManager
 from quire.cluster.request import Request, RequestStatus
-from quire.protos.step import CachedRequestData, NewRequestData, SampledToken, StepPlan, StepResult
+from quire.protos.step import CachedRequestData, NewRequestData, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -92,25 +92,44 @@ class Scheduler:
         plan = StepPlan(step_id=self._step_id, finished_handles=self._finished_handles)
         self._finished_handles = []
         budget = self.config.max_num_batched_tokens
+        block_size = self.kv.block_size
+        decode_handles, decode_token_ids = plan.decode_handles, plan.decode_token_ids
         preempted = False
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
-                index += 1
-                continue
-            while self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new) is None:
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-            if request.status is RequestStatus.PREEMPTED:
+        # Preemption pops from the tail, which this iteration has not reached (or is at: then it stops).
+        for request in self.running:
+            if budget <= 0:
                 break
-            self._add_to_plan(plan, request, num_new)
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)  # hot loop: no property call
+            num_computed = request.num_computed_tokens
+            num_new = num_tokens - num_computed
+            if num_new > budget:
+                num_new = budget
+            elif num_new <= 0:
+                continue
+            # A running request's table is exactly what the workers hold (num_blocks_sent
+            # blocks), so most steps need no allocation at all.
+            new_blocks = None
+            if num_computed + num_new > request.num_blocks_sent * block_size:
+                while (new_blocks := self.kv.allocate_slots(request.request_id, num_computed + num_new)) is None:
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is request:
+                        break
+                if request.status is RequestStatus.PREEMPTED:
+                    break
+            if num_new == 1 and num_computed == request.num_tokens_sent == num_tokens - 1 and request.num_blocks_sent:
+                # The plain decode: the workers know every token but the last sampled one.
+                decode_handles.append(request.handle)
+                decode_token_ids.append(request.output_token_ids[-1])
+                if new_blocks:
+                    plan.decode_block_handles.append(request.handle)
+                    plan.decode_block_ids.extend(new_blocks)  # one token needs at most one new block
+                    request.num_blocks_sent += 1
+                request.num_tokens_sent = request.num_computed_tokens = num_tokens
+            else:
+                self._add_to_plan(plan, request, num_new)
             budget -= num_new
-            index += 1
 
         # Admitting new work while blocks are so short that a running request was just
         # preempted would only thrash.
@@ -126,20 +145,23 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def update_from_output(self, plan: StepPlan, result: StepResult) -> list[tuple[Request, SampledToken]]:
-        """Append each sampled token to its request (those still alive). Returns them for the engine's
+    def update_from_output(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Append each sampled token (and its logprobs) to its request, for those still alive.
+        Returns the updated requests, whose last output token is the new one, for the engine's
         stop checks; requests that finished or were aborted meanwhile are skipped."""
         updated = []
-        for sampled in result.sampled:
-            request = self.by_handle.get(sampled.handle)
-            if request is None or request.status is not RequestStatus.RUNNING:
+        by_handle, running, logprobs = self.by_handle, RequestStatus.RUNNING, result.logprobs
+        for handle, token_id in zip(result.sampled_handles, result.sampled_token_ids):
+            request = by_handle.get(handle)
+            if request is None or request.status is not running:
                 continue
-            if request.num_computed_tokens != request.num_tokens:
+            if request.num_computed_tokens != len(request.prompt_token_ids) + len(request.output_token_ids):
                 raise RuntimeError(f"step {plan.step_id}: worker sampled {request.request_id!r} mid-prompt")
-            request.output_token_ids.append(sampled.token_id)
-            if sampled.top_logprobs is not None:
-                request.output_logprobs.append({sampled.token_id: sampled.logprob, **sampled.top_logprobs})
-            updated.append((request, sampled))
+            request.output_token_ids.append(token_id)
+            if logprobs and handle in logprobs:
+                sampled = logprobs[handle]
+                request.output_logprobs.append({token_id: sampled.logprob, **sampled.top_logprobs})
+            updated.append(request)
         return updated
 
     def check_integrity(self) -> None:
@@ -148,4 +170,6 @@ class Scheduler:
         assert live == set(self.requests), "queues and request map disagree"
         assert {r.handle for r in self.requests.values()} == set(self.by_handle), "handles disagree"
         assert set(self.kv.tables) <= {r.request_id for r in self.running}, "a non-running request holds blocks"
+        assert all(r.num_blocks_sent <= len(self.kv.block_ids(r.request_id)) for r in self.running), \
+            "the workers were sent blocks the request no longer holds"
         assert len(self.running) <= self.config.max_num_seqs

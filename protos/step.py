@@ -172,8 +172,13 @@ class CachedRequestData:
 
 @dataclass
 class StepPlan:
-    """One step's work. `num_scheduled_tokens` maps request handle → tokens to compute
-    now, in batch order; every scheduled request appears in `new_requests` or
+    """One step's work, in batch order: first the plain decodes, then the requests of
+    `num_scheduled_tokens` (handle → tokens to compute now). A plain decode computes
+    exactly the one token sampled since its request's last plan (`decode_token_ids[i]`
+    for `decode_handles[i]`); when that token starts a new block, `decode_block_ids[j]`
+    is appended to the table of `decode_block_handles[j]`. The common case, kept as flat
+    lists so that building, sending and applying it costs little per request.
+    Every request of `num_scheduled_tokens` appears in `new_requests` or
     `cached_requests`. `finished_handles` lets workers drop state."""
 
     step_id: int
@@ -181,10 +186,22 @@ class StepPlan:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[int, int] = field(default_factory=dict)
     finished_handles: list[int] = field(default_factory=list)
+    decode_handles: list[int] = field(default_factory=list)
+    decode_token_ids: list[int] = field(default_factory=list)
+    decode_block_handles: list[int] = field(default_factory=list)
+    decode_block_ids: list[int] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
+        return sum(self.num_scheduled_tokens.values()) + len(self.decode_handles)
+
+    @property
+    def num_scheduled_requests(self) -> int:
+        return len(self.decode_handles) + len(self.num_scheduled_tokens)
+
+    def scheduled(self) -> list[tuple[int, int]]:
+        """(handle, tokens to compute) for every scheduled request, in batch order."""
+        return [(handle, 1) for handle in self.decode_handles] + list(self.num_scheduled_tokens.items())
 
     def to_pb(self) -> pb.StepPlan:
         return pb.StepPlan(
@@ -194,6 +211,10 @@ class StepPlan:
             scheduled_handles=list(self.num_scheduled_tokens),
             num_scheduled_tokens=list(self.num_scheduled_tokens.values()),
             finished_handles=self.finished_handles,
+            decode_handles=self.decode_handles,
+            decode_token_ids=self.decode_token_ids,
+            decode_block_handles=self.decode_block_handles,
+            decode_block_ids=self.decode_block_ids,
         )
 
     @classmethod
@@ -204,52 +225,57 @@ class StepPlan:
             cached_requests=[CachedRequestData.from_pb(r) for r in msg.cached_requests],
             num_scheduled_tokens=dict(zip(msg.scheduled_handles, msg.num_scheduled_tokens)),
             finished_handles=list(msg.finished_handles),
+            decode_handles=list(msg.decode_handles),
+            decode_token_ids=list(msg.decode_token_ids),
+            decode_block_handles=list(msg.decode_block_handles),
+            decode_block_ids=list(msg.decode_block_ids),
         )
 
 
 @dataclass
-class SampledToken:
-    """A token rank 0 sampled for a request that reached the end of its known tokens."""
+class SampledLogprobs:
+    """The logprob of a sampled token and the most likely alternatives (best first)."""
 
-    handle: int
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
+    logprob: float
+    top_logprobs: dict[int, float]
 
-    def to_pb(self) -> pb.SampledToken:
-        msg = pb.SampledToken(handle=self.handle, token_id=self.token_id)
-        if self.logprob is not None:
-            msg.has_logprobs, msg.logprob = True, self.logprob
-        for token_id, logprob in (self.top_logprobs or {}).items():
+    def to_pb(self, handle: int) -> pb.SampledLogprobs:
+        msg = pb.SampledLogprobs(handle=handle, logprob=self.logprob)
+        for token_id, logprob in self.top_logprobs.items():
             msg.top_logprobs.add(token_id=token_id, logprob=logprob)
         return msg
 
     @classmethod
-    def from_pb(cls, msg: pb.SampledToken) -> SampledToken:
-        if not msg.has_logprobs:
-            return cls(msg.handle, msg.token_id)
-        return cls(msg.handle, msg.token_id, msg.logprob, {t.token_id: t.logprob for t in msg.top_logprobs})
+    def from_pb(cls, msg: pb.SampledLogprobs) -> SampledLogprobs:
+        return cls(msg.logprob, {t.token_id: t.logprob for t in msg.top_logprobs})
 
 
 @dataclass
 class StepResult:
-    """What a rank answers for one StepPlan; only rank 0's carries tokens."""
+    """What a rank answers for one StepPlan; only rank 0's carries tokens: `sampled_token_ids[i]`
+    for `sampled_handles[i]`, one per request that reached the end of its known tokens, and
+    `logprobs` (by handle) for those of them that asked."""
 
     step_id: int
     rank: int = 0
-    sampled: list[SampledToken] = field(default_factory=list)
+    sampled_handles: list[int] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: dict[int, SampledLogprobs] = field(default_factory=dict)
     forward_seconds: float = 0.0
 
     def to_pb(self) -> pb.StepResult:
         return pb.StepResult(
-            step_id=self.step_id, rank=self.rank, sampled=[s.to_pb() for s in self.sampled],
+            step_id=self.step_id, rank=self.rank, sampled_handles=self.sampled_handles,
+            sampled_token_ids=self.sampled_token_ids,
+            logprobs=[lp.to_pb(handle) for handle, lp in self.logprobs.items()],
             forward_seconds=self.forward_seconds,
         )
 
     @classmethod
     def from_pb(cls, msg: pb.StepResult) -> StepResult:
         return cls(
-            step_id=msg.step_id, rank=msg.rank,
-            sampled=[SampledToken.from_pb(s) for s in msg.sampled],
+            step_id=msg.step_id, rank=msg.rank, sampled_handles=list(msg.sampled_handles),
+            sampled_token_ids=list(msg.sampled_token_ids),
+            logprobs={lp.handle: SampledLogprobs.from_pb(lp) for lp in msg.logprobs},
             forward_seconds=msg.forward_seconds,
         )

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=quire_dot_protos_dot_worker__pb2.StepPlan.SerializeToString,
                 response_deserializer=quire_dot_protos_dot_worker__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.ExecuteSteps = channel.stream_stream(
+                '/quire.v1.Worker/ExecuteSteps',
+                request_serializer=quire_dot_protos_dot_worker__pb2.StepPlan.SerializeToString,
+                response_deserializer=quire_dot_protos_dot_worker__pb2.StepResult.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/quire.v1.Worker/Health',
                 request_serializer=quire_dot_protos_dot_worker__pb2.HealthRequest.SerializeToString,
@@ -97,6 +102,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteSteps(self, request_iterator, context):
+        """The steady-state form of ExecuteStep: one long-lived call carrying every step, one
+        StepResult per StepPlan, in order. It saves a call's setup per step, and every step
+        runs on the same worker thread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -129,6 +143,11 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'ExecuteStep': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteStep,
+                    request_deserializer=quire_dot_protos_dot_worker__pb2.StepPlan.FromString,
+                    response_serializer=quire_dot_protos_dot_worker__pb2.StepResult.SerializeToString,
+            ),
+            'ExecuteSteps': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteSteps,
                     request_deserializer=quire_dot_protos_dot_worker__pb2.StepPlan.FromString,
                     response_serializer=quire_dot_protos_dot_worker__pb2.StepResult.SerializeToString,
             ),
@@ -249,6 +268,33 @@ class Worker:
             request,
             target,
             '/quire.v1.Worker/ExecuteStep',
+            quire_dot_protos_dot_worker__pb2.StepPlan.SerializeToString,
+            quire_dot_protos_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteSteps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/quire.v1.Worker/ExecuteSteps',
             quire_dot_protos_dot_worker__pb2.StepPlan.SerializeToString,
             quire_dot_protos_dot_worker__pb2.StepResult.FromString,
             options,

@@ -3,7 +3,7 @@ import importlib.util
 from pathlib import Path
 
 from quire.protos import worker_pb2 as pb
-from quire.protos.step import (CachedRequestData, NewRequestData, SampledToken, SamplingParams, StepPlan,
+from quire.protos.step import (CachedRequestData, NewRequestData, SampledLogprobs, SamplingParams, StepPlan,
                                StepResult)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,14 +32,18 @@ def test_step_plan_round_trips_through_the_wire():
         cached_requests=[CachedRequestData(2, [11], [5], 40, resumed_from_preemption=True)],
         num_scheduled_tokens={1: 3, 2: 1},
         finished_handles=[3],
+        decode_handles=[4, 5],
+        decode_token_ids=[12, 13],
     )
     parsed = StepPlan.from_pb(pb.StepPlan.FromString(plan.to_pb().SerializeToString()))
     assert parsed == plan
+    assert parsed.scheduled() == [(4, 1), (5, 1), (1, 3), (2, 1)], "plain decodes come first in the batch"
+    assert parsed.total_num_scheduled_tokens == 6 and parsed.num_scheduled_requests == 4
 
 
 def test_step_result_round_trips_logprobs_only_when_present():
-    result = StepResult(step_id=2, sampled=[SampledToken(1, 5), SampledToken(2, 6, -0.25, {6: -0.25, 1: -2.0})])
+    result = StepResult(step_id=2, sampled_handles=[1, 2], sampled_token_ids=[5, 6],
+                        logprobs={2: SampledLogprobs(-0.25, {6: -0.25, 1: -2.0})})
     parsed = StepResult.from_pb(pb.StepResult.FromString(result.to_pb().SerializeToString()))
-    assert parsed.sampled[0] == SampledToken(1, 5)
-    assert parsed.sampled[1].token_id == 6 and parsed.sampled[1].logprob == -0.25
-    assert list(parsed.sampled[1].top_logprobs) == [6, 1]
+    assert parsed == result
+    assert list(parsed.logprobs) == [2] and list(parsed.logprobs[2].top_logprobs) == [6, 1]

@@ -4,7 +4,7 @@ from quire.cluster.config import SchedulerConfig
 from quire.cluster.kv_cache_manager import KVCacheManager
 from quire.cluster.request import Request, RequestStatus
 from quire.cluster.scheduler import Scheduler
-from quire.protos.step import SampledToken, SamplingParams, StepResult
+from quire.protos.step import SamplingParams, StepResult
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16):
@@ -21,16 +21,17 @@ def add(scheduler, request_id, prompt_len, arrival, priority=0):
 
 def scheduled(scheduler, plan):
     """The plan's tokens per request, by request id (the wire uses handles)."""
-    return {scheduler.by_handle[h].request_id: n for h, n in plan.num_scheduled_tokens.items()}
+    return {scheduler.by_handle[h].request_id: n for h, n in plan.scheduled()}
 
 
 def run_step(scheduler, token=7):
     """Schedule, then answer as rank 0 would: a token for each request that reached its end."""
     plan = scheduler.schedule()
     scheduler.check_integrity()
-    sampled = [SampledToken(h, token) for h in plan.num_scheduled_tokens
+    sampled = [h for h, _ in plan.scheduled()
                if scheduler.by_handle[h].num_computed_tokens == scheduler.by_handle[h].num_tokens]
-    scheduler.update_from_output(plan, StepResult(plan.step_id, sampled=sampled))
+    scheduler.update_from_output(plan, StepResult(plan.step_id, sampled_handles=sampled,
+                                                  sampled_token_ids=[token] * len(sampled)))
     scheduler.check_integrity()
     return plan
 
@@ -44,13 +45,13 @@ def test_budget_chunks_prompts_without_phases():
     assert scheduled(s, plan) == {"a": 10, "b": 6}
     assert [r.request_id for r in plan.new_requests] == ["a", "b"] and [r.handle for r in plan.new_requests] == [1, 2]
     assert plan.new_requests[0].block_ids == [0, 1, 2] and plan.new_requests[1].block_ids == [3, 4]
-    # a decodes (1 token) while b finishes its prompt (4) and c starts (11 left in the budget → 10)
+    # a decodes (1 token, a plain decode: its slot is in block 2) while b finishes its prompt (4)
+    # and c starts (11 left in the budget → 10)
     plan = run_step(s)
     assert scheduled(s, plan) == {"a": 1, "b": 4, "c": 10}
-    assert [c.handle for c in plan.cached_requests] == [1, 2]
-    a_delta = plan.cached_requests[0]
-    assert a_delta.new_token_ids == [7] and a_delta.num_computed_tokens == 10 and a_delta.new_block_ids == []
-    b_delta = plan.cached_requests[1]
+    assert plan.decode_handles == [1] and plan.decode_token_ids == [7]
+    assert [c.handle for c in plan.cached_requests] == [2]
+    b_delta = plan.cached_requests[0]
     assert b_delta.new_token_ids == [] and b_delta.new_block_ids == [5] and b_delta.num_computed_tokens == 6
     assert s.requests["a"].output_token_ids == [7, 7] and s.requests["b"].output_token_ids == [7]
 
@@ -113,7 +114,7 @@ def test_abort_frees_blocks_and_tells_workers_only_if_sent():
     s.check_integrity()
     assert s.kv.num_used_blocks == 0
     plan = s.schedule()
-    assert plan.finished_handles == [a] and not plan.num_scheduled_tokens
+    assert plan.finished_handles == [a] and not plan.num_scheduled_requests
 
 
 def test_decode_plan_size_does_not_grow_with_context():
@@ -124,9 +125,21 @@ def test_decode_plan_size_does_not_grow_with_context():
             add(s, f"request-{i:04d}", context - 1, float(i))
         run_step(s)  # prefill everything
         plan = run_step(s)
-        assert all(n == 1 for n in plan.num_scheduled_tokens.values()) and len(plan.cached_requests) == 256
+        assert plan.num_scheduled_requests == plan.total_num_scheduled_tokens == 256
         return len(plan.to_pb().SerializeToString())
 
     size = decode_plan_bytes(2000)
     assert decode_plan_bytes(100) == size
     assert size / 256 <= 32, f"{size / 256:.1f} bytes per running request in a decode plan"
+
+
+def test_plain_decode_that_starts_a_block_carries_only_that_block():
+    s = make_scheduler(block_size=4)
+    a = add(s, "a", 4, 0.0)
+    add(s, "b", 2, 1.0)
+    run_step(s)  # a fills block 0; b sits in block 1
+    plan = run_step(s, token=9)  # a's 5th token starts a block, b's 3rd does not
+    assert plan.decode_handles == [a.handle, a.handle + 1] and plan.decode_token_ids == [7, 7]
+    assert plan.decode_block_handles == [a.handle] and plan.decode_block_ids == [2]
+    assert not plan.cached_requests and not plan.new_requests and not plan.num_scheduled_tokens
+    assert s.kv.block_ids("a") == [0, 2] and a.num_blocks_sent == 2 and a.output_token_ids == [7, 9]

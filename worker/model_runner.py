@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quire.protos.step import NewRequestData, SampledToken, SamplingParams, StepPlan, StepResult
+from quire.protos.step import NewRequestData, SampledLogprobs, SamplingParams, StepPlan, StepResult
 from quire.kernels.attention_ref import RefAttentionPlan
 from quire.worker.attention import AttentionMetadata
 from quire.worker.kv_pool import KVPool
@@ -78,11 +78,24 @@ class ModelRunner:
             else:
                 state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
+        requests = self.requests
+        for handle, token_id in zip(plan.decode_handles, plan.decode_token_ids):
+            state = requests.get(handle)
+            if state is None:
+                raise ValueError(f"step {plan.step_id}: unknown request handle {handle} in decode_handles")
+            state.output_token_ids.append(token_id)
+            if state.num_computed_tokens != state.num_tokens - 1:
+                raise ValueError(f"step {plan.step_id}: decode of {state.request_id!r} with "
+                                 f"{state.num_tokens - state.num_computed_tokens} tokens not computed")
+        for handle, block_id in zip(plan.decode_block_handles, plan.decode_block_ids):
+            if handle not in requests:
+                raise ValueError(f"step {plan.step_id}: unknown request handle {handle} in decode_block_handles")
+            requests[handle].block_ids.append(block_id)
 
     def _prepare(self, plan: StepPlan):
         """Flat input tensors and attention metadata for the scheduled requests, in plan order."""
         states, query_lens, token_ids = [], [], []
-        for handle, num_tokens in plan.num_scheduled_tokens.items():
+        for handle, num_tokens in plan.scheduled():
             state = self.requests.get(handle)
             if state is None:
                 raise ValueError(f"step {plan.step_id}: request handle {handle} scheduled but never sent")
@@ -133,7 +146,7 @@ class ModelRunner:
         started = time.perf_counter()
         self._apply_plan(plan)
         result = StepResult(step_id=plan.step_id, rank=self.ctx.rank)
-        if not plan.num_scheduled_tokens:
+        if not plan.num_scheduled_requests:
             return result
         input_ids, positions, meta, states, seq_lens, to_sample = self._prepare(plan)
         hidden = self.model(input_ids, positions, meta)
@@ -146,10 +159,10 @@ class ModelRunner:
                 rows = [SamplingRow(states[i].params, states[i].prompt_token_ids, states[i].output_token_ids)
                         for i in to_sample]
                 out = self.sampler(logits, rows)
-                result.sampled = [
-                    SampledToken(states[i].handle, out.token_ids[j], out.logprobs[j], out.top_logprobs[j])
-                    for j, i in enumerate(to_sample)
-                ]
+                result.sampled_handles = [states[i].handle for i in to_sample]
+                result.sampled_token_ids = out.token_ids
+                result.logprobs = {states[i].handle: SampledLogprobs(out.logprobs[j], out.top_logprobs[j])
+                                   for j, i in enumerate(to_sample) if out.logprobs[j] is not None}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.forward_seconds = time.perf_counter() - started

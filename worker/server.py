@@ -24,23 +24,28 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Serialises every state-changing call on the worker (one step at a time); Health
-    answers concurrently. A failure is returned as a gRPC error naming the rank."""
+    """Runs every state-changing call on the worker on one thread of its own, one at a
+    time; Health answers concurrently. A failure is returned as a gRPC error naming the
+    rank.
+
+    One thread, not whichever of gRPC's pool threads took the call: the CPU build of torch
+    keeps an OpenMP thread team per calling thread, and once the teams' threads outnumber
+    the cores, OpenMP stops spinning between parallel regions and every forward pass got
+    half again slower."""
 
     def __init__(self, worker: Worker, rank: int, world_size: int, dist_init: str | None):
         self.worker, self.rank, self.world_size, self.dist_init = worker, rank, world_size, dist_init
-        self._lock = threading.Lock()
+        self._device_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"quire-rank{rank}")
         self.stopped = threading.Event()
 
     def _run(self, context, method, request):
-        with self._lock:
-            try:
-                return method(request)
-            except ValueError as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {self.rank}: {error}")
-            except Exception as error:  # the controller must learn which rank failed and why
-                logger.exception("rank %d: %s failed", self.rank, method.__name__)
-                context.abort(grpc.StatusCode.INTERNAL, f"rank {self.rank}: {type(error).__name__}: {error}")
+        try:
+            return self._device_thread.submit(method, request).result()
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {self.rank}: {error}")
+        except Exception as error:  # the controller must learn which rank failed and why
+            logger.exception("rank %d: %s failed", self.rank, method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"rank {self.rank}: {type(error).__name__}: {error}")
 
     def LoadModel(self, request, context):
         if request.world_size != self.world_size or request.rank != self.rank:
@@ -59,6 +64,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def ExecuteStep(self, request, context):
         return self._run(context, self.worker.execute_step, request)
+
+    def ExecuteSteps(self, request_iterator, context):
+        for plan in request_iterator:
+            yield self._run(context, self.worker.execute_step, plan)
 
     def Health(self, request, context):
         return self.worker.health(request)
