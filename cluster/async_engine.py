@@ -12,12 +12,14 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from quire.cluster.engine import Engine
+from quire.cluster.metrics import ServerMetrics
 from quire.cluster.outputs import CompletionOutput, RequestOutput
 from quire.protos.step import SamplingParams
 
@@ -28,10 +30,16 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed or was shut down; the request cannot complete."""
 
 
+class QueueFullError(RuntimeError):
+    """The queue of waiting requests is at `max_queue_len`: try again later."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    arrival: float = 0.0  # time.monotonic() when the caller asked
+    first_token: float | None = None
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     last: CompletionOutput | None = None
@@ -49,13 +57,19 @@ class AsyncEngine:
     """Owns an `Engine` and runs it in one daemon thread.
 
     Contracts: `generate` yields every output of its request in order and ends after the
-    finished one; a bad request raises ValueError (from `Engine.add_request`) before any
+    finished one; a bad request raises ValueError (from `Engine.add_request`), and a request
+    arriving while `max_queue_len` (> 0) requests wait raises QueueFullError, both before any
     output; a consumer that stops iterating aborts its request, freeing its KV blocks; if
     a step raises, every in-flight stream raises `EngineDeadError` and `healthy` turns False.
+    With `metrics`, the loop thread records every request's tokens and latencies there.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_queue_len: int = 0, metrics: ServerMetrics | None = None):
+        if max_queue_len < 0:
+            raise ValueError(f"`max_queue_len` must be >= 0 (0: no limit), got {max_queue_len}")
         self.engine = engine
+        self.max_queue_len = max_queue_len
+        self.metrics = metrics
         self._cond = threading.Condition()
         self._commands: deque[tuple] = deque()
         self._streams: dict[str, _Stream] = {}  # owned by the engine loop thread
@@ -105,6 +119,11 @@ class AsyncEngine:
         """Abort a request; its stream ends with a finish_reason "abort" output."""
         self._submit(("abort", request_id, True))
 
+    def is_live(self, request_id: str) -> bool:
+        """Whether the request was admitted and has not finished (a snapshot: it may finish
+        or be admitted right after)."""
+        return request_id in self._streams
+
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs (ValueError first if the engine rejects it).
@@ -112,7 +131,7 @@ class AsyncEngine:
         if not self.healthy:
             raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})")
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival=time.monotonic())
         self._submit(("add", request_id, prompt, params, stream))
         done = False
         try:
@@ -170,9 +189,16 @@ class AsyncEngine:
             if self._error is not None:
                 stream.put(EngineDeadError(f"the engine failed earlier: {self._error!r}"))
                 return
+            waiting = len(self.engine.scheduler.waiting)
+            if self.max_queue_len and waiting >= self.max_queue_len:
+                self._record_rejection("queue_full")
+                stream.put(QueueFullError(f"{waiting} requests are waiting (max_queue_len={self.max_queue_len}); "
+                                          "retry later"))
+                return
             try:
                 self.engine.add_request(prompt, params, request_id=request_id)
             except ValueError as exc:
+                self._record_rejection("invalid")
                 stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
                 return
             except Exception as exc:  # noqa: BLE001 - one odd request must not take the engine down
@@ -182,11 +208,15 @@ class AsyncEngine:
             request = self.engine.scheduler.requests[request_id]
             stream.prompt, stream.prompt_token_ids = request.prompt, list(request.prompt_token_ids)
             self._streams[request_id] = stream
+            if self.metrics is not None:
+                self.metrics.on_admitted(len(request.prompt_token_ids))
         elif kind == "abort":
             notify = command[2]
             stream = self._streams.pop(request_id, None)
             if self._error is None:
                 self.engine.abort(request_id)
+            if stream is not None:
+                self._record_finish(stream, "abort", len(stream.last.token_ids) if stream.last else 0)
             if stream is not None and notify:
                 last = stream.last or CompletionOutput(index=0, text="", token_ids=[])
                 final = dataclasses.replace(last, finish_reason="abort", delta_text="", delta_token_ids=[])
@@ -205,11 +235,29 @@ class AsyncEngine:
                 logprobs=None if completion.logprobs is None else list(completion.logprobs))
             output = dataclasses.replace(output, outputs=[completion])
             stream.last = completion
+            if stream.first_token is None and completion.token_ids:
+                stream.first_token = time.monotonic()
+                if self.metrics is not None:
+                    self.metrics.on_first_token(stream.first_token - stream.arrival)
+            if self.metrics is not None:
+                self.metrics.on_tokens(len(completion.delta_token_ids))
             if output.finished:
                 del self._streams[output.request_id]
-            if not stream.put(output) and not output.finished:
+                self._record_finish(stream, completion.finish_reason or "stop", len(completion.token_ids))
+            if not stream.put(output) and not output.finished:  # the consumer's loop is gone
                 self._streams.pop(output.request_id, None)
                 self.engine.abort(output.request_id)
+                self._record_finish(stream, "abort", len(completion.token_ids))
+
+    def _record_rejection(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.on_rejected(reason)
+
+    def _record_finish(self, stream: _Stream, finish_reason: str, num_output_tokens: int) -> None:
+        if self.metrics is not None:
+            now = time.monotonic()
+            self.metrics.on_finished(finish_reason, num_output_tokens, now - stream.arrival,
+                                     None if stream.first_token is None else stream.first_token - stream.arrival)
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
@@ -220,3 +268,5 @@ class AsyncEngine:
         scheduler = self.engine.scheduler
         self.num_running, self.num_waiting = len(scheduler.running), len(scheduler.waiting)
         self.kv_usage = self.engine.kv_usage
+        if self.metrics is not None:
+            self.metrics.publish_load(self.num_running, self.num_waiting, self.kv_usage, scheduler.num_preemptions)

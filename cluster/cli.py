@@ -1,6 +1,7 @@
 """The `quire` command line.
 
-    quire serve [--model PATH] [--host 127.0.0.1] [--port 8000] ...   OpenAI-compatible HTTP server
+    quire serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--grpc-port 50051] ...
+                                                                      OpenAI-compatible HTTP + gRPC server
     quire generate --prompt TEXT [--prompt TEXT ...] [--max-tokens 32] offline generation
 
 Without `--model` the embedded default checkpoint is used (built on first use under
@@ -40,6 +41,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="KV-cache bytes per rank on the CPU, e.g. 1GiB (default: 512MiB)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="share of each GPU's memory quire may use (weights, activations, KV cache)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     group.add_argument("--seed", type=int, default=0, help="random seed of the workers (sampling)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="GPUs (ranks) per model")
@@ -55,37 +58,15 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     # Unset options are left out so EngineConfig's own defaults apply.
     names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "kv_cache_memory", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
+             "kv_cache_memory", "gpu_memory_utilization", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
              "dist_init_method", "ray_address")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from quire.cluster.serve import run_server
 
-    from quire.cluster.api_server import build_app
-    from quire.cluster.async_engine import AsyncEngine
-    from quire.cluster.config import EngineConfig
-    from quire.cluster.engine import Engine
-
-    engine = AsyncEngine(Engine(EngineConfig.from_kwargs(**_engine_kwargs(args))))
-    host = args.host
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:  # sockets are bound now, so the port is known even for --port 0
-                port = self.servers[0].sockets[0].getsockname()[1]
-                shown = f"[{host}]" if ":" in host else host
-                print(f"quire: serving {engine.model_name} on http://{shown}:{port}", flush=True)
-
-    server = Server(uvicorn.Config(build_app(engine), host=host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=5))
-    try:
-        server.run()
-    finally:
-        engine.shutdown()
-    return 0 if server.started else 1
+    return run_server(args, _engine_kwargs(args))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -115,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quire", description="quire: a paged-attention LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed once bound)")
+    from quire.cluster.serve import add_serve_args
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP and the gRPC server")
+    add_serve_args(serve)
     _add_engine_args(serve)
     serve.set_defaults(func=_serve, default_log_level="info")
 

@@ -1,0 +1,191 @@
+"""The gRPC frontend: `quire.v1.Generate` over an `AsyncEngine`, with the standard
+`grpc.health.v1` service (NOT_SERVING while the engine or any worker is down) and server
+reflection beside it, all on one asyncio server that shares the HTTP server's loop.
+
+Contracts: a bad request fails with INVALID_ARGUMENT naming the field, an unknown model
+with NOT_FOUND, a full queue with RESOURCE_EXHAUSTED, a dead engine with UNAVAILABLE; a
+cancelled call or a passed deadline aborts its request (freeing its blocks). With an
+API key, calls of `quire.v1.Generate` need `authorization: Bearer KEY` metadata
+(UNAUTHENTICATED otherwise); health and reflection stay open.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from quire.cluster.api_server import key_matches
+from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from quire.protos import generate_pb2 as pb
+from quire.protos import generate_pb2_grpc
+from quire.protos.step import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generate"].full_name
+HEALTH_POLL_SECONDS = 0.5
+
+
+def sampling_from_pb(options: pb.SamplingOptions) -> SamplingParams:
+    """Engine parameters from the wire; unset optional fields keep their defaults. Raises
+    ValueError naming the field."""
+    given = {name: getattr(options, name) for name in (
+        "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "skip_special_tokens") if options.HasField(name)}
+    return SamplingParams(stop=list(options.stop), stop_token_ids=list(options.stop_token_ids),
+                          ignore_eos=options.ignore_eos, **given)
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServicer):
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if request.model and request.model != self.engine.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"`model` {request.model!r} is not served here; "
+                                                          f"this server serves {self.engine.model_name!r}")
+        which = request.WhichOneof("prompt")
+        if which is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`prompt`: set `text` or `token_ids`")
+        prompt = request.text if which == "text" else list(request.token_ids.ids)
+        try:
+            params = sampling_from_pb(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        outputs = self.engine.generate(prompt, params, request_id)
+        sent = 0
+        try:
+            async for output in outputs:
+                completion = output.outputs[0]
+                message = pb.GenerateResponse(request_id=request_id, token_ids=completion.delta_token_ids,
+                                              text=completion.delta_text)
+                if params.logprobs is not None and completion.delta_token_ids:
+                    for token_id, candidates in zip(completion.delta_token_ids, completion.logprobs[sent:]):
+                        message.logprobs.append(self._logprobs(token_id, candidates, params.logprobs))
+                sent = len(completion.token_ids)
+                if output.finished:
+                    message.finish_reason = completion.finish_reason or ""
+                    if isinstance(completion.stop_reason, str):
+                        message.stop_reason = completion.stop_reason
+                    message.usage.prompt_tokens = len(output.prompt_token_ids)
+                    message.usage.completion_tokens = len(completion.token_ids)
+                yield message
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            # Runs on cancellation and deadline too: an unfinished request is aborted here.
+            await outputs.aclose()
+
+    def _logprobs(self, token_id: int, candidates: dict[int, float], top: int) -> pb.GeneratedTokenLogprobs:
+        def entry(tid: int, logprob: float) -> pb.TokenWithLogprob:
+            return pb.TokenWithLogprob(token_id=tid, logprob=logprob, text=self.tokenizer.decode([tid]))
+
+        # The candidates are the sampled token and the `top` best: their best `top` are the top.
+        best = sorted(candidates.items(), key=lambda item: -item[1])[:top]
+        return pb.GeneratedTokenLogprobs(token=entry(token_id, candidates.get(token_id, float("-inf"))),
+                                         top=[entry(t, lp) for t, lp in best])
+
+    async def Abort(self, request: pb.AbortRequest, context):
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
+        live = self.engine.is_live(request.request_id)
+        self.engine.abort(request.request_id)
+        return pb.AbortResponse(aborted=live)
+
+    async def GetModelInfo(self, request, context):
+        engine = self.engine.engine
+        return pb.GetModelInfoResponse(
+            model=self.engine.model_name, max_model_len=engine.max_model_len, vocab_size=engine.info.vocab_size,
+            eos_token_ids=sorted(engine.info.eos_token_ids),
+            tensor_parallel_size=engine.executor.world_size, block_size=engine.block_size,
+            num_kv_blocks=engine.kv.pool.num_blocks)
+
+    async def GetServerInfo(self, request, context):
+        return pb.GetServerInfoResponse(
+            num_running=self.engine.num_running, num_waiting=self.engine.num_waiting,
+            kv_cache_usage=self.engine.kv_usage, max_queue_len=self.engine.max_queue_len,
+            healthy=self.engine.healthy)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context):
+        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+
+
+class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls of the Generate service without the right `authorization` metadata."""
+
+    def __init__(self, api_key: str):
+        self.api_key = api_key
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid API key: send metadata `authorization: Bearer <key>`")
+
+        # A unary-unary refusal answers any call shape: it aborts before reading a response.
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(f"/{SERVICE}/"):
+            given = dict(details.invocation_metadata or ()).get("authorization")
+            if not key_matches(given, self.api_key):
+                return self._refusal
+        return await continuation(details)
+
+
+class GrpcFrontend:
+    """The asyncio gRPC server: Generate, health and reflection. `start()` and `stop()`
+    must run on the event loop that serves it (the HTTP server's, under `quire serve`)."""
+
+    def __init__(self, engine: AsyncEngine, address: str, api_key: str | None = None,
+                 tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 32 << 20):
+        """`tls`: (private key PEM, certificate chain PEM); without it the port is plaintext."""
+        self.engine = engine
+        self.server = grpc.aio.server(
+            interceptors=[_ApiKeyInterceptor(api_key)] if api_key else [],
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)])
+        generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(engine), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen for gRPC on {address}")
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_health()
+        self._watch = asyncio.create_task(self._watch_health())
+
+    async def _set_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.engine.healthy \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE):
+            await self.health.set(service, status)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            await self._set_health()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,98 @@
+"""`quire serve`: one process, one asyncio loop, both frontends over one engine.
+
+The OpenAI-compatible HTTP server (uvicorn) and the gRPC `quire.v1.Generate` server share
+the event loop and the `AsyncEngine`, so a request is a request whichever door it came
+through: one queue, one `--max-queue-len`, one set of metrics. Once bound, the process
+prints `quire: gRPC on HOST:PORT` and then `quire: serving MODEL on http://HOST:PORT`
+(the real ports when asked for port 0).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _chat_template(value: str) -> str:
+    """A template file's content, or the value itself when it names no file."""
+    path = Path(value)
+    return path.read_text() if len(value) < 4096 and path.is_file() else value
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("serving")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one (printed once bound)")
+    group.add_argument("--grpc-port", type=int, default=50051,
+                       help="gRPC port (quire.v1.Generate, health, reflection); 0 picks a free one; -1 disables it")
+    group.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` (HTTP) / `authorization` metadata (gRPC); "
+                            "/health and /metrics stay open")
+    group.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM) for HTTP and gRPC")
+    group.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM) for HTTP and gRPC")
+    group.add_argument("--max-queue-len", type=int, default=0,
+                       help="refuse new requests (HTTP 429, gRPC RESOURCE_EXHAUSTED) while this many wait; 0: no limit")
+    group.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                       help="largest request body (HTTP 413) or gRPC message (RESOURCE_EXHAUSTED)")
+    group.add_argument("--chat-template", default=None,
+                       help="Jinja chat template (a file or the template itself) for models without one")
+
+
+def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    import uvicorn
+
+    from quire.cluster.api_server import build_app
+    from quire.cluster.async_engine import AsyncEngine
+    from quire.cluster.config import EngineConfig
+    from quire.cluster.engine import Engine
+    from quire.cluster.grpc_server import GrpcFrontend
+    from quire.cluster.metrics import ServerMetrics
+
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise ValueError("`--ssl-certfile` and `--ssl-keyfile` go together")
+    tls = None
+    if args.ssl_certfile:
+        tls = (Path(args.ssl_keyfile).read_bytes(), Path(args.ssl_certfile).read_bytes())
+    engine = Engine(EngineConfig.from_kwargs(**engine_kwargs))
+    if args.chat_template:
+        engine.tokenizer.chat_template = _chat_template(args.chat_template)
+    metrics = ServerMetrics(engine.info.name)
+    async_engine = AsyncEngine(engine, max_queue_len=args.max_queue_len, metrics=metrics)
+    grpc_frontend: list[GrpcFrontend] = []
+
+    async def start_grpc():
+        if args.grpc_port < 0:
+            return
+        frontend = GrpcFrontend(async_engine, f"{args.host}:{args.grpc_port}", api_key=args.api_key, tls=tls,
+                                max_message_bytes=args.max_request_bytes)
+        await frontend.start()
+        grpc_frontend.append(frontend)
+        print(f"quire: gRPC on {_bracketed(args.host)}:{frontend.port}", flush=True)
+
+    async def stop_grpc():
+        for frontend in grpc_frontend:
+            await frontend.stop()
+
+    app = build_app(async_engine, api_key=args.api_key, metrics=metrics, max_request_bytes=args.max_request_bytes,
+                    on_startup=start_grpc, on_shutdown=stop_grpc)
+    scheme = "https" if tls else "http"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # sockets are bound now, so the port is known even for --port 0
+                port = self.servers[0].sockets[0].getsockname()[1]
+                print(f"quire: serving {async_engine.model_name} on {scheme}://{_bracketed(args.host)}:{port}",
+                      flush=True)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=5, ssl_certfile=args.ssl_certfile,
+                                   ssl_keyfile=args.ssl_keyfile))
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown()
+    return 0 if server.started else 1
