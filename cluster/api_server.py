@@ -10,7 +10,6 @@ it reaches the engine, or by `Engine.add_request`, which queues nothing when it 
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import re
 import time
@@ -19,14 +18,17 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from quire.cluster.metrics import CONTENT_TYPE, ServerMetrics
-from quire.cluster.openai_protocol import (ChatCompletionRequest, CompletionLogprobs, CompletionRequest,
-                                           chat_logprobs)
+from quire.cluster.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionLogprobs,
+    CompletionRequest,
+    chat_logprobs,
+)
 from quire.cluster.openai_streams import ChoiceStreams, ClientGone
 from quire.protos.step import SamplingParams
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 OPEN_PATHS = ("/health", "/metrics")  # answered without an API key, for probes and scrapers
 MAX_REQUEST_BYTES = 32 << 20
@@ -229,7 +231,7 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         try:
             text = tokenizer.apply_chat_template(body.conversation(), add_generation_prompt=body.add_generation_prompt,
                                                  tokenize=False)
-        except Exception as exc:  # a template's own error (e.g. roles it does not accept) is the caller's
+        except Exception as exc:  # noqa: BLE001 - a template's own error (e.g. roles it refuses) is the caller's
             raise APIError(400, f"`messages` cannot be rendered by the chat template: {exc}", "messages") from None
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         try:

@@ -173,7 +173,7 @@ class AsyncEngine:
                     self._handle(command)
                 if self._error is None and engine.has_unfinished():
                     self._dispatch(engine.step())
-            except Exception as exc:  # noqa: BLE001 - any failure must end the streams, not hang them
+            except Exception as exc:
                 logger.exception("engine loop failed; failing %d requests", len(self._streams))
                 self._error = exc
                 self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
@@ -201,7 +201,7 @@ class AsyncEngine:
                 self._record_rejection("invalid")
                 stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
                 return
-            except Exception as exc:  # noqa: BLE001 - one odd request must not take the engine down
+            except Exception as exc:
                 logger.exception("add_request(%s) failed", request_id)
                 stream.put(RuntimeError(f"could not add the request: {exc!r}"))
                 return

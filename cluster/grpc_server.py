@@ -17,7 +17,6 @@ import uuid
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from quire.cluster.api_server import key_matches
 from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from quire.protos import generate_pb2 as pb

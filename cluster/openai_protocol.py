@@ -10,7 +10,6 @@ import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
-
 from quire.protos.step import SamplingParams
 
 # A prompt is a string or a list of token ids, or (OpenAI's batch form) a list of them.

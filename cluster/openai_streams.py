@@ -12,7 +12,6 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-
 from quire.cluster.async_engine import EngineDeadError
 from quire.cluster.outputs import CompletionOutput, RequestOutput
 

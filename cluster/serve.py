@@ -43,7 +43,6 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     import uvicorn
-
     from quire.cluster.api_server import build_app
     from quire.cluster.async_engine import AsyncEngine
     from quire.cluster.config import EngineConfig

@@ -52,7 +52,8 @@ def test_generate_bad_input_is_a_clean_error(cache_env, capsys):
 
 
 def test_serve_port_zero_announces_bound_port(cache_env):
-    proc = subprocess.Popen([*quire_command(), "serve", "--port", "0", "--log-level", "warning", *SMALL],
+    proc = subprocess.Popen([*quire_command(), "serve", "--port", "0", "--grpc-port", "-1", "--log-level", "warning",
+                             *SMALL],
                             env=cache_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
