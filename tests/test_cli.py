@@ -91,3 +91,10 @@ def test_parse_bytes_and_serve_arguments():
     args = build_parser().parse_args(["serve", "--port", "0", "--kv-cache-memory", "64MiB", "--max-num-seqs", "4"])
     assert (args.host, args.port, args.kv_cache_memory, args.max_num_seqs) == ("127.0.0.1", 0, 64 << 20, 4)
     assert args.block_size == 16 and args.max_num_batched_tokens is None
+    args = build_parser().parse_args([
+        "serve", "--host", "0.0.0.0", "--port", "8080", "--grpc-port", "9090", "--api-key", "k",
+        "--tensor-parallel-size", "4", "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--block-size", "32",
+        "--max-model-len", "4096", "--gpu-memory-utilization", "0.85", "--max-queue-len", "100",
+        "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
+    assert (args.grpc_port, args.api_key, args.tensor_parallel_size, args.max_queue_len) == (9090, "k", 4, 100)
+    assert (args.gpu_memory_utilization, args.ssl_certfile, args.ssl_keyfile) == (0.85, "c.pem", "k.pem")
