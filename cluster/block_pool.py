@@ -1,4 +1,5 @@
-"""All physical KV blocks of the cluster (every rank holds the same block ids)."""
+"""All physical KV blocks of the cluster (every rank holds the same block ids), and the
+prefix cache over them."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,11 +7,17 @@ from collections.abc import Iterable
 
 
 class BlockPool:
-    """Owns the free queue and the reference counts of blocks `0 .. num_blocks-1`.
+    """Owns the free queue, the reference counts and the prefix cache's hash map of blocks
+    `0 .. num_blocks-1`.
 
     The free queue is an insertion-ordered dict: allocation pops from its head in O(1),
-    and a block can be taken out of the middle in O(1) (for prefix-cache revival).
-    Freed blocks join the tail, so the least recently freed is reused first.
+    and a block can be taken out of the middle in O(1) (a prefix hit reviving a cached
+    free block). Freed blocks join the tail, so the least recently freed is reused first;
+    a table is freed tail first, so its tail blocks are evicted before its head.
+
+    A full block's content hash (see `KVCacheManager`) maps to the block holding it. A
+    freed block keeps its hash while it waits in the free queue, so a later request with
+    the same prefix can revive it; the hash is dropped only when the block is reused.
     """
 
     def __init__(self, num_blocks: int):
@@ -19,6 +26,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # content hash → block id
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -26,31 +36,56 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        """Share of blocks in use, in [0, 1]."""
+        """Share of blocks in use (referenced by a request), in [0, 1]."""
         return 1.0 - len(self._free) / self.num_blocks
 
     def allocate(self, count: int) -> list[int] | None:
-        """Take `count` blocks with ref count 1, or return None (taking nothing) if too few are free."""
+        """Take `count` blocks with ref count 1, evicting the cached content of any it reuses,
+        or return None (taking nothing) if too few are free."""
         if count > len(self._free):
             return None
         blocks = []
         for _ in range(count):
             block = next(iter(self._free))
             del self._free[block]
+            self._evict(block)
             self.ref_counts[block] = 1
             blocks.append(block)
         return blocks
 
-    def share(self, blocks: Iterable[int]) -> None:
-        """Add a reference to each (in-use) block."""
+    def _evict(self, block: int) -> None:
+        block_hash = self.block_hash[block]
+        if block_hash is not None:
+            self.block_hash[block] = None
+            if self.cached.get(block_hash) == block:
+                del self.cached[block_hash]
+            self.num_evictions += 1
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        """The block holding this content, in use or cached free, or None."""
+        return self.cached.get(block_hash)
+
+    def touch(self, blocks: Iterable[int]) -> None:
+        """Add a reference to each block, reviving cached free ones out of the free queue."""
         for block in blocks:
-            if self.ref_counts[block] < 1:
-                raise ValueError(f"block {block} is free and cannot be shared")
+            if self.ref_counts[block] == 0:
+                if self.block_hash[block] is None:
+                    raise ValueError(f"block {block} is free and holds no cached content")
+                del self._free[block]
             self.ref_counts[block] += 1
 
+    def cache(self, block: int, block_hash: bytes) -> None:
+        """Record that an in-use block holds the content `block_hash` (a no-op when another
+        block already holds it: both stay valid, the first one is what lookups find)."""
+        if self.ref_counts[block] < 1:
+            raise ValueError(f"block {block} is free and cannot be cached")
+        if self.block_hash[block] is None and block_hash not in self.cached:
+            self.block_hash[block] = block_hash
+            self.cached[block_hash] = block
+
     def free(self, blocks: Iterable[int]) -> None:
-        """Drop one reference to each block; a block whose count reaches zero joins the free queue.
-        Pass a table tail-first so its tail blocks are reused before its head."""
+        """Drop one reference to each block; a block whose count reaches zero joins the free
+        queue (keeping its cached content). Pass a table tail-first."""
         for block in blocks:
             if self.ref_counts[block] < 1:
                 raise ValueError(f"block {block} freed more often than allocated")
@@ -58,12 +93,18 @@ class BlockPool:
             if self.ref_counts[block] == 0:
                 self._free[block] = None
 
+    def num_cached_free_blocks(self) -> int:
+        return sum(1 for block in self._free if self.block_hash[block] is not None)
+
     def check_integrity(self, tables: Iterable[list[int]] | None = None) -> None:
         """Assert the pool's invariants; with `tables`, also that ref counts match them exactly."""
         in_use = [b for b in range(self.num_blocks) if self.ref_counts[b] > 0]
         assert len(in_use) + len(self._free) == self.num_blocks, "free + in use != total"
         assert all(self.ref_counts[b] == 0 for b in self._free), "a free block has references"
         assert all(c >= 0 for c in self.ref_counts), "negative ref count"
+        assert all(self.block_hash[b] == h for h, b in self.cached.items()), "hash map and block hashes disagree"
+        hashed = [b for b in range(self.num_blocks) if self.block_hash[b] is not None]
+        assert len(hashed) == len(self.cached), "a block holds a hash the map does not know"
         if tables is not None:
             counts = Counter(b for table in tables for b in table)
             mismatched = {b: (self.ref_counts[b], counts.get(b, 0)) for b in range(self.num_blocks)

@@ -19,6 +19,9 @@ class CacheConfig:
     num_kv_blocks: int | None = None   # override the measured capacity
     kv_cache_memory: int = 512 << 20   # bytes of KV cache per rank on the CPU
     gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # recompute | swap
+    swap_space: int = 1 << 30           # bytes of CPU swap pool per rank (allocated in swap mode only)
 
 
 @dataclass
@@ -80,6 +83,10 @@ class EngineConfig:
         positive(self.cache, "kv_cache_memory")
         if not 0 < self.cache.gpu_memory_utilization <= 1:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1] (got {self.cache.gpu_memory_utilization})")
+        if self.cache.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"`preemption_mode` must be recompute or swap (got {self.cache.preemption_mode!r})")
+        if not isinstance(self.cache.swap_space, int) or self.cache.swap_space < 0:
+            raise ValueError(f"`swap_space` must be a non-negative number of bytes (got {self.cache.swap_space!r})")
         if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16 (got {self.model.dtype!r})")
         parallel = self.parallel

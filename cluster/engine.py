@@ -50,20 +50,23 @@ class Engine:
         self.failure: WorkerFailure | None = None
         started = time.perf_counter()
         try:
-            num_blocks = self.executor.start(WorkerSetup(
+            num_blocks, num_cpu_blocks = self.executor.start(WorkerSetup(
                 model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
                 max_model_len=self.max_model_len, block_size=config.cache.block_size,
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                 kv_cache_memory=config.cache.kv_cache_memory,
                 gpu_memory_utilization=config.cache.gpu_memory_utilization,
                 num_kv_blocks=config.cache.num_kv_blocks,
-                dist_init_method=dist_init_method))
+                dist_init_method=dist_init_method,
+                swap_space=config.cache.swap_space if config.cache.preemption_mode == "swap" else 0))
         except BaseException:
             self.executor.shutdown()
             raise
         self.block_size = config.cache.block_size
-        self.kv = KVCacheManager(BlockPool(num_blocks), self.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.kv = KVCacheManager(BlockPool(num_blocks), self.block_size,
+                                 enable_prefix_caching=config.cache.enable_prefix_caching,
+                                 cpu_pool=BlockPool(num_cpu_blocks) if num_cpu_blocks else None)
+        self.scheduler = Scheduler(config.scheduler, self.kv, preemption_mode=config.cache.preemption_mode)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.stats = EngineStats()
         logger.info("engine ready in %.1fs: %d KV blocks x %d tokens = %d tokens; %.1f requests of max_model_len=%d fit",
@@ -72,8 +75,12 @@ class Engine:
 
     # -- admission ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-                    priority: int = 0) -> str:
-        """Validate and queue a request; raises ValueError naming the bad field, queuing nothing."""
+                    priority: int = 0, cache_salt: str | None = None, fork_of: str | None = None) -> str:
+        """Validate and queue a request; raises ValueError naming the bad field, queuing nothing.
+
+        `cache_salt`: only requests with the same salt share cached prefixes. `fork_of`: the id
+        of a live request with the same prompt (a sibling sample of parallel sampling); this
+        one then shares its prompt's KV blocks instead of computing them again."""
         params = params or SamplingParams()
         params.validate()
         request_id = request_id or uuid.uuid4().hex
@@ -88,7 +95,12 @@ class Engine:
         if self.kv.blocks_for(longest) > self.kv.pool.num_blocks:
             raise ValueError(f"`max_tokens`: prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) needs "
                              f"{self.kv.blocks_for(longest)} KV blocks; the cache holds {self.kv.pool.num_blocks}")
-        request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("`cache_salt` must be a non-empty string")
+        request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority, cache_salt=cache_salt)
+        leader = self.scheduler.requests.get(fork_of) if fork_of is not None else None
+        if leader is not None and leader.prompt_token_ids == token_ids and leader.cache_salt == cache_salt:
+            request.fork_of = leader
         self.detokenizers[request_id] = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
         self.scheduler.add_request(request)

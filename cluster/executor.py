@@ -35,6 +35,7 @@ class WorkerSetup:
     gpu_memory_utilization: float
     num_kv_blocks: int | None
     dist_init_method: str = ""
+    swap_space: int = 0  # bytes of CPU swap pool per rank
 
 
 class Executor(ABC):
@@ -48,9 +49,9 @@ class Executor(ABC):
     def _call(self, method: str, request):
         return self._call_all(method, [request] * self.world_size)[0]
 
-    def start(self, setup: WorkerSetup) -> int:
-        """Load the model on every rank, size and allocate the KV pool. Returns the block
-        count: the minimum over ranks of what each can hold."""
+    def start(self, setup: WorkerSetup) -> tuple[int, int]:
+        """Load the model on every rank, size and allocate the KV pool. Returns the device and
+        CPU (swap) block counts: the minimum over ranks of what each holds."""
         self._call_all("LoadModel", [pb.LoadModelRequest(
             model_path=setup.model_path, dtype=setup.dtype, rank=rank, world_size=self.world_size, seed=setup.seed,
             max_model_len=setup.max_model_len, dist_init_method=setup.dist_init_method)
@@ -65,8 +66,9 @@ class Executor(ABC):
             logger.info("KV blocks each rank can hold: %s", [int(p.num_blocks) for p in profiles])
         if num_blocks < 1:
             raise RuntimeError("no memory is left for the KV cache; lower max_num_batched_tokens or use a smaller model")
-        self._call("AllocateKVCache", pb.AllocateKVCacheRequest(num_blocks=num_blocks, block_size=setup.block_size))
-        return num_blocks
+        allocated = self._call_all("AllocateKVCache", [pb.AllocateKVCacheRequest(
+            num_blocks=num_blocks, block_size=setup.block_size, swap_space_bytes=setup.swap_space)] * self.world_size)
+        return num_blocks, int(min(a.num_cpu_blocks for a in allocated))
 
     def execute(self, plan: StepPlan) -> StepResult:
         return StepResult.from_pb(self._call("ExecuteStep", plan.to_pb()))

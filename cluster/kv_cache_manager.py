@@ -1,41 +1,171 @@
-"""Per-request block tables on top of the BlockPool."""
+"""Per-request block tables on top of the BlockPool: prefix caching, forks with
+copy-on-write, and swapping to a CPU block pool."""
 from __future__ import annotations
+
+import hashlib
+import os
+from array import array
 
 from quire.cluster.block_pool import BlockPool
 
 
 class KVCacheManager:
     """Maps each request id to its block table: block `i` holds tokens
-    `[i*block_size, (i+1)*block_size)` of the request."""
+    `[i*block_size, (i+1)*block_size)` of the request.
 
-    def __init__(self, pool: BlockPool, block_size: int):
-        self.pool, self.block_size = pool, block_size
+    Prefix caching: a full block's hash chains its parent block's hash, its token ids and,
+    for the first block, the request's cache salt, keyed with a secret per-manager seed.
+    Equal hashes mean equal prefixes (up to a 128-bit collision); without the seed nobody
+    can craft a collision, and without the salt a tenant cannot reach another tenant's
+    cached prefixes (so cannot probe them by timing). Full blocks are registered in the
+    pool as soon as they are scheduled: each layer writes every token's K/V before any
+    attention reads, so even a request scheduled later in the same step may share them.
+
+    Contracts: methods that return None on failure change nothing; tables, CPU tables and
+    the pool's ref counts always agree (`check_integrity`).
+    """
+
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True,
+                 cpu_pool: BlockPool | None = None, hash_seed: bytes | None = None):
+        self.pool, self.block_size, self.cpu_pool = pool, block_size, cpu_pool
+        self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[str, list[int]] = {}
+        self.cpu_tables: dict[str, list[int]] = {}  # swapped-out requests' blocks in cpu_pool
+        self._hashes: dict[str, list[bytes]] = {}   # full-block hashes per request, as far as computed
+        self._num_registered: dict[str, int] = {}   # leading blocks of the table registered in the pool
+        self._key = hash_seed if hash_seed is not None else os.urandom(32)
+        self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0    # of which found cached
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def block_ids(self, request_id: str) -> list[int]:
-        """The request's table (the live list: valid until the next allocate/free of it)."""
+        """The request's table (the live list: valid until the next change of it)."""
         return self.tables.get(request_id, [])
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Grow the table so it covers `num_tokens` tokens. Returns the newly added block ids
-        (possibly empty), or None, changing nothing, when the pool lacks blocks."""
+    # -- prefix caching ----------------------------------------------------------------------
+    def block_hashes(self, request, num_tokens: int) -> list[bytes]:
+        """Hashes of the request's full blocks within its first `num_tokens` tokens (cached per request)."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        size = self.block_size
+        if len(hashes) < num_tokens // size:
+            tokens = request.prompt_token_ids + request.output_token_ids
+            for index in range(len(hashes), num_tokens // size):
+                digest = hashlib.blake2b(hashes[-1] if hashes else b"root", key=self._key, digest_size=16)
+                digest.update(array("q", tokens[index * size:(index + 1) * size]).tobytes())
+                if index == 0 and request.cache_salt is not None:
+                    digest.update(b"salt\0" + request.cache_salt.encode())
+                hashes.append(digest.digest())
+        return hashes
+
+    def get_computed_blocks(self, request) -> tuple[list[int], int]:
+        """The cached blocks of the longest cached prefix of the request's tokens, and the
+        tokens they hold. Never all its tokens: the last one must be computed to sample."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        blocks = []
+        for block_hash in self.block_hashes(request, request.num_tokens - 1):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks, len(blocks) * self.block_size
+
+    def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        self.num_query_tokens += num_query_tokens
+        self.num_hit_tokens += num_hit_tokens
+
+    # -- allocation ----------------------------------------------------------------------------
+    def allocate_slots(self, request, num_tokens: int, computed_blocks: list[int] = (),
+                       write_from: int | None = None, copies: list[tuple[int, int]] | None = None) -> list[int] | None:
+        """Grow the table so it covers `num_tokens` tokens: first `computed_blocks` (prefix
+        hits, for a request without a table), then new blocks. With `write_from`, the blocks
+        holding positions `write_from..num_tokens-1` that others share are first replaced by
+        fresh copies (copy-on-write; the (source, copy) pairs are appended to `copies` for the
+        workers to copy before the step). Registers the full blocks among the first
+        `num_tokens` tokens in the prefix cache. Returns the new block ids (possibly empty),
+        or None, changing nothing, when the pool lacks blocks."""
+        request_id = request.request_id
         table = self.tables.get(request_id, [])
-        needed = self.blocks_for(num_tokens) - len(table)
-        if needed <= 0:
-            return []
-        new_blocks = self.pool.allocate(needed)
-        if new_blocks is None:
+        needed = max(0, self.blocks_for(num_tokens) - len(table) - len(computed_blocks))
+        revived = sum(1 for block in computed_blocks if self.pool.ref_counts[block] == 0)
+        shared = []
+        if write_from is not None:
+            last = min(self.blocks_for(num_tokens), len(table))
+            shared = [i for i in range(write_from // self.block_size, last) if self.pool.ref_counts[table[i]] > 1]
+        if needed + revived + len(shared) > self.pool.num_free_blocks:
             return None
-        self.tables.setdefault(request_id, table).extend(new_blocks)
+        for index, copy in zip(shared, self.pool.allocate(len(shared))):
+            copies.append((table[index], copy))
+            self.pool.free([table[index]])  # still referenced by the others
+            table[index] = copy
+        if shared:
+            self._num_registered[request_id] = min(self._num_registered.get(request_id, 0), shared[0])
+        self.pool.touch(computed_blocks)  # before allocating, which would evict them
+        new_blocks = self.pool.allocate(needed) if needed else []
+        table = self.tables.setdefault(request_id, table)
+        table.extend(computed_blocks)
+        table.extend(new_blocks)
+        if self.enable_prefix_caching:
+            self._register(request, table, num_tokens)
         return new_blocks
 
-    def free(self, request_id: str) -> None:
-        """Release every block of the request (tail first) and forget its table."""
-        table = self.tables.pop(request_id, [])
-        self.pool.free(reversed(table))
+    def _register(self, request, table: list[int], num_tokens: int) -> None:
+        start = self._num_registered.get(request.request_id, 0)
+        full = min(num_tokens // self.block_size, len(table))
+        if full > start:
+            hashes = self.block_hashes(request, num_tokens)
+            for index in range(start, full):
+                self.pool.cache(table[index], hashes[index])
+            self._num_registered[request.request_id] = full
+
+    def fork(self, request_id: str, source_id: str, num_tokens: int) -> list[int]:
+        """Give a request without a table the source's blocks covering `num_tokens` tokens,
+        shared (one more reference each). Returns the new table."""
+        table = self.tables[source_id][:self.blocks_for(num_tokens)]
+        self.pool.touch(table)
+        self.tables[request_id] = list(table)
+        self._num_registered[request_id] = min(self._num_registered.get(source_id, 0), len(table))
+        return self.tables[request_id]
+
+    def free(self, request_id: str, forget: bool = True) -> None:
+        """Release every block of the request (tail first) and its table; its hashes too
+        unless `forget` is False (a preempted request that will be back)."""
+        self.pool.free(reversed(self.tables.pop(request_id, [])))
+        self._num_registered.pop(request_id, None)
+        if self.cpu_pool is not None:
+            self.cpu_pool.free(reversed(self.cpu_tables.pop(request_id, [])))
+        if forget:
+            self._hashes.pop(request_id, None)
+
+    # -- swapping ------------------------------------------------------------------------------
+    def swap_out(self, request_id: str) -> list[tuple[int, int]] | None:
+        """Move the request's blocks to the CPU pool: returns (device block, CPU block) pairs for
+        the workers to copy before the step (the device blocks are free from then on), or
+        None, changing nothing, when there is no CPU pool or it lacks blocks."""
+        table = self.tables.get(request_id, [])
+        if self.cpu_pool is None or not table:
+            return None
+        cpu_blocks = self.cpu_pool.allocate(len(table))
+        if cpu_blocks is None:
+            return None
+        self.pool.free(reversed(self.tables.pop(request_id)))
+        self._num_registered.pop(request_id, None)
+        self.cpu_tables[request_id] = cpu_blocks
+        return list(zip(table, cpu_blocks))
+
+    def swap_in(self, request, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Bring a swapped-out request's blocks back, plus new ones to cover `num_tokens`:
+        returns (CPU block, device block) pairs for the workers to copy before the step, or
+        None, changing nothing, when the device pool lacks blocks."""
+        cpu_blocks = self.cpu_tables[request.request_id]
+        blocks = self.pool.allocate(max(len(cpu_blocks), self.blocks_for(num_tokens)))
+        if blocks is None:
+            return None
+        self.tables[request.request_id] = blocks
+        self.cpu_pool.free(reversed(self.cpu_tables.pop(request.request_id)))
+        return list(zip(cpu_blocks, blocks))
 
     @property
     def num_used_blocks(self) -> int:
@@ -43,3 +173,6 @@ class KVCacheManager:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.tables.values())
+        if self.cpu_pool is not None:
+            self.cpu_pool.check_integrity(self.cpu_tables.values())
+        assert not set(self.tables) & set(self.cpu_tables), "a request holds device and CPU blocks at once"

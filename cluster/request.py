@@ -11,7 +11,8 @@ from quire.protos.step import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"
+    PREEMPTED = "preempted"       # blocks freed: recomputes from scratch (or from cached prefix) when resumed
+    SWAPPED = "swapped"           # blocks in the workers' CPU pool: copied back when resumed
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -46,6 +47,9 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     handle: int = 0                # the request's id on the wire, set by the scheduler
+    cache_salt: str | None = None  # enters the first block's hash: only equal salts share prefixes
+    fork_of: Request | None = None # parallel sampling: share this leader's prompt blocks (until admitted)
+    cow_block: int | None = None   # index of a table block others may share, to copy before writing it
 
     @property
     def num_tokens(self) -> int:

@@ -5,8 +5,15 @@ Each step every scheduled request's `num_computed_tokens` catches up toward its
 (chunked prefill falls out), a running request gets its one new token. Running
 requests go first, in order of service; waiting ones are admitted while the budget,
 `max_num_seqs` and free blocks allow. When a running request cannot get a block, the
-lowest-priority, latest-arrived running request is preempted by recompute: its blocks
-are freed and it returns to the head of the waiting queue.
+lowest-priority, latest-arrived running request is preempted: by recompute (its blocks
+are freed) or, in swap mode while the CPU pool has room, by swapping its blocks out to
+the workers' CPU pool; either way it returns to the head of the waiting queue.
+
+Admission looks up the longest cached prefix of a request's tokens first (prefix
+caching), so only the rest is computed. A sample of a parallel-sampling group (`fork_of`)
+waits until its leader has computed the shared prompt, then forks the leader's blocks
+(shared, ref-counted) and recomputes only the last prompt token, to sample its own
+first token; the shared partial block is copied on first write (copy-on-write).
 """
 from __future__ import annotations
 
@@ -22,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
-        self.config, self.kv = config, kv
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, preemption_mode: str = "recompute"):
+        if preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"`preemption_mode` must be 'recompute' or 'swap' (got {preemption_mode!r})")
+        self.config, self.kv, self.preemption_mode = config, kv, preemption_mode
         self.waiting: list[Request] = []  # sorted by Request.sort_key
         self.running: list[Request] = []  # sorted by Request.sort_key; the tail is preempted first
         self.requests: dict[str, Request] = {}
@@ -32,6 +41,7 @@ class Scheduler:
         self._finished_handles: list[int] = []  # to tell the workers in the next plan
         self._step_id = 0
         self.num_preemptions = 0
+        self.num_swapped_out = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -60,15 +70,22 @@ class Scheduler:
             self._finished_handles.append(request.handle)
         return request
 
-    def _preempt(self, request: Request) -> None:
-        self.kv.free(request.request_id)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_blocks_sent = 0
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
+        swaps = self.kv.swap_out(request.request_id) if self.preemption_mode == "swap" else None
+        if swaps is not None:
+            plan.swap_out.extend(swaps)
+            request.status = RequestStatus.SWAPPED
+            self.num_swapped_out += 1
+        else:  # recompute (also the fallback when the CPU pool is full)
+            self.kv.free(request.request_id, forget=False)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+        request.num_blocks_sent = 0  # the workers get a whole new table on resumption
+        request.fork_of, request.cow_block = None, None
         request.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
-        logger.debug("preempted %s (recompute)", request.request_id)
+        logger.debug("preempted %s (%s)", request.request_id, request.status.value)
 
     def _add_to_plan(self, plan: StepPlan, request: Request, num_new_tokens: int) -> None:
         table = self.kv.block_ids(request.request_id)
@@ -79,7 +96,7 @@ class Scheduler:
         else:
             plan.cached_requests.append(CachedRequestData(
                 request.handle, request.tokens_from(request.num_tokens_sent), table[request.num_blocks_sent:],
-                request.num_computed_tokens, resumed_from_preemption=request.num_blocks_sent == 0))
+                request.num_computed_tokens, replace_table=request.num_blocks_sent == 0))
         request.num_tokens_sent = request.num_tokens
         request.num_blocks_sent = len(table)
         plan.num_scheduled_tokens[request.handle] = num_new_tokens
@@ -109,15 +126,24 @@ class Scheduler:
             # A running request's table is exactly what the workers hold (num_blocks_sent
             # blocks), so most steps need no allocation at all.
             new_blocks = None
-            if num_computed + num_new > request.num_blocks_sent * block_size:
-                while (new_blocks := self.kv.allocate_slots(request.request_id, num_computed + num_new)) is None:
+            cow = request.cow_block is not None
+            if cow or num_computed + num_new > request.num_blocks_sent * block_size:
+                copies: list[tuple[int, int]] = []
+                while (new_blocks := self.kv.allocate_slots(request, num_computed + num_new,
+                                                            write_from=num_computed if cow else None,
+                                                            copies=copies)) is None:
                     victim = self.running.pop()
-                    self._preempt(victim)
+                    self._preempt(victim, plan)
                     preempted = True
                     if victim is request:
                         break
-                if request.status is RequestStatus.PREEMPTED:
+                if request.status is not RequestStatus.RUNNING:
                     break
+                if copies:  # a block in the middle of the table was replaced
+                    plan.block_copies.extend(copies)
+                    request.num_blocks_sent = 0
+                if cow and num_computed + num_new > (request.cow_block + 1) * block_size:
+                    request.cow_block = None  # writes moved past the block it shared
             if num_new == 1 and num_computed == request.num_tokens_sent == num_tokens - 1 and request.num_blocks_sent:
                 # The plain decode: the workers know every token but the last sampled one.
                 decode_handles.append(request.handle)
@@ -135,15 +161,55 @@ class Scheduler:
         # preempted would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new) is None:
-                break
+            if request.status is RequestStatus.SWAPPED:
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                swaps = self.kv.swap_in(request, request.num_computed_tokens + num_new)
+                if swaps is None:
+                    break
+                plan.swap_in.extend(swaps)
+            elif request.fork_of is not None and self._can_fork(request):
+                if not self._fork(request, plan):
+                    break
+                num_new = 1
+            else:
+                if request.fork_of is not None:
+                    if request.fork_of.status is RequestStatus.WAITING or request.fork_of.status is RequestStatus.RUNNING:
+                        break  # its leader is still computing the shared prompt: wait for it
+                    request.fork_of = None  # the leader is gone or preempted: start on its own
+                computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+                num_new = min(request.num_tokens - num_hit, budget)
+                if self.kv.allocate_slots(request, num_hit + num_new, computed_blocks) is None:
+                    break
+                self.kv.record_lookup(request.num_tokens, num_hit)
+                request.num_computed_tokens = num_hit
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
             self._add_to_plan(plan, request, num_new)
             budget -= num_new
         return plan
+
+    def _can_fork(self, request: Request) -> bool:
+        """Whether the leader's KV for the whole prompt is computed (by an earlier step) and held."""
+        leader = request.fork_of
+        return (leader.status is RequestStatus.RUNNING and len(leader.output_token_ids) > 0
+                and len(self.kv.block_ids(leader.request_id)) >= self.kv.blocks_for(len(leader.prompt_token_ids)))
+
+    def _fork(self, request: Request, plan: StepPlan) -> bool:
+        """Share the leader's prompt blocks; recompute the last prompt token (copying the block it
+        lands in) to sample this request's own first token. False, changing nothing, without blocks."""
+        leader, prompt_len = request.fork_of, len(request.prompt_token_ids)
+        self.kv.fork(request.request_id, leader.request_id, prompt_len)
+        copies: list[tuple[int, int]] = []
+        if self.kv.allocate_slots(request, prompt_len, write_from=prompt_len - 1, copies=copies) is None:
+            self.kv.free(request.request_id, forget=False)
+            return False
+        plan.block_copies.extend(copies)
+        request.num_computed_tokens = prompt_len - 1
+        request.fork_of = None
+        if prompt_len % self.kv.block_size and leader.cow_block is None:
+            leader.cow_block = (prompt_len - 1) // self.kv.block_size  # its next token lands in the shared block
+        return True
 
     def update_from_output(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Append each sampled token (and its logprobs) to its request, for those still alive.
@@ -172,4 +238,6 @@ class Scheduler:
         assert set(self.kv.tables) <= {r.request_id for r in self.running}, "a non-running request holds blocks"
         assert all(r.num_blocks_sent <= len(self.kv.block_ids(r.request_id)) for r in self.running), \
             "the workers were sent blocks the request no longer holds"
+        swapped = {r.request_id for r in self.waiting if r.status is RequestStatus.SWAPPED}
+        assert set(self.kv.cpu_tables) == swapped, "CPU blocks held by other than swapped-out requests"
         assert len(self.running) <= self.config.max_num_seqs

@@ -146,19 +146,19 @@ class CachedRequestData:
 
     `new_token_ids` are tokens appended since the request was last in a plan (the
     outputs sampled meanwhile). `new_block_ids` extend the block table, or replace it
-    when `resumed_from_preemption` (recompute preemption freed the old blocks).
+    when `replace_table` (after preemption, or when copy-on-write replaced a block).
     """
 
     handle: int
     new_token_ids: list[int]
     new_block_ids: list[int]
     num_computed_tokens: int
-    resumed_from_preemption: bool = False
+    replace_table: bool = False
 
     def to_pb(self) -> pb.CachedRequest:
         return pb.CachedRequest(
             handle=self.handle, new_token_ids=self.new_token_ids, new_block_ids=self.new_block_ids,
-            num_computed_tokens=self.num_computed_tokens, resumed_from_preemption=self.resumed_from_preemption,
+            num_computed_tokens=self.num_computed_tokens, replace_table=self.replace_table,
         )
 
     @classmethod
@@ -166,7 +166,7 @@ class CachedRequestData:
         return cls(
             handle=msg.handle, new_token_ids=list(msg.new_token_ids),
             new_block_ids=list(msg.new_block_ids), num_computed_tokens=msg.num_computed_tokens,
-            resumed_from_preemption=msg.resumed_from_preemption,
+            replace_table=msg.replace_table,
         )
 
 
@@ -190,10 +190,18 @@ class StepPlan:
     decode_token_ids: list[int] = field(default_factory=list)
     decode_block_handles: list[int] = field(default_factory=list)
     decode_block_ids: list[int] = field(default_factory=list)
+    # (source, destination) block moves before the forward pass, in this order:
+    swap_out: list[tuple[int, int]] = field(default_factory=list)     # device → CPU pool
+    swap_in: list[tuple[int, int]] = field(default_factory=list)      # CPU pool → device
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # device → device (copy-on-write)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values()) + len(self.decode_handles)
+
+    @property
+    def moves_blocks(self) -> bool:
+        return bool(self.swap_out or self.swap_in or self.block_copies)
 
     @property
     def num_scheduled_requests(self) -> int:
@@ -215,6 +223,9 @@ class StepPlan:
             decode_token_ids=self.decode_token_ids,
             decode_block_handles=self.decode_block_handles,
             decode_block_ids=self.decode_block_ids,
+            swap_out_src=[s for s, _ in self.swap_out], swap_out_dst=[d for _, d in self.swap_out],
+            swap_in_src=[s for s, _ in self.swap_in], swap_in_dst=[d for _, d in self.swap_in],
+            copy_src=[s for s, _ in self.block_copies], copy_dst=[d for _, d in self.block_copies],
         )
 
     @classmethod
@@ -229,6 +240,9 @@ class StepPlan:
             decode_token_ids=list(msg.decode_token_ids),
             decode_block_handles=list(msg.decode_block_handles),
             decode_block_ids=list(msg.decode_block_ids),
+            swap_out=list(zip(msg.swap_out_src, msg.swap_out_dst)),
+            swap_in=list(zip(msg.swap_in_src, msg.swap_in_dst)),
+            block_copies=list(zip(msg.copy_src, msg.copy_dst)),
         )
 
 

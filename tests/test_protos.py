@@ -29,7 +29,7 @@ def test_step_plan_round_trips_through_the_wire():
     plan = StepPlan(
         step_id=7,
         new_requests=[NewRequestData(1, "a", [1, 2, 3], SamplingParams(temperature=0.5, seed=3, logprobs=2), [4, 9], 0)],
-        cached_requests=[CachedRequestData(2, [11], [5], 40, resumed_from_preemption=True)],
+        cached_requests=[CachedRequestData(2, [11], [5], 40, replace_table=True)],
         num_scheduled_tokens={1: 3, 2: 1},
         finished_handles=[3],
         decode_handles=[4, 5],

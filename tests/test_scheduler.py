@@ -7,9 +7,12 @@ from quire.cluster.scheduler import Scheduler
 from quire.protos.step import SamplingParams, StepResult
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16):
-    kv = KVCacheManager(BlockPool(num_blocks), block_size)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv)
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, prefix_caching=False, cpu_blocks=0,
+                   preemption_mode="recompute"):
+    kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching,
+                        cpu_pool=BlockPool(cpu_blocks) if cpu_blocks else None)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv,
+                     preemption_mode=preemption_mode)
 
 
 def add(scheduler, request_id, prompt_len, arrival, priority=0):
@@ -84,7 +87,7 @@ def test_preempts_latest_arrival_and_resumes_with_replaced_table():
     s.finish_request("old", RequestStatus.FINISHED_STOPPED)
     plan = run_step(s)
     delta = plan.cached_requests[0]
-    assert delta.handle == s.requests["new"].handle and delta.resumed_from_preemption
+    assert delta.handle == s.requests["new"].handle and delta.replace_table
     assert delta.num_computed_tokens == 0 and scheduled(s, plan) == {"new": 9}
     assert delta.new_block_ids == s.kv.block_ids("new") and len(delta.new_block_ids) == 3
     assert delta.new_token_ids == [7], "the token sampled before preemption was never sent"

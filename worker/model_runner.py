@@ -73,7 +73,7 @@ class ModelRunner:
             if state is None:
                 raise ValueError(f"step {plan.step_id}: unknown request handle {delta.handle} in cached_requests")
             state.output_token_ids.extend(delta.new_token_ids)
-            if delta.resumed_from_preemption:
+            if delta.replace_table:
                 state.block_ids = list(delta.new_block_ids)
             else:
                 state.block_ids.extend(delta.new_block_ids)
@@ -145,6 +145,8 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
         self._apply_plan(plan)
+        if plan.moves_blocks:
+            self.kv_pool.move_blocks(plan.swap_out, plan.swap_in, plan.block_copies)
         result = StepResult(step_id=plan.step_id, rank=self.ctx.rank)
         if not plan.num_scheduled_requests:
             return result

@@ -94,13 +94,16 @@ class Worker:
 
     def allocate_kv_cache(self, request: pb.AllocateKVCacheRequest) -> pb.AllocateKVCacheResponse:
         """Allocate this rank's KV pool and the runner that uses it. Drops any request state."""
+        per_block = KVPool.bytes_per_block(self.num_layers, request.block_size, self.num_kv_heads, self.head_dim,
+                                           self.dtype)
+        num_cpu_blocks = request.swap_space_bytes // per_block
         pool = KVPool(self.num_layers, request.num_blocks, request.block_size, self.num_kv_heads, self.head_dim,
-                      self.dtype, self.device)
+                      self.dtype, self.device, num_cpu_blocks=num_cpu_blocks)
         backend = select_attention_backend(self.device.type)
         self.runner = ModelRunner(self.model, self.ctx, self.device, pool, backend, Sampler(self.seed))
-        logger.info("rank %d: KV pool of %d blocks x %d tokens, %s attention", self.ctx.rank, request.num_blocks,
-                    request.block_size, backend)
-        return pb.AllocateKVCacheResponse()
+        logger.info("rank %d: KV pool of %d blocks x %d tokens (+%d CPU swap blocks), %s attention", self.ctx.rank,
+                    request.num_blocks, request.block_size, num_cpu_blocks, backend)
+        return pb.AllocateKVCacheResponse(num_cpu_blocks=num_cpu_blocks)
 
     def execute_step(self, plan: pb.StepPlan) -> pb.StepResult:
         if self.runner is None:
