@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one tensor-parallel worker (gRPC) for a controller")
     server.add_worker_args(worker)
     worker.set_defaults(func=lambda args: server.run_from_args(args) or 0, default_log_level="warning")
+
+    from quire.cluster import bench_serve
+
+    bench = commands.add_parser("bench", help="benchmarks against a running server")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    bench_serve_parser = benchmarks.add_parser("serve", help="online serving benchmark (latency, throughput, goodput)")
+    bench_serve.add_bench_args(bench_serve_parser)
+    # No --log-level here: the benchmark is a client, and httpx logs every request at info.
+    bench_serve_parser.set_defaults(func=bench_serve.run_from_args, log_level=None, default_log_level="warning")
     return parser
 
 

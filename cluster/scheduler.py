@@ -167,7 +167,7 @@ class Scheduler:
                 if swaps is None:
                     break
                 plan.swap_in.extend(swaps)
-            elif request.fork_of is not None and self._can_fork(request):
+            elif request.fork_of is not None and self._can_fork(request, plan):
                 if not self._fork(request, plan):
                     break
                 num_new = 1
@@ -189,11 +189,15 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def _can_fork(self, request: Request) -> bool:
-        """Whether the leader's KV for the whole prompt is computed (by an earlier step) and held."""
+    def _can_fork(self, request: Request, plan: StepPlan) -> bool:
+        """Whether the leader holds its whole prompt's KV, computed by an earlier step (the
+        copies of a fork run before this step's forward pass). A leader's plain decode this
+        step is counted as one token, whether it got one or not: at worst the fork waits."""
         leader = request.fork_of
-        return (leader.status is RequestStatus.RUNNING and len(leader.output_token_ids) > 0
-                and len(self.kv.block_ids(leader.request_id)) >= self.kv.blocks_for(len(leader.prompt_token_ids)))
+        if leader.status is not RequestStatus.RUNNING:
+            return False
+        computed_before = leader.num_computed_tokens - plan.num_scheduled_tokens.get(leader.handle, 1)
+        return computed_before >= len(leader.prompt_token_ids)
 
     def _fork(self, request: Request, plan: StepPlan) -> bool:
         """Share the leader's prompt blocks; recompute the last prompt token (copying the block it

@@ -1,0 +1,132 @@
+"""The scheduler and block pool under random traffic, against a simulated worker whose KV
+slots record which prefix each was computed for: every step, every token a request
+attends to must hold exactly its own prefix. That catches any prefix hit on the wrong
+blocks, a missing or late copy-on-write, a lost swap, or a write into someone else's
+block. Random arrivals, lengths, shared prefixes, parallel samples (forks), aborts and
+preemptions (recompute and swap); integrity after every step; nothing held at the end."""
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quire.cluster.block_pool import BlockPool
+from quire.cluster.config import SchedulerConfig
+from quire.cluster.kv_cache_manager import KVCacheManager
+from quire.cluster.request import Request, RequestStatus
+from quire.cluster.scheduler import Scheduler
+from quire.protos.step import SamplingParams, StepPlan, StepResult
+
+PREFIXES = [[], [7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 13, 14, 15, 16, 17, 18, 19]]
+
+
+class SimulatedWorker:
+    """Applies plans as the model runner does; a KV slot holds the token prefix it was computed for."""
+
+    def __init__(self, num_blocks: int, num_cpu_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.kv = [[None] * block_size for _ in range(num_blocks)]
+        self.cpu = [[None] * block_size for _ in range(num_cpu_blocks)]
+        self.requests: dict[int, dict] = {}
+
+    def step(self, plan: StepPlan) -> StepResult:
+        for handle in plan.finished_handles:
+            self.requests.pop(handle, None)
+        for new in plan.new_requests:
+            self.requests[new.handle] = {"tokens": new.prompt_token_ids + new.output_token_ids,
+                                         "table": list(new.block_ids), "computed": new.num_computed_tokens}
+        for delta in plan.cached_requests:
+            state = self.requests[delta.handle]
+            state["tokens"] += delta.new_token_ids
+            state["table"] = list(delta.new_block_ids) if delta.replace_table else state["table"] + delta.new_block_ids
+            state["computed"] = delta.num_computed_tokens
+        for handle, token in zip(plan.decode_handles, plan.decode_token_ids):
+            state = self.requests[handle]
+            state["tokens"].append(token)
+            assert state["computed"] == len(state["tokens"]) - 1
+        for handle, block in zip(plan.decode_block_handles, plan.decode_block_ids):
+            self.requests[handle]["table"].append(block)
+        for src, dst in plan.swap_out:
+            self.cpu[dst] = list(self.kv[src])
+        for src, dst in plan.swap_in:
+            self.kv[dst] = list(self.cpu[src])
+        for src, dst in plan.block_copies:
+            self.kv[dst] = list(self.kv[src])
+        size, scheduled = self.block_size, plan.scheduled()
+        for handle, count in scheduled:  # every layer writes all K/V first ...
+            state = self.requests[handle]
+            start, tokens, table = state["computed"], state["tokens"], state["table"]
+            assert start + count <= len(tokens) and start + count <= len(table) * size, "scheduled past tokens/blocks"
+            for pos in range(start, start + count):
+                self.kv[table[pos // size]][pos % size] = tuple(tokens[:pos + 1])
+        result = StepResult(plan.step_id)
+        for handle, count in scheduled:  # ... then attends over the whole context
+            state = self.requests[handle]
+            end, tokens, table = state["computed"] + count, state["tokens"], state["table"]
+            for pos in range(end):
+                assert self.kv[table[pos // size]][pos % size] == tuple(tokens[:pos + 1]), \
+                    f"request {handle} reads a slot at position {pos} that holds another prefix"
+            state["computed"] = end
+            if end == len(tokens):
+                result.sampled_handles.append(handle)
+                result.sampled_token_ids.append((handle * 31 + end * 7) % 5)
+        return result
+
+
+arrival = st.tuples(st.just("arrive"), st.integers(0, len(PREFIXES) - 1), st.integers(1, 14), st.integers(1, 12),
+                    st.integers(1, 3))
+events = st.lists(st.one_of(arrival, st.tuples(st.just("abort"), st.integers(0, 40)), st.just(("step",))),
+                  min_size=1, max_size=50)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(num_blocks=st.integers(6, 24), block_size=st.sampled_from([2, 4, 8]), budget=st.integers(4, 48),
+       max_num_seqs=st.integers(1, 8), prefix_caching=st.booleans(), swap=st.booleans(),
+       num_cpu_blocks=st.integers(0, 24), script=events)
+def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, budget, max_num_seqs, prefix_caching,
+                                                     swap, num_cpu_blocks, script):
+    cpu_pool = BlockPool(num_cpu_blocks) if swap and num_cpu_blocks else None
+    kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching, cpu_pool=cpu_pool)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv,
+                          preemption_mode="swap" if cpu_pool else "recompute")
+    worker = SimulatedWorker(num_blocks, num_cpu_blocks, block_size)
+    arrived: list[Request] = []
+
+    def step() -> None:
+        plan = scheduler.schedule()
+        scheduler.check_integrity()
+        result = worker.step(plan)
+        for request in scheduler.update_from_output(plan, result):
+            if len(request.output_token_ids) >= request.sampling_params.max_tokens:
+                scheduler.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+        scheduler.check_integrity()
+        for request in scheduler.running:  # the worker's tables are the controller's
+            assert worker.requests[request.handle]["table"] == kv.block_ids(request.request_id)
+
+    for event in script:
+        if event[0] == "arrive":
+            _, prefix, suffix_len, max_tokens, n = event
+            prompt = PREFIXES[prefix] + [(len(arrived) + i) % 5 for i in range(suffix_len)]
+            if kv.blocks_for(len(prompt) + max_tokens) > num_blocks:
+                continue  # the engine refuses what could never fit
+            leader = None
+            for _ in range(n):  # n > 1: parallel samples of one prompt, forked from the first
+                request = Request(f"r{len(arrived)}", list(prompt), SamplingParams(max_tokens=max_tokens),
+                                  arrival_time=float(len(arrived)))
+                request.fork_of = leader
+                scheduler.add_request(request)
+                arrived.append(request)
+                leader = leader or request
+        elif event[0] == "abort":
+            if arrived:
+                scheduler.finish_request(arrived[event[1] % len(arrived)].request_id, RequestStatus.FINISHED_ABORTED)
+                scheduler.check_integrity()
+        else:
+            step()
+    for _ in range(3000):
+        if not scheduler.num_unfinished:
+            break
+        step()
+    assert not scheduler.num_unfinished, "the queue never drained"
+    assert kv.num_used_blocks == 0 and not kv.tables
+    assert cpu_pool is None or cpu_pool.num_free_blocks == num_cpu_blocks
