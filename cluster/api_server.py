@@ -61,14 +61,6 @@ def key_matches(given: str | None, api_key: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
 
-def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """One parameter set per sample; a seed becomes seed + index so that seeded samples differ."""
-    if n == 1:
-        return [params]
-    return [SamplingParams(**{**vars(params), "seed": None if params.seed is None else params.seed + i})
-            for i in range(n)]
-
-
 def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMetrics | None = None,
               max_request_bytes: int = MAX_REQUEST_BYTES, on_startup=None, on_shutdown=None) -> FastAPI:
     """The HTTP app. Its lifespan starts the engine loop (and runs `on_startup`/`on_shutdown`
@@ -161,11 +153,15 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         if not engine.healthy:
             raise APIError(503, "the engine is not running", type="service_unavailable")
 
-    async def start(prompt, params: SamplingParams, n: int, request_id: str, raw: Request) -> ChoiceStreams:
-        """Queue the n samples and wait for each one's first output (so that every refusal
-        surfaces before a response starts); ends them all on any refusal or a disconnect."""
+    async def start(prompt, params: SamplingParams, body, request_id: str, raw: Request) -> ChoiceStreams:
+        """Queue the n samples (all but the first fork the first's prompt blocks) and wait for
+        each one's first output (so that every refusal surfaces before a response starts);
+        ends them all on any refusal or a disconnect."""
+        n = body.n
         ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
-        choices = ChoiceStreams([engine.generate(prompt, p, i) for p, i in zip(_choice_params(params, n), ids)],
+        choices = ChoiceStreams([engine.generate(prompt, p, i, cache_salt=body.cache_salt,
+                                                 fork_of=ids[0] if index else None)
+                                 for index, (p, i) in enumerate(zip((params.for_sample(k) for k in range(n)), ids))],
                                 raw)
         try:
             await choices.first_outputs()
@@ -199,7 +195,7 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         except ValueError as exc:
             raise _bad_request(exc) from None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = await start(prompt, params, body.n, request_id, raw)
+        choices = await start(prompt, params, body, request_id, raw)
         builders = [CompletionLogprobs(tokenizer) if params.logprobs is not None else None for _ in range(body.n)]
         head = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
 
@@ -239,7 +235,7 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         except ValueError as exc:
             raise _bad_request(exc) from None
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = await start(prompt_ids, params, body.n, request_id, raw)
+        choices = await start(prompt_ids, params, body, request_id, raw)
         head = {"id": request_id, "created": created, "model": model_name}
         started = [False] * body.n
         top = body.top_logprobs or 0

@@ -124,15 +124,16 @@ class AsyncEngine:
         or be admitted right after)."""
         return request_id in self._streams
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       cache_salt: str | None = None, fork_of: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs (ValueError first if the engine rejects it).
-        Closing or cancelling the iteration before the finished output aborts the request."""
+        Closing or cancelling the iteration before the finished output aborts the request.
+        `cache_salt` and `fork_of` are `Engine.add_request`'s."""
         if not self.healthy:
             raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})")
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival=time.monotonic())
-        self._submit(("add", request_id, prompt, params, stream))
+        self._submit(("add", request_id, prompt, params, stream, cache_salt, fork_of))
         done = False
         try:
             while True:
@@ -185,7 +186,7 @@ class AsyncEngine:
     def _handle(self, command: tuple) -> None:
         kind, request_id = command[0], command[1]
         if kind == "add":
-            _, _, prompt, params, stream = command
+            _, _, prompt, params, stream, cache_salt, fork_of = command
             if self._error is not None:
                 stream.put(EngineDeadError(f"the engine failed earlier: {self._error!r}"))
                 return
@@ -196,7 +197,7 @@ class AsyncEngine:
                                           "retry later"))
                 return
             try:
-                self.engine.add_request(prompt, params, request_id=request_id)
+                self.engine.add_request(prompt, params, request_id=request_id, cache_salt=cache_salt, fork_of=fork_of)
             except ValueError as exc:
                 self._record_rejection("invalid")
                 stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
@@ -269,4 +270,6 @@ class AsyncEngine:
         self.num_running, self.num_waiting = len(scheduler.running), len(scheduler.waiting)
         self.kv_usage = self.engine.kv_usage
         if self.metrics is not None:
-            self.metrics.publish_load(self.num_running, self.num_waiting, self.kv_usage, scheduler.num_preemptions)
+            kv = self.engine.kv
+            self.metrics.publish_load(self.num_running, self.num_waiting, self.kv_usage, scheduler.num_preemptions,
+                                      kv.num_query_tokens, kv.num_hit_tokens)

@@ -41,6 +41,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: sized from memory)")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="KV-cache bytes per rank on the CPU, e.g. 1GiB (default: 512MiB)")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                       help="share the KV blocks of common prompt prefixes (default: on)")
+    group.add_argument("--preemption-mode", default=None, choices=["recompute", "swap"],
+                       help="when KV blocks run out: free a request's blocks (recompute, default) or move them "
+                            "to the workers' CPU swap pool")
+    group.add_argument("--swap-space", type=parse_bytes, default=None,
+                       help="CPU swap pool per rank for --preemption-mode swap, e.g. 4GiB (default: 1GiB)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="share of each GPU's memory quire may use (weights, activations, KV cache)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -58,7 +65,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     # Unset options are left out so EngineConfig's own defaults apply.
     names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "kv_cache_memory", "gpu_memory_utilization", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
+             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "preemption_mode", "swap_space",
+             "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
              "dist_init_method", "ray_address")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

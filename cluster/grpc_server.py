@@ -57,7 +57,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        outputs = self.engine.generate(prompt, params, request_id)
+        outputs = self.engine.generate(prompt, params, request_id, cache_salt=request.cache_salt or None)
         sent = 0
         try:
             async for output in outputs:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from tqdm import tqdm
@@ -31,8 +32,10 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (a string or a list of token ids); outputs in prompt order.
+                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (a string or a list of token ids); outputs in prompt order,
+        each with `n` completions (its sampling params' `n`: the samples share the prompt's KV
+        blocks). Only prompts with the same `cache_salt` share cached prefixes.
 
         Every prompt is validated before any is queued: a bad one raises ValueError and
         nothing runs."""
@@ -41,17 +44,27 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"`sampling_params` has {len(params)} entries for {len(prompts)} prompts")
-        ids = []
+        groups: list[list[str]] = []  # per prompt, the request ids of its samples
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+                first = self.engine.add_request(prompt, p.for_sample(0), cache_salt=cache_salt)
+                groups.append([first])
+                for index in range(1, p.n):
+                    groups[-1].append(self.engine.add_request(prompt, p.for_sample(index), f"{first}-{index}",
+                                                              cache_salt=cache_salt, fork_of=first))
         except Exception:
-            for request_id in ids:
+            for request_id in (i for group in groups for i in group):
                 self.engine.abort(request_id)
             raise
-        return self._run(ids, use_tqdm)
+        finals = self._run([i for group in groups for i in group], use_tqdm)
+        outputs = []
+        for group in groups:
+            first = finals[group[0]]
+            completions = [dataclasses.replace(finals[i].outputs[0], index=k) for k, i in enumerate(group)]
+            outputs.append(dataclasses.replace(first, outputs=completions))
+        return outputs
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
         finals: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         started, generated = time.perf_counter(), 0
@@ -69,7 +82,7 @@ class LLM:
             for request_id in ids:
                 if request_id not in finals:
                     self.engine.abort(request_id)
-        return [finals[request_id] for request_id in ids]
+        return finals
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -46,6 +46,7 @@ class _GenerationBody(BaseModel):
     ignore_eos: StrictBool = False
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    cache_salt: str | None = None  # only requests with the same salt share cached prefixes
 
     def check_common(self) -> None:
         """Raise ValueError naming the field for what the engine does not support."""
@@ -53,6 +54,8 @@ class _GenerationBody(BaseModel):
             raise ValueError(f"`n` must be in [1, {MAX_N}] (got {self.n})")
         if self.logit_bias:
             raise ValueError("`logit_bias` is not supported")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ValueError("`cache_salt` must be a non-empty string")
         if self.stream_options is not None and not self.stream:
             raise ValueError("`stream_options` is only allowed with `stream`=true")
 

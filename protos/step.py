@@ -39,6 +39,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    n: int = 1  # parallel samples of the prompt (LLM.generate); they share its KV blocks
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +61,8 @@ class SamplingParams:
 
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 64:
+            bad("n", "must be an integer in [1, 64]")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             finite(name)
         if self.temperature < 0:
@@ -85,6 +88,11 @@ class SamplingParams:
             bad("stop", "must hold non-empty strings")
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must hold non-negative integers")
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of sample `index` of `n`: one sequence, and a seed offset by the index
+        so that seeded samples differ (and stay reproducible)."""
+        return SamplingParams(**{**vars(self), "n": 1, "seed": None if self.seed is None else self.seed + index})
 
     @property
     def greedy(self) -> bool:

@@ -285,3 +285,24 @@ def test_200_concurrent_streams_with_cancellations_leak_nothing(server, stub):
     metrics = httpx.get(f"{server.http_url}/metrics", timeout=10).text
     assert 'quire_requests_total{finish_reason="abort"' in metrics
     assert "quire_kv_cache_usage_ratio" in metrics and "quire_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_cache_salt_on_both_frontends(server, stub):
+    def hits() -> float:
+        text = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+        line = next(x for x in text.splitlines() if x.startswith("quire_prefix_cache_hits_total"))
+        return float(line.rsplit(" ", 1)[1])
+
+    prompt = "A long shared system prompt, the same for every tenant, " * 3
+    body = {"prompt": prompt, "max_tokens": 1, "cache_salt": "tenant-a"}
+    assert httpx.post(f"{server.http_url}/v1/completions", json=body, timeout=30).status_code == 200
+    wait_until_idle(stub)
+    before = hits()
+    list(stub.Generate(pb.GenerateRequest(text=prompt, cache_salt="tenant-b", sampling=GREEDY), timeout=30))
+    wait_until_idle(stub)
+    assert hits() == before, "another tenant's salt must not hit tenant a's blocks"
+    list(stub.Generate(pb.GenerateRequest(text=prompt, cache_salt="tenant-a", sampling=GREEDY), timeout=30))
+    wait_until_idle(stub)
+    assert hits() >= before + 16, "the same salt shares the prompt's full blocks across frontends"
+    bad = httpx.post(f"{server.http_url}/v1/completions", json={**body, "cache_salt": ""}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"

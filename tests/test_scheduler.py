@@ -146,3 +146,18 @@ def test_plain_decode_that_starts_a_block_carries_only_that_block():
     assert plan.decode_block_handles == [a.handle] and plan.decode_block_ids == [2]
     assert not plan.cached_requests and not plan.new_requests and not plan.num_scheduled_tokens
     assert s.kv.block_ids("a") == [0, 2] and a.num_blocks_sent == 2 and a.output_token_ids == [7, 9]
+
+
+def test_decode_gets_a_token_every_step_while_an_8k_prompt_prefills():
+    s = make_scheduler(num_blocks=700, block_size=16, max_num_seqs=4, budget=512)
+    chat = add(s, "chat", 20, 0.0)
+    run_step(s)  # the chat request is decoding from now on
+    add(s, "document", 8192, 1.0)
+    steps = 0
+    while s.requests["document"].num_computed_tokens < 8192:
+        plan = run_step(s)
+        steps += 1
+        assert scheduled(s, plan)["chat"] == 1, f"step {steps}: the decode was starved"
+        assert plan.total_num_scheduled_tokens <= 512
+    assert steps == -(-8192 // 511), "the prompt took exactly the budget left after the decode, step by step"
+    assert len(chat.output_token_ids) == steps + 1
