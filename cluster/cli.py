@@ -3,6 +3,7 @@
     quire serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--grpc-port 50051] ...
                                                                       OpenAI-compatible HTTP + gRPC server
     quire generate --prompt TEXT [--prompt TEXT ...] [--max-tokens 32] offline generation
+    quire plan --model llama-3-70b -tp 4 --gpu a100-80gb                will it fit, how many at once
 
 Without `--model` the embedded default checkpoint is used (built on first use under
 $QUIRE_CACHE_DIR). `serve` prints `quire: serving MODEL on http://HOST:PORT` once the
@@ -77,6 +78,34 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args, _engine_kwargs(args))
 
 
+GPUS = {  # device memory and HBM bandwidth of common cards (SXM variants)
+    "a100-40gb": (40 << 30, 1.555e12), "a100-80gb": (80 << 30, 2.039e12), "h100-80gb": (80 << 30, 3.35e12),
+    "h200": (141 * 10**9, 4.8e12), "l40s": (48 << 30, 0.864e12),
+}
+
+
+def parse_bandwidth(text: str) -> float:
+    """'2039GB/s', '2.039TB/s', '2.039e12' → bytes per second."""
+    value = text.strip()
+    value = value[:-2] if value.lower().endswith("/s") else value
+    return float(parse_bytes(value))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from quire.cluster.planner import ModelShape, format_plan, make_plan
+
+    memory, bandwidth = GPUS[args.gpu] if args.gpu else (None, None)
+    plan = make_plan(
+        ModelShape.load(args.model), tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size, max_model_len=args.max_model_len,
+        gpu_memory=args.gpu_memory or memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, prompt_len=args.prompt_len, output_len=args.output_len,
+        hbm_bandwidth=args.hbm_bandwidth or bandwidth)
+    print(plan.to_json() if args.json else format_plan(plan))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from quire.cluster.llm import LLM
     from quire.protos.step import SamplingParams
@@ -122,6 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     _add_engine_args(generate)
     generate.set_defaults(func=_generate, default_log_level="warning")
+
+    plan = commands.add_parser("plan", help="how a model fits on given GPUs, before renting them (no weights read)")
+    plan.add_argument("--model", required=True,
+                      help="a checkpoint directory, its config.json, or a preset: llama-3-8b, llama-3-70b")
+    plan.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    plan.add_argument("--gpu", choices=sorted(GPUS), default=None, help="a card's memory and HBM bandwidth")
+    plan.add_argument("--gpu-memory", type=parse_bytes, default=None, help="device memory per GPU, e.g. 80GiB")
+    plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    plan.add_argument("--hbm-bandwidth", type=parse_bandwidth, default=None, help="e.g. 2039GB/s")
+    plan.add_argument("--kv-cache-memory", type=parse_bytes, default=512 << 20,
+                      help="KV budget per rank when planning for the CPU (no --gpu/--gpu-memory)")
+    plan.add_argument("--dtype", default="auto", help="weights: auto (the checkpoint's), bf16, fp16, fp32")
+    plan.add_argument("--kv-cache-dtype", default="auto", help="auto (= dtype), bf16, fp16, fp32, fp8")
+    plan.add_argument("--block-size", type=int, default=16)
+    plan.add_argument("--max-model-len", type=int, default=None)
+    plan.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    plan.add_argument("--max-num-seqs", type=int, default=256)
+    plan.add_argument("--prompt-len", type=int, default=1024)
+    plan.add_argument("--output-len", type=int, default=256)
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=_plan, log_level=None, default_log_level="warning")
 
     from quire.worker import server
 

@@ -17,7 +17,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None   # override the measured capacity
-    kv_cache_memory: int = 512 << 20   # bytes of KV cache per rank on the CPU
+    kv_cache_memory: int | None = None  # bytes of KV cache per rank; None: measured on a GPU, 512 MiB on the CPU
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # recompute | swap

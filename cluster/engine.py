@@ -54,7 +54,7 @@ class Engine:
                 model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
                 max_model_len=self.max_model_len, block_size=config.cache.block_size,
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                kv_cache_memory=config.cache.kv_cache_memory,
+                kv_cache_memory=config.cache.kv_cache_memory or 0,
                 gpu_memory_utilization=config.cache.gpu_memory_utilization,
                 num_kv_blocks=config.cache.num_kv_blocks,
                 dist_init_method=dist_init_method,

@@ -22,6 +22,9 @@ from quire.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
+# The KV budget of a CPU worker when the controller gives none (a CPU has no device memory to measure).
+DEFAULT_CPU_KV_CACHE_BYTES = 512 << 20
+
 
 def default_device(rank: int) -> torch.device:
     """`QUIRE_DEVICE` if set, else this rank's CUDA device when there is one, else the CPU."""
@@ -62,11 +65,9 @@ class Worker:
         memory left after the weights and the activation peak of a full-budget step."""
         per_block = KVPool.bytes_per_block(self.num_layers, request.block_size, self.num_kv_heads, self.head_dim,
                                            self.dtype)
-        if request.kv_cache_memory_bytes > 0:
-            return pb.ProfileMemoryResponse(num_blocks=request.kv_cache_memory_bytes // per_block,
-                                            bytes_per_block=per_block)
-        if self.device.type != "cuda":
-            raise ValueError("kv_cache_memory_bytes must be set when the worker runs on the CPU")
+        budget = request.kv_cache_memory_bytes or (DEFAULT_CPU_KV_CACHE_BYTES if self.device.type != "cuda" else 0)
+        if budget > 0:
+            return pb.ProfileMemoryResponse(num_blocks=budget // per_block, bytes_per_block=per_block)
         total = torch.cuda.get_device_properties(self.device).total_memory
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)

@@ -1,0 +1,220 @@
+"""`quire plan`: will a model fit, and how many requests at once, before anyone rents GPUs.
+
+From a checkpoint directory, a config.json, or a built-in preset (config values only;
+no weights are read), per GPU: this rank's weight bytes (counted exactly as the
+tensor-parallel layers shard them: vocabulary padded to a multiple of tp, KV heads
+replicated when tp exceeds their number), an activation reserve for a full-budget step,
+KV bytes per token and per block, the blocks and tokens that fit, the requests that run
+at once at given prompt/output lengths, and the bandwidth-bound ceiling of decode: a
+step must read this rank's weights and the running requests' KV from memory at least
+once, so steps/s <= bandwidth / (weight bytes + KV bytes read).
+
+On a GPU the worker sizes the KV cache the same way from what it measures
+(`gpu_memory_utilization` x device memory - weights - the peak of a dummy full-budget
+step); without `--gpu-memory` the plan is for the CPU, where the KV budget is
+`--kv-cache-memory` exactly as the worker takes it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
+               "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+# Config values of well-known checkpoints, so a plan needs no files.
+PRESETS = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                       tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                        tie_word_embeddings=False, torch_dtype="bfloat16"),
+}
+
+
+@dataclass
+class ModelShape:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    max_position_embeddings: int
+    dtype: str
+
+    @classmethod
+    def load(cls, source: str) -> ModelShape:
+        """A preset name, a checkpoint directory, or a config.json path."""
+        if source.lower() in PRESETS:
+            return cls.from_config(source.lower(), PRESETS[source.lower()])
+        path = Path(source)
+        config_path = path / "config.json" if path.is_dir() else path
+        if not config_path.is_file():
+            raise ValueError(f"`model` {source!r} is neither a preset ({', '.join(PRESETS)}), a checkpoint "
+                             "directory nor a config.json")
+        return cls.from_config(path.name if path.is_dir() else path.parent.name, json.loads(config_path.read_text()))
+
+    @classmethod
+    def from_config(cls, name: str, config: dict) -> ModelShape:
+        heads = config["num_attention_heads"]
+        return cls(
+            name=name, hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab_size=config["vocab_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"))
+
+    def kv_heads_per_rank(self, tp: int) -> int:
+        return max(1, self.num_kv_heads // tp)
+
+    def weight_params_per_rank(self, tp: int) -> int:
+        """Parameters one rank holds, as the tensor-parallel layers shard them."""
+        h, d = self.hidden_size, self.head_dim
+        heads, kv = self.num_heads // tp, self.kv_heads_per_rank(tp)
+        qkv = h * (heads + 2 * kv) * d + ((heads + 2 * kv) * d if self.qkv_bias else 0)
+        layer = qkv + heads * d * h + 3 * h * (self.intermediate_size // tp) + 2 * h
+        vocab_rows = -(-self.vocab_size // tp)  # padded to a multiple of tp, split evenly
+        embeddings = vocab_rows * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embeddings + h
+
+    def kv_bytes_per_token(self, tp: int, kv_dtype_bytes: int) -> int:
+        """K and V of one token over all layers, on one rank."""
+        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * self.head_dim * kv_dtype_bytes
+
+    def activation_bytes(self, tp: int, dtype_bytes: int, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """Estimated peak of a full-budget step beyond the weights: a few hidden-state copies,
+        this rank's q/k/v and MLP intermediates for every token, and fp32 logits for the
+        sampled rows (gathered to the whole vocabulary on rank 0)."""
+        t, h = max_num_batched_tokens, self.hidden_size
+        per_token = 4 * h + (self.num_heads // tp + 2 * self.kv_heads_per_rank(tp)) * self.head_dim \
+            + 3 * (self.intermediate_size // tp)
+        return t * per_token * dtype_bytes + 2 * min(max_num_seqs, t) * self.vocab_size * 4
+
+
+@dataclass
+class Plan:
+    model: str
+    tensor_parallel_size: int
+    dtype: str
+    kv_cache_dtype: str
+    block_size: int
+    max_model_len: int
+    weight_bytes_per_gpu: int
+    activation_reserve_bytes: int
+    kv_budget_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_block: int
+    num_blocks: int
+    tokens: int
+    prompt_len: int
+    output_len: int
+    requests_fit_in_kv: int  # at prompt_len + output_len, by KV memory alone
+    concurrent_requests: int  # also capped by max_num_seqs
+    concurrency_limited_by: str
+    memory_bytes_per_gpu: int | None
+    hbm_bandwidth_bytes_per_s: float | None
+    decode_steps_per_s_ceiling: float | None
+    decode_tokens_per_s_ceiling: float | None
+    single_request_tokens_per_s_ceiling: float | None
+    allreduce_bytes_per_step_per_gpu: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def make_plan(shape: ModelShape, tensor_parallel_size: int = 1, dtype: str = "auto", kv_cache_dtype: str = "auto",
+              block_size: int = 16, max_model_len: int | None = None, gpu_memory: int | None = None,
+              gpu_memory_utilization: float = 0.9, kv_cache_memory: int = 512 << 20,
+              max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, prompt_len: int = 1024,
+              output_len: int = 256, hbm_bandwidth: float | None = None) -> Plan:
+    """The plan for one configuration; raises ValueError naming the field that cannot work."""
+    tp = tensor_parallel_size
+    if tp < 1 or shape.num_heads % tp:
+        raise ValueError(f"`tensor_parallel_size` {tp} must divide num_attention_heads={shape.num_heads}")
+    if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
+        raise ValueError(f"`tensor_parallel_size` {tp} and num_key_value_heads={shape.num_kv_heads} do not divide")
+    dtype = shape.dtype if dtype == "auto" else dtype
+    kv_cache_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+    for name, value in (("dtype", dtype), ("kv_cache_dtype", kv_cache_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"`{name}` {value!r} is not one of {sorted(DTYPE_BYTES)}")
+    dtype_bytes, kv_bytes = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_cache_dtype]
+    max_model_len = max_model_len or shape.max_position_embeddings
+    weights = shape.weight_params_per_rank(tp) * dtype_bytes
+    per_token = shape.kv_bytes_per_token(tp, kv_bytes)
+    per_block = per_token * block_size
+    if gpu_memory is None:  # the CPU: the KV budget is given, activations come out of other memory
+        activation, budget = 0, kv_cache_memory
+    else:
+        activation = shape.activation_bytes(tp, dtype_bytes, max_num_batched_tokens, max_num_seqs)
+        budget = int(gpu_memory * gpu_memory_utilization) - weights - activation
+        if budget < per_block:
+            raise ValueError(f"`gpu_memory` {gpu_memory / 2**30:.1f} GiB x {gpu_memory_utilization} holds the "
+                             f"weights ({weights / 2**30:.1f} GiB per GPU) and activations "
+                             f"({activation / 2**30:.1f} GiB) but no KV block; raise tensor_parallel_size")
+    num_blocks = max(0, budget // per_block)
+    length = min(prompt_len + output_len, max_model_len)
+    by_memory = num_blocks // -(-length // block_size)
+    concurrent = min(by_memory, max_num_seqs)
+    steps = tokens_per_s = single = None
+    if hbm_bandwidth:
+        # Decode at the planned concurrency, each request halfway through its output.
+        context = min(prompt_len + output_len // 2, max_model_len)
+        read = weights + concurrent * context * per_token
+        steps = hbm_bandwidth / read
+        tokens_per_s = steps * concurrent
+        single = hbm_bandwidth / (weights + min(prompt_len, max_model_len) * per_token)
+    # Two all-reduces of [batch, hidden] per layer; a ring moves 2(N-1)/N of it per GPU.
+    allreduce = (int(2 * shape.num_layers * concurrent * shape.hidden_size * dtype_bytes * 2 * (tp - 1) / tp)
+                 if tp > 1 else 0)
+    return Plan(
+        model=shape.name, tensor_parallel_size=tp, dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+        max_model_len=max_model_len, weight_bytes_per_gpu=weights, activation_reserve_bytes=activation,
+        kv_budget_bytes=budget, kv_bytes_per_token=per_token, kv_bytes_per_block=per_block, num_blocks=num_blocks,
+        tokens=num_blocks * block_size, prompt_len=prompt_len, output_len=output_len, requests_fit_in_kv=by_memory,
+        concurrent_requests=concurrent, concurrency_limited_by="KV memory" if by_memory < max_num_seqs
+        else "max_num_seqs", memory_bytes_per_gpu=gpu_memory, hbm_bandwidth_bytes_per_s=hbm_bandwidth,
+        decode_steps_per_s_ceiling=steps, decode_tokens_per_s_ceiling=tokens_per_s,
+        single_request_tokens_per_s_ceiling=single, allreduce_bytes_per_step_per_gpu=allreduce)
+
+
+def format_plan(plan: Plan) -> str:
+    gib, gb = 2**30, 1e9
+    lines = [f"quire plan: {plan.model}, tensor_parallel_size={plan.tensor_parallel_size}, dtype={plan.dtype}, "
+             f"kv_cache_dtype={plan.kv_cache_dtype}, block_size={plan.block_size}, max_model_len={plan.max_model_len}",
+             "per GPU:" if plan.memory_bytes_per_gpu else "per rank (CPU: KV budget as given):"]
+    if plan.memory_bytes_per_gpu:
+        lines.append(f"  device memory            {plan.memory_bytes_per_gpu / gib:10.2f} GiB")
+    lines += [
+        f"  weights (this shard)     {plan.weight_bytes_per_gpu / gib:10.2f} GiB  ({plan.weight_bytes_per_gpu / gb:.2f} GB)",
+        f"  activation reserve       {plan.activation_reserve_bytes / gib:10.2f} GiB  (estimate, full-budget step)",
+        f"  KV cache budget          {plan.kv_budget_bytes / gib:10.2f} GiB",
+        f"  KV per token             {plan.kv_bytes_per_token / 1024:10.1f} KiB",
+        f"  KV per block             {plan.kv_bytes_per_block / 2**20:10.2f} MiB  ({plan.block_size} tokens)",
+        f"  blocks                   {plan.num_blocks:10d}",
+        f"  tokens that fit          {plan.tokens:10d}",
+        f"requests of prompt {plan.prompt_len} + output {plan.output_len} tokens: {plan.requests_fit_in_kv} fit in "
+        f"the KV cache; {plan.concurrent_requests} run at once (limited by {plan.concurrency_limited_by})",
+    ]
+    if plan.hbm_bandwidth_bytes_per_s:
+        lines += [
+            f"decode ceiling at {plan.hbm_bandwidth_bytes_per_s / 1e12:.2f} TB/s per GPU (weights + KV read once a step):",
+            f"  steps/s                  {plan.decode_steps_per_s_ceiling:10.1f}",
+            f"  output tokens/s          {plan.decode_tokens_per_s_ceiling:10.0f}  "
+            f"({plan.concurrent_requests} requests, each halfway through its output)",
+            f"  one request, tokens/s    {plan.single_request_tokens_per_s_ceiling:10.1f}",
+        ]
+    if plan.tensor_parallel_size > 1:
+        lines.append(f"all-reduce per decode step: {plan.allreduce_bytes_per_step_per_gpu / 2**20:.1f} MiB sent per "
+                     "GPU (ring; NVLink time not modelled)")
+    return "\n".join(lines)
