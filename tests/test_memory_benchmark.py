@@ -1,0 +1,74 @@
+"""benchmarks/memory.py on a tiny model and a small budget: the measured quantities are consistent."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_SPECS = {"short": ((4, 24), (4, 16)), "medium": ((32, 96), (8, 24)), "long": ((160, 320), (8, 24))}
+
+
+@pytest.fixture(scope="module")
+def memory():
+    spec = importlib.util.spec_from_file_location("quire_memory_benchmark", ROOT / "benchmarks" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mixed_workload_proportions_and_ranges(memory):
+    allowed = list(range(5, 100))
+    work = memory.make_workload("mixed", 16, 0, allowed, SMALL_SPECS)
+    assert work == memory.make_workload("mixed", 16, 0, allowed, SMALL_SPECS)  # seeded
+    kinds = []
+    for prompt, output_len in work:
+        kind = [k for k, ((p_lo, p_hi), (o_lo, o_hi)) in SMALL_SPECS.items()
+                if p_lo <= len(prompt) <= p_hi and o_lo <= output_len <= o_hi]
+        assert len(kind) == 1 and set(prompt) <= set(allowed)
+        kinds.append(kind[0])
+    assert (kinds.count("short"), kinds.count("medium"), kinds.count("long")) == (8, 6, 2)
+
+
+def test_small_run_is_consistent(memory, tmp_path, tokenizer_dir):
+    model = memory.build_tiny_llama(tmp_path / "model", max_position_embeddings=512, tokenizer_dir=tokenizer_dir)
+    out, png = tmp_path / "memory.json", tmp_path / "memory.png"
+    budget, max_len = 1024, 512
+    report = memory.main(["--model", str(model), "--budget-slots", str(budget), "--max-model-len", str(max_len),
+                          "--max-num-batched-tokens", "256", "--num-short", "24", "--num-medium", "6",
+                          "--num-long", "4", "--num-mixed", "16", "--out", str(out), "--plot", str(png)],
+                         specs=SMALL_SPECS)
+    assert json.loads(out.read_text())["results"].keys() == set(memory.WORKLOADS)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Tiny Llama: 2 layers, 2 KV heads, head_dim 64 / 4 = 16, float32.
+    hf = report["hf_static_cache"]
+    assert hf["bytes_per_sequence"] == 2 * 2 * 2 * 16 * max_len * 4 == hf["bytes_per_sequence_formula"]
+    assert report["config"]["quire_bytes_per_slot"] == 2 * 2 * 2 * 16 * 4
+    assert hf["concurrency"] == budget // max_len  # same bytes per token: same as pre-allocation
+
+    for name, r in report["results"].items():
+        q, series = r["quire"], r["quire"]["series"]
+        assert len(series["allocated_slots"]) == len(series["live_slots"]) == len(series["running"]) == q["steps"] > 0
+        for alloc, live in zip(series["allocated_slots"], series["live_slots"]):
+            assert 0 <= live <= alloc <= budget  # prefix caching off: no slot counted twice
+        assert series["allocated_slots"][-1] == series["running"][-1] == 0  # all freed at the end
+        assert 0 < q["live_share"] <= 1 and 0 < r["preallocation"]["live_share"] <= 1
+        assert q["live_share"] > r["preallocation"]["live_share"]
+        assert r["preallocation"]["concurrency"] == budget // max_len
+        assert q["mean_concurrency"] >= r["preallocation"]["concurrency"], name
+        assert q["peak_concurrency"] >= q["mean_concurrency"]
+        assert q["generated_tokens"] == r["output_tokens"]  # every request produced exactly its length
+        assert r["ratio_vs_preallocation"] == pytest.approx(q["mean_concurrency"] / (budget // max_len))
+    assert "live_share_mixed_met" in report["goals"] and set(report["goals"]["ratio_met"]) == set(memory.WORKLOADS)
+    assert "mixed" in memory.format_table(report)
+
+
+def test_preallocation_arithmetic(memory):
+    work = [([1] * random.Random(i).randint(1, 50), 10) for i in range(7)]
+    pre = memory.preallocation(work, budget_slots=1000, max_model_len=100)
+    assert pre["concurrency"] == 10
+    assert pre["live_share"] == pytest.approx(sum(len(p) + o for p, o in work) / 700)
