@@ -1,5 +1,5 @@
-"""The GPU image has no Ray and no FastAPI: the engine, worker and kernels must import
-and generate without them (only the HTTP server needs FastAPI)."""
+"""The GPU image has no Ray and no FastAPI (nor the serving extras): the engine, worker,
+kernels and CLI must import and generate without them (only `quire serve` needs them)."""
 import subprocess
 import sys
 
@@ -7,12 +7,15 @@ PROBE = r"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"fastapi", "uvicorn", "starlette", "ray"}:
+        if name.split(".")[0] in {"fastapi", "uvicorn", "starlette", "ray", "prometheus_client", "grpc_health",
+                                  "grpc_reflection", "httpx", "matplotlib", "jsonschema"}:
             raise ImportError(f"{name} is not on the GPU image")
 sys.meta_path.insert(0, Block())
 import quire.cluster, quire.worker.worker, quire.kernels, quire.protos.worker_pb2_grpc
 from quire.cluster import LLM, SamplingParams
 from quire.cluster.cli import main
+import quire.cluster.planner, quire.cluster.bench_serve
+assert main(["plan", "--model", "llama-3-70b", "-tp", "4", "--gpu", "a100-80gb"]) == 0
 llm = LLM(model=sys.argv[1], num_kv_blocks=8)
 print(llm.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids)
 """

@@ -1,0 +1,576 @@
+"""deploy/: the Ray cluster launcher configs, the Dockerfile and the KubeRay manifest.
+
+Nothing here starts a cluster, builds an image or uses the network; the shell commands
+the files run are executed only with stub `ray`/`python`/`quire` programs.
+
+Ray cluster configs (deploy/ray/*.yaml) are checked the way `ray up` checks them before it
+touches a cloud (ray.autoscaler._private.commands._bootstrap_config):
+
+1. `prepare_config`: merges the provider's shipped ray/autoscaler/<provider>/defaults.yaml
+   under the file (top-level keys; a key the file sets replaces the default), turns a
+   `local` config into its single node type from head_ip/worker_ips, prepends
+   `setup_commands` to the head/worker setup commands, checks the docker section and
+   fills each node type's min/max workers. In this Ray it only reads those YAML files, so
+   it needs no cloud SDK and runs here as is (no hand-made merge of the defaults).
+2. the provider's `fillout_available_node_types_resources` (AWS asks EC2 what an instance
+   type has): skipped, the files give `resources` themselves, which the schema requires.
+3. `validate_config`: jsonschema against ray/autoscaler/ray-schema.json (unknown keys
+   at the top level, in `auth`, `docker` or a node type fail; resources must be integers)
+   plus its cross-field checks (head_node_type among available_node_types, min_workers
+   within max_workers, cluster_synced_files present).
+4. the provider's `bootstrap_config` (key pairs, IAM roles, subnets and firewalls through
+   boto3 / google-api-python-client and your credentials): not run for AWS and GCP,
+   neither SDK is installed here. For `local` it is the identity, and steps 1-4 run as one
+   through `_bootstrap_config` itself.
+
+The raw file is also validated against the schema before defaults are merged, so a bad
+key cannot hide behind a default. The schema leaves `provider` open and `node_config`
+free-form (instance-API fields are checked by the cloud at launch), and it sees commands
+only as strings: their shell syntax is checked with `bash -n`, and the ones that start
+quire are run with stubs and their `quire serve` flags parsed by quire's own CLI parser.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+RAY_DIR = DEPLOY / "ray"
+GPU_YAMLS = ["gcp-a100x4.yaml", "aws-a100x4.yaml"]
+RAY_YAMLS = GPU_YAMLS + ["local-cpu.yaml"]
+# The tensor-parallel size each file serves with.
+TP = {"gcp-a100x4.yaml": 4, "aws-a100x4.yaml": 4, "local-cpu.yaml": 2}
+BASH = "/bin/bash"
+
+
+def load_ray_yaml(name: str) -> dict:
+    return yaml.safe_load((RAY_DIR / name).read_text())
+
+
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def validate_like_ray_up(config: dict) -> dict:
+    """Schema on the raw file, then Ray's own prepare_config + validate_config; the prepared config."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(config, ray_schema())
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def serve_parser():
+    from quire.cluster.cli import build_parser
+
+    return build_parser()
+
+
+def quire_serve_args(command: str) -> list[str]:
+    """The arguments after `quire serve` in a shell command, up to the first redirection or `&`."""
+    tokens = shlex.split(command, comments=True)
+    start = next(i for i in range(len(tokens) - 1) if tokens[i] == "quire" and tokens[i + 1] == "serve") + 2
+    args = []
+    for token in tokens[start:]:
+        if token[0] in "<>&|;" or re.match(r"\d?>", token):
+            break
+        args.append(token)
+    return args
+
+
+def parse_serve(command: str):
+    return serve_parser().parse_args(["serve", *quire_serve_args(command)])
+
+
+def all_commands(config: dict) -> list[str]:
+    keys = ["initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands"]
+    return [command for key in keys for command in config.get(key) or []]
+
+
+def write_stubs(directory: Path, names: list[str], out: Path) -> Path:
+    """Executables that record their argv (NUL-separated) and pid in `out`, then exit 0."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        stub = directory / name
+        # One line of NUL-terminated arguments per call; the pid last, so it marks a complete record.
+        stub.write_text("#!/bin/sh\n"
+                        f'{{ printf "%s\\0" "$@"; printf "\\n"; }} >> "{out}/{name}.args"\n'
+                        f'echo $$ >> "{out}/{name}.pid"\n')
+        stub.chmod(0o755)
+    return directory
+
+
+def stub_calls(out: Path, name: str) -> list[list[str]]:
+    path = out / f"{name}.args"
+    if not path.exists():
+        return []
+    return [line.split("\0")[:-1] for line in path.read_text().split("\n") if line]
+
+
+def wait_for(path: Path, timeout: float = 10.0) -> str:
+    """The file's text once it has some (it is written by a process in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text()
+        time.sleep(0.02)
+    raise AssertionError(f"{path.name} never appeared")
+
+
+# --------------------------------------------------------------------------- Ray cluster YAMLs
+
+
+@pytest.mark.parametrize("name", RAY_YAMLS)
+def test_ray_yaml_passes_ray_up_validation(name):
+    prepared = validate_like_ray_up(load_ray_yaml(name))
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+    assert prepared["setup_commands"] == load_ray_yaml(name)["setup_commands"]
+
+
+def test_local_yaml_bootstraps_like_ray_up():
+    """For the `local` provider the whole pre-SSH path of `ray up` runs offline."""
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    config = load_ray_yaml("local-cpu.yaml")
+    resolved = _bootstrap_config(copy.deepcopy(config), no_config_cache=True)
+    assert resolved["provider"]["head_ip"] == config["provider"]["head_ip"]
+    assert resolved["max_workers"] == len(config["provider"]["worker_ips"])
+
+
+def _rename(config, old, new):
+    config[new] = config.pop(old)
+
+
+def _node_type(config):
+    return config["available_node_types"][config["head_node_type"]]
+
+
+MUTATIONS = {
+    "misspelled top-level key": lambda c: _rename(c, "head_start_ray_commands", "head_start_ray_command"),
+    "unknown top-level key": lambda c: c.update(max_worker=0),
+    "misspelled auth key": lambda c: c["auth"].update(ssh_usr="ubuntu"),
+    "commands not a list": lambda c: c.update(setup_commands="pip install quire"),
+    "provider without type": lambda c: c["provider"].pop("type"),
+}
+NODE_TYPE_MUTATIONS = {
+    "node type without resources": lambda c: _rename(_node_type(c), "resources", "resource"),
+    "unknown node type key": lambda c: _node_type(c).update(min_worker=0),
+    "fractional GPU count": lambda c: _node_type(c)["resources"].update(GPU=0.5),
+    "head_node_type not a node type": lambda c: c.update(head_node_type="quire-a100x4"),
+}
+
+
+@pytest.mark.parametrize("name,mutation", [(n, m) for n in RAY_YAMLS for m in MUTATIONS]
+                         + [(n, m) for n in GPU_YAMLS for m in NODE_TYPE_MUTATIONS])
+def test_ray_yaml_typo_fails_validation(name, mutation):
+    config = load_ray_yaml(name)
+    validate_like_ray_up(copy.deepcopy(config))  # the file itself is fine
+    (MUTATIONS | NODE_TYPE_MUTATIONS)[mutation](config)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        validate_like_ray_up(config)
+
+
+@pytest.mark.parametrize("name", RAY_YAMLS)
+def test_ray_yaml_commands_are_valid_bash(name):
+    for command in all_commands(load_ray_yaml(name)):
+        # `ray up` runs each as `bash --login -c -i '... && (COMMAND)'`.
+        result = subprocess.run([BASH, "-n", "-c", f"({command})"], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"{command!r}: {result.stderr}"
+
+
+@pytest.mark.parametrize("name", RAY_YAMLS)
+def test_head_starts_ray_then_quire_serve(name):
+    commands = load_ray_yaml(name)["head_start_ray_commands"]
+    ray_start = next(i for i, c in enumerate(commands) if "ray start" in c)
+    assert "--head" in commands[ray_start] and "--autoscaling-config=~/ray_bootstrap_config.yaml" in commands[ray_start]
+    serve = [i for i, c in enumerate(commands) if "quire serve" in c]
+    assert len(serve) == 1 and serve[0] > ray_start
+    command = commands[serve[0]]
+    args = parse_serve(command)
+    assert args.tensor_parallel_size == TP[name]
+    assert (args.host, args.port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
+    assert args.ray_address == "auto"  # the cluster `ray start --head` just started
+    assert args.model == ("$QUIRE_MODEL" if name in GPU_YAMLS else None)  # CPU: the embedded default model
+    assert re.search(r"nohup quire serve .*> ~/quire-serve\.log 2>&1 < /dev/null &", command)
+
+
+@pytest.mark.parametrize("name", RAY_YAMLS)
+def test_setup_installs_torch_then_quire_with_its_extras(name):
+    setup = load_ray_yaml(name)["setup_commands"]
+    torch_at = next(i for i, c in enumerate(setup) if re.search(r"pip install torch\b", c))
+    quire_at = next(i for i, c in enumerate(setup) if "quire[" in c)
+    assert torch_at < quire_at
+    extras = "ray,triton" if name in GPU_YAMLS else "ray"
+    assert f'"quire[{extras}] @ git+$QUIRE_REPO_URL@$QUIRE_REF"' in setup[quire_at]
+    assert '"ray[default]==$RAY_VERSION"' in setup[quire_at]
+
+
+@pytest.mark.parametrize("name", RAY_YAMLS)
+def test_every_variable_comes_from_the_env_file_and_the_placeholder_is_refused(name, tmp_path):
+    config = load_ray_yaml(name)
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    subprocess.run([BASH, "-c", f"({config['setup_commands'][0]})"], env=env, check=True)
+    defined = set(re.findall(r"export (\w+)=", (tmp_path / "quire.env").read_text()))
+    used = {v for c in all_commands(config) for v in re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", c)}
+    assert used - defined <= {"HOME", "PATH", "RAY_HEAD_IP"}  # RAY_HEAD_IP: set by `ray up`
+    # The repository URL is a placeholder until the user sets it; setup stops right there.
+    guard = next(c for c in config["setup_commands"] if "REPLACE_ME" in c and "exit 1" in c)
+    refused = subprocess.run([BASH, "-c", f"({guard})"], env=env, capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "QUIRE_REPO_URL" in refused.stderr
+    env_file = tmp_path / "quire.env"
+    env_file.write_text(env_file.read_text().replace("REPLACE_ME_QUIRE_GIT_URL", "https://git.invalid/quire.git"))
+    subprocess.run([BASH, "-c", f"({guard})"], env=env, check=True)
+
+
+@pytest.mark.parametrize("name", RAY_YAMLS)
+def test_head_commands_record_quires_pid_and_stop_it_on_the_next_ray_up(name, tmp_path):
+    config = load_ray_yaml(name)
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", ["quire"], out)
+    env = {"HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run([BASH, "-c", f"({config['setup_commands'][0]})"], env=env, check=True)
+    serve = next(c for c in config["head_start_ray_commands"] if "quire serve" in c)
+    subprocess.run([BASH, "-c", f"({serve})"], env=env, check=True, capture_output=True)
+    # nohup execs quire, so `$!` is quire's own pid.
+    assert wait_for(home / "quire-serve.pid").strip() == wait_for(out / "quire.pid").strip()
+    (call,) = stub_calls(out, "quire")
+    assert call[:1] == ["serve"] and call[call.index("--tensor-parallel-size") + 1] == str(TP[name])
+    if name in GPU_YAMLS:  # $QUIRE_MODEL came from ~/quire.env
+        assert call[call.index("--model") + 1] == "/data/models/Meta-Llama-3-70B-Instruct"
+    assert (home / "quire-serve.log").exists()
+
+    # The next `ray up` first stops the quire that pid file names (and waits for it to go).
+    running = subprocess.Popen(["sleep", "60"])
+    # Reap it the moment it dies, as init does for the real quire: a zombie still answers `kill -0`.
+    reaper = threading.Thread(target=running.wait, daemon=True)
+    reaper.start()
+    try:
+        (home / "quire-serve.pid").write_text(f"{running.pid}\n")
+        subprocess.run([BASH, "-c", f"({config['head_start_ray_commands'][0]})"], env=env, check=True, timeout=30)
+        reaper.join(timeout=10)
+        assert running.returncode == -signal.SIGTERM
+        assert not (home / "quire-serve.pid").exists()
+    finally:
+        if running.returncode is None:
+            running.kill()
+            reaper.join(timeout=10)
+
+
+@pytest.mark.parametrize("name", GPU_YAMLS)
+def test_gpu_yamls_request_four_a100_80gb(name):
+    config = load_ray_yaml(name)
+    assert config["max_workers"] == 0 and list(config["available_node_types"]) == [config["head_node_type"]]
+    node = _node_type(config)
+    assert node["resources"]["GPU"] >= TP[name] == 4
+    node_config = node["node_config"]
+    if name.startswith("gcp"):
+        assert node["resources"]["GPU"] == 4
+        assert node_config["machineType"] == "a2-ultragpu-4g"
+        assert node_config["guestAccelerators"] == [{"acceleratorType": "nvidia-a100-80gb", "acceleratorCount": 4}]
+        assert {"onHostMaintenance": "TERMINATE"} in node_config["scheduling"]
+        assert node_config["disks"][0]["initializeParams"]["diskSizeGb"] >= 300
+        assert "deeplearning-platform-release" in node_config["disks"][0]["initializeParams"]["sourceImage"]
+    else:
+        # p4de.24xlarge: 8 A100 80GB, quire takes 4 of them.
+        assert node_config["InstanceType"] == "p4de.24xlarge" and node["resources"]["GPU"] == 8
+        assert node_config["ImageId"].startswith("ami-REPLACE_ME")
+        assert node_config["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] >= 300
+
+
+def test_local_yaml_is_cpu_only_with_placeholders():
+    config = load_ray_yaml("local-cpu.yaml")
+    assert config["provider"]["type"] == "local"
+    assert "REPLACE_ME" in config["provider"]["head_ip"]
+    assert all("REPLACE_ME" in ip for ip in config["provider"]["worker_ips"])
+    assert not any("triton" in c or "cu12" in c for c in all_commands(config))
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs: comments dropped, continuation lines joined."""
+    instructions, pending = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return instructions
+
+
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+
+
+def test_dockerfile_base_image_is_cuda_with_a_pinned_tag():
+    froms = [args for keyword, args in dockerfile_instructions(DOCKERFILE) if keyword == "FROM"]
+    assert len(froms) == 1
+    image = froms[0].split()[0]
+    assert image.startswith(("nvidia/cuda:", "pytorch/pytorch:")), image
+    _, _, tag = image.partition(":")
+    assert tag and tag != "latest" and re.match(r"\d+\.\d+", tag), image
+
+
+def test_dockerfile_installs_cuda_torch_then_copies_and_installs_quire():
+    instructions = dockerfile_instructions(DOCKERFILE)
+    runs = [(i, args) for i, (keyword, args) in enumerate(instructions) if keyword == "RUN"]
+    torch_at = next(i for i, args in runs if re.search(r"pip install \"?torch==\S+", args))
+    copy_at = next(i for i, (keyword, args) in enumerate(instructions)
+                   if keyword == "COPY" and args.split()[0] == ".")
+    quire_at = next(i for i, args in runs if 'pip install' in args and '".[ray,triton]"' in args)
+    assert torch_at < copy_at < quire_at
+    quire_run = instructions[quire_at][1]
+    assert f"cd {instructions[copy_at][1].split()[1]}" in quire_run  # installs what was copied
+    arg_names = {args.split("=")[0] for keyword, args in instructions if keyword == "ARG"}
+    assert {"TORCH_VERSION", "TORCH_INDEX_URL"} <= arg_names
+
+
+def test_dockerfile_runs_quire_serve_as_non_root_on_both_ports_with_a_healthcheck():
+    instructions = dockerfile_instructions(DOCKERFILE)
+    users = [args for keyword, args in instructions if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    last_user = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "USER")
+    assert all(keyword != "RUN" for keyword, _ in instructions[last_user:])
+    exposed = {int(p.split("/")[0]) for keyword, args in instructions if keyword == "EXPOSE" for p in args.split()}
+    assert {8000, 50051} <= exposed
+    (entrypoint,) = [json.loads(args) for keyword, args in instructions if keyword == "ENTRYPOINT"]
+    assert entrypoint == ["quire"]
+    (cmd,) = [json.loads(args) for keyword, args in instructions if keyword == "CMD"]
+    served = serve_parser().parse_args(cmd)
+    assert (served.command, served.host, served.port, served.grpc_port) == ("serve", "0.0.0.0", 8000, 50051)
+    (healthcheck,) = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
+    probe = healthcheck.split("CMD", 1)[1]
+    assert re.search(rf"https?://(127\.0\.0\.1|localhost):{served.port}/health\b", probe), probe
+    assert "curl -f" in probe or "curl -fsS" in probe  # a 503 must fail the check
+
+
+def dockerignore_rules(path: Path) -> list[tuple[re.Pattern, bool]]:
+    """Docker's .dockerignore patterns as (regex, is_exception), in file order."""
+    rules = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!")).lstrip("/")
+        regex, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((re.compile(regex + r"\Z"), exception))
+    return rules
+
+
+def excluded(relative: str, rules) -> bool:
+    """Like Docker: a pattern matching a path or any of its parent folders decides; the last one wins."""
+    parts, result = relative.split("/"), False
+    for regex, exception in rules:
+        if any(regex.match("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            result = not exception
+    return result
+
+
+def pyproject_readme_and_package_dirs() -> tuple[str, list[str]]:
+    """`project.readme` and the folders of `[tool.setuptools.package-dir]` (no tomllib on Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    readme = re.search(r'^readme\s*=\s*"([^"]+)"', text, re.MULTILINE).group(1)
+    table = re.search(r"^\[tool\.setuptools\.package-dir\]\n(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL).group(1)
+    folders = re.findall(r'^"[^"]+"\s*=\s*"([^"]+)"', table, re.MULTILINE)
+    assert folders
+    return readme, folders
+
+
+def test_dockerignore_sits_where_buildkit_reads_it_and_keeps_what_pip_install_needs():
+    # Docker reads .dockerignore only at the context root (the repository root here);
+    # BuildKit first looks for <Dockerfile>.dockerignore next to the Dockerfile.
+    ignore = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore")
+    assert ignore.is_file() and not (DOCKERFILE.parent / ".dockerignore").exists()
+    rules = dockerignore_rules(ignore)
+    readme, package_dirs = pyproject_readme_and_package_dirs()
+    needed = ["pyproject.toml", readme]
+    for folder in package_dirs:
+        needed += [str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts]
+    kept_out = [path for path in needed if excluded(path, rules)]
+    assert not kept_out, f"the build context would lack {kept_out}"
+    for path in [".venv/bin/python", "build/lib/x.py", "quire.egg-info/PKG-INFO", ".git/HEAD",
+                 "tests/test_engine.py", "cluster/__pycache__/engine.cpython-311.pyc", "deploy/docker/Dockerfile"]:
+        assert excluded(path, rules), path
+
+
+# --------------------------------------------------------------------------- KubeRay manifest
+
+K8S = DEPLOY / "kubernetes" / "quire-raycluster.yaml"
+
+
+def k8s_documents() -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(K8S.read_text()) if doc]
+
+
+def raycluster() -> dict:
+    (cluster,) = [d for d in k8s_documents() if d["kind"] == "RayCluster"]
+    return cluster
+
+
+def quire_container(cluster: dict) -> dict:
+    (container,) = [c for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+                    if "quire serve" in " ".join(c.get("command", []) + c.get("args", []))]
+    return container
+
+
+def container_script(container: dict) -> str:
+    assert container["command"] == ["/bin/bash", "-c", "--"]
+    (script,) = container["args"]
+    return script
+
+
+def test_raycluster_has_the_fields_kuberay_requires():
+    cluster = raycluster()
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", cluster["metadata"]["name"])
+    head = cluster["spec"]["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    groups = [head] + cluster["spec"]["workerGroupSpecs"]
+    for group in groups:  # KubeRay's CRD: map[string]string
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in group["rayStartParams"].items())
+        containers = group["template"]["spec"]["containers"]
+        assert containers and all(c["name"] and c["image"] for c in containers)
+        for volume in group["template"]["spec"].get("volumes", []):
+            assert any(m["name"] == volume["name"] for c in containers for m in c.get("volumeMounts", []))
+    (worker,) = cluster["spec"]["workerGroupSpecs"]
+    assert worker["groupName"] and isinstance(worker["replicas"], int)
+    assert worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
+
+
+def test_raycluster_serves_tp4_on_a_four_gpu_worker():
+    cluster = raycluster()
+    args = parse_serve(container_script(quire_container(cluster)))
+    assert args.tensor_parallel_size == 4
+    assert (args.host, args.port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
+    assert args.ray_address in {"auto", "127.0.0.1:6379"}
+    (worker,) = cluster["spec"]["workerGroupSpecs"]
+    ray_container = worker["template"]["spec"]["containers"][0]  # KubeRay's Ray container is the first
+    limits = ray_container["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) == args.tensor_parallel_size == 4
+    # No Ray tasks or actors on the head: the ranks go to the GPU worker.
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # The head pod is Ready only after quire loaded, which needs the worker, which reaches
+    # the GCS through the head Service: that Service must publish not-ready addresses.
+    assert cluster["spec"]["headGroupSpec"]["headService"]["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_quire_container_probes_health_on_the_served_port():
+    cluster = raycluster()
+    container = quire_container(cluster)
+    port = parse_serve(container_script(container)).port
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ["readinessProbe", "livenessProbe", "startupProbe"]:
+        http = container[probe]["httpGet"]
+        assert http["path"] == "/health", probe
+        assert named.get(http["port"], http["port"]) == port, probe
+    # A slow model load is the startup probe's business, not the liveness probe's.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60
+
+
+def test_service_exposes_http_and_grpc_of_the_head_pod():
+    cluster = raycluster()
+    (service,) = [d for d in k8s_documents() if d["kind"] == "Service"]
+    assert service["apiVersion"] == "v1"
+    # KubeRay labels the head pod with these.
+    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    container = quire_container(cluster)
+    args = parse_serve(container_script(container))
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    targets = {p["port"]: named.get(p.get("targetPort", p["port"]), p.get("targetPort", p["port"]))
+               for p in service["spec"]["ports"]}
+    assert targets == {8000: args.port, 50051: args.grpc_port}
+
+
+def test_every_ray_container_runs_kuberays_ray_start_under_the_overwrite_annotation():
+    cluster = raycluster()
+    assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    groups = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
+    for group in groups:
+        script = container_script(group["template"]["spec"]["containers"][0])
+        assert "$KUBERAY_GEN_RAY_START_CMD" in script or "${KUBERAY_GEN_RAY_START_CMD" in script
+        subprocess.run([BASH, "-n", "-c", script], check=True)
+
+
+GENERATED = ("ray start --head  --block  --dashboard-agent-listen-port=52365  --dashboard-host=0.0.0.0  "
+             "--metrics-export-port=8080  --num-cpus=0  --resources='{\"quire\": 1}' ")
+
+
+def test_head_script_starts_ray_in_the_background_waits_for_gpus_then_execs_quire(tmp_path):
+    cluster = raycluster()
+    container = quire_container(cluster)
+    out = tmp_path / "out"
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", ["ray", "python", "quire"], out)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path), "KUBERAY_GEN_RAY_START_CMD": GENERATED,
+           "RAY_ADDRESS": "127.0.0.1:6379", **{e["name"]: e["value"] for e in container.get("env", [])}}
+    result = subprocess.run([BASH, "-c", "--", container_script(container)], env=env, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    (ray_call,) = stub_calls(out, "ray")
+    assert ray_call[:2] == ["start", "--head"] and "--block" not in ray_call
+    assert '--resources={"quire": 1}' in ray_call  # KubeRay's quoting survives
+    assert len(stub_calls(out, "python")) == 1  # the stub says the GPUs are there at once
+    (quire_call,) = stub_calls(out, "quire")
+    args = serve_parser().parse_args(quire_call)
+    assert args.model == container["env"][0]["value"] and args.tensor_parallel_size == 4
+
+    # Without KubeRay's generated command (KubeRay < 1.1) it stops instead of waiting forever.
+    env.pop("KUBERAY_GEN_RAY_START_CMD")
+    stopped = subprocess.run([BASH, "-c", "--", container_script(container)], env=env,
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert stopped.returncode == 1 and "KubeRay >= 1.1" in stopped.stderr
+
+
+def test_worker_script_runs_kuberays_ray_start_with_block(tmp_path):
+    (worker,) = raycluster()["spec"]["workerGroupSpecs"]
+    out = tmp_path / "out"
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", ["ray"], out)
+    generated = "ray start  --address=quire-head-svc.default.svc.cluster.local:6379  --block  --num-gpus=4"
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "KUBERAY_GEN_RAY_START_CMD": generated}
+    script = container_script(worker["template"]["spec"]["containers"][0])
+    subprocess.run([BASH, "-c", "--", script], env=env, check=True, timeout=30)
+    (call,) = stub_calls(out, "ray")
+    assert call == generated.split()[1:]
