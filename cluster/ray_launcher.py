@@ -54,7 +54,12 @@ class RayWorkerGroup:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                      **({} if address else {"num_cpus": max(world_size, os.cpu_count() or 1)}))
         self._remove_pg = remove_placement_group
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= world_size
+        num_gpus = int(ray.cluster_resources().get("GPU", 0))
+        if 0 < num_gpus < world_size:
+            # Falling back to CPUs here would serve a large model unusably slowly (or not at all).
+            raise RuntimeError(f"the Ray cluster has {num_gpus} GPUs; tensor_parallel_size={world_size} needs "
+                               f"{world_size} (a cluster with no GPUs runs the workers on CPUs)")
+        use_gpu = num_gpus >= world_size
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self.placement_group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
         ray.get(self.placement_group.ready(), timeout=start_timeout)

@@ -114,3 +114,11 @@ def test_idle_server_turns_unhealthy_when_a_worker_dies(tp_checkpoint):
         assert not server_engine.healthy, "no step ran, yet the health watch must notice the dead rank"
         assert "rank 0" in str(llm.engine.executor.failure)
         server_engine.shutdown()
+
+
+def test_too_few_gpus_is_an_error_not_a_silent_cpu_fallback(ray_session, monkeypatch):
+    from quire.cluster.ray_launcher import RayWorkerGroup
+
+    monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    with pytest.raises(RuntimeError, match="has 2 GPUs; tensor_parallel_size=4 needs 4"):
+        RayWorkerGroup(4)
