@@ -49,14 +49,12 @@ class KVCacheManager:
         """Hashes of the request's full blocks within its first `num_tokens` tokens (cached per request)."""
         hashes = self._hashes.setdefault(request.request_id, [])
         size = self.block_size
-        if len(hashes) < num_tokens // size:
-            tokens = request.prompt_token_ids + request.output_token_ids
-            for index in range(len(hashes), num_tokens // size):
-                digest = hashlib.blake2b(hashes[-1] if hashes else b"root", key=self._key, digest_size=16)
-                digest.update(array("q", tokens[index * size:(index + 1) * size]).tobytes())
-                if index == 0 and request.cache_salt is not None:
-                    digest.update(b"salt\0" + request.cache_salt.encode())
-                hashes.append(digest.digest())
+        for index in range(len(hashes), num_tokens // size):
+            digest = hashlib.blake2b(hashes[-1] if hashes else b"root", key=self._key, digest_size=16)
+            digest.update(array("q", request.token_slice(index * size, (index + 1) * size)).tobytes())
+            if index == 0 and request.cache_salt is not None:
+                digest.update(b"salt\0" + request.cache_salt.encode())
+            hashes.append(digest.digest())
         return hashes
 
     def get_computed_blocks(self, request) -> tuple[list[int], int]:
@@ -89,7 +87,7 @@ class KVCacheManager:
         request_id = request.request_id
         table = self.tables.get(request_id, [])
         needed = max(0, self.blocks_for(num_tokens) - len(table) - len(computed_blocks))
-        revived = sum(1 for block in computed_blocks if self.pool.ref_counts[block] == 0)
+        revived = sum(1 for block in computed_blocks if self.pool.ref_counts[block] == 0) if computed_blocks else 0
         shared = []
         if write_from is not None:
             last = min(self.blocks_for(num_tokens), len(table))

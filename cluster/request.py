@@ -60,6 +60,15 @@ class Request:
         """Ascending order of service: higher priority (lower value) first, then earlier arrival."""
         return (self.priority, self.arrival_time)
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids (prompt then output) at positions `start..end-1`, without joining the lists."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+
     def tokens_from(self, start: int) -> list[int]:
         """All token ids (prompt then output) from index `start` on."""
         prompt_len = len(self.prompt_token_ids)

@@ -110,7 +110,8 @@ class Scheduler:
         self._finished_handles = []
         budget = self.config.max_num_batched_tokens
         block_size = self.kv.block_size
-        decode_handles, decode_token_ids = plan.decode_handles, plan.decode_token_ids
+        # Bound methods, looked up once: this loop runs for every running request every step.
+        add_decode, add_decode_token = plan.decode_handles.append, plan.decode_token_ids.append
         preempted = False
         # Preemption pops from the tail, which this iteration has not reached (or is at: then it stops).
         for request in self.running:
@@ -126,8 +127,8 @@ class Scheduler:
             # A running request's table is exactly what the workers hold (num_blocks_sent
             # blocks), so most steps need no allocation at all.
             new_blocks = None
-            cow = request.cow_block is not None
-            if cow or num_computed + num_new > request.num_blocks_sent * block_size:
+            if num_computed + num_new > request.num_blocks_sent * block_size or request.cow_block is not None:
+                cow = request.cow_block is not None
                 copies: list[tuple[int, int]] = []
                 while (new_blocks := self.kv.allocate_slots(request, num_computed + num_new,
                                                             write_from=num_computed if cow else None,
@@ -146,8 +147,8 @@ class Scheduler:
                     request.cow_block = None  # writes moved past the block it shared
             if num_new == 1 and num_computed == request.num_tokens_sent == num_tokens - 1 and request.num_blocks_sent:
                 # The plain decode: the workers know every token but the last sampled one.
-                decode_handles.append(request.handle)
-                decode_token_ids.append(request.output_token_ids[-1])
+                add_decode(request.handle)
+                add_decode_token(request.output_token_ids[-1])
                 if new_blocks:
                     plan.decode_block_handles.append(request.handle)
                     plan.decode_block_ids.extend(new_blocks)  # one token needs at most one new block
