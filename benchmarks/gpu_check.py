@@ -92,11 +92,17 @@ def parity(path: Path, dtype_name: str) -> dict:
 def memory_profiled_capacity(path: Path) -> dict:
     from quire.cluster import LLM
 
+    from quire.cluster.planner import ModelShape, make_plan
+
     began = time.perf_counter()
     llm = LLM(model=str(path), dtype="float16", gpu_memory_utilization=0.5)
     blocks = llm.engine.kv.pool.num_blocks
     llm.shutdown()
-    return {"num_blocks": blocks, "seconds": time.perf_counter() - began, "ok": blocks > 0}
+    # What `quire plan` predicts for the same card and settings (its activation reserve is an estimate).
+    planned = make_plan(ModelShape.load(str(path)), dtype="float16", gpu_memory_utilization=0.5,
+                        gpu_memory=torch.cuda.get_device_properties(0).total_memory).num_blocks
+    return {"num_blocks": blocks, "planned_blocks": planned, "planned_over_measured": planned / max(blocks, 1),
+            "seconds": time.perf_counter() - began, "ok": blocks > 0}
 
 
 def main() -> int:
