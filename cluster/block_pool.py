@@ -2,7 +2,7 @@
 prefix cache over them."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 
@@ -10,9 +10,10 @@ class BlockPool:
     """Owns the free queue, the reference counts and the prefix cache's hash map of blocks
     `0 .. num_blocks-1`.
 
-    The free queue is an insertion-ordered dict: allocation pops from its head in O(1),
-    and a block can be taken out of the middle in O(1) (a prefix hit reviving a cached
-    free block). Freed blocks join the tail, so the least recently freed is reused first;
+    The free queue is an OrderedDict: allocation pops from its head in O(1), and a block
+    can be taken out of the middle in O(1) (a prefix hit reviving a cached free block).
+    (Not a plain dict: popping a plain dict from the front leaves dead slots that every
+    later `next(iter(...))` scans again, which made allocation O(pool size).) Freed blocks join the tail, so the least recently freed is reused first;
     a table is freed tail first, so its tail blocks are evicted before its head.
 
     A full block's content hash (see `KVCacheManager`) maps to the block holding it. A
@@ -25,7 +26,7 @@ class BlockPool:
             raise ValueError(f"the KV pool needs at least one block (got {num_blocks})")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # content hash → block id
         self.num_evictions = 0
@@ -46,8 +47,7 @@ class BlockPool:
             return None
         blocks = []
         for _ in range(count):
-            block = next(iter(self._free))
-            del self._free[block]
+            block, _ = self._free.popitem(last=False)
             self._evict(block)
             self.ref_counts[block] = 1
             blocks.append(block)

@@ -33,7 +33,8 @@ class KVCacheManager:
         self.cpu_tables: dict[str, list[int]] = {}  # swapped-out requests' blocks in cpu_pool
         self._hashes: dict[str, list[bytes]] = {}   # full-block hashes per request, as far as computed
         self._num_registered: dict[str, int] = {}   # leading blocks of the table registered in the pool
-        self._key = hash_seed if hash_seed is not None else os.urandom(32)
+        # Keyed once; each block hash copies this state (cheaper than keying anew).
+        self._keyed = hashlib.blake2b(key=hash_seed if hash_seed is not None else os.urandom(32), digest_size=16)
         self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0    # of which found cached
 
@@ -50,8 +51,9 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         size = self.block_size
         for index in range(len(hashes), num_tokens // size):
-            digest = hashlib.blake2b(hashes[-1] if hashes else b"root", key=self._key, digest_size=16)
-            digest.update(array("q", request.token_slice(index * size, (index + 1) * size)).tobytes())
+            tokens = array("q", request.token_slice(index * size, (index + 1) * size)).tobytes()
+            digest = self._keyed.copy()
+            digest.update((hashes[-1] if hashes else b"root") + tokens)
             if index == 0 and request.cache_salt is not None:
                 digest.update(b"salt\0" + request.cache_salt.encode())
             hashes.append(digest.digest())
