@@ -83,8 +83,10 @@ def test_grpc_over_tls_needs_the_key_except_for_health(secured):
 
 
 def test_full_queue_is_refused_at_once_on_both_frontends(env):
-    long = pb.SamplingOptions(max_tokens=100, temperature=0, ignore_eos=True)
-    args = ["--max-num-seqs", "1", "--max-queue-len", "2", *SMALL]
+    # Long enough (1000 steps) that the running request outlives the whole test on any machine.
+    long = pb.SamplingOptions(max_tokens=1000, temperature=0, ignore_eos=True)
+    args = ["--max-num-seqs", "1", "--max-queue-len", "2", "--max-model-len", "1024", "--num-kv-blocks", "64",
+            "--log-level", "warning"]
     with ServeProcess(args, env) as server, grpc.insecure_channel(server.grpc_target) as channel:
         stub = generate_pb2_grpc.GenerateStub(channel)
         calls = []
