@@ -3,8 +3,11 @@ slots record which prefix each was computed for: every step, every token a reque
 attends to must hold exactly its own prefix. That catches any prefix hit on the wrong
 blocks, a missing or late copy-on-write, a lost swap, or a write into someone else's
 block. Random arrivals, lengths, shared prefixes, parallel samples (forks), aborts and
-preemptions (recompute and swap); integrity after every step; nothing held at the end."""
+preemptions (recompute and swap); integrity after every step; nothing held at the end.
+`QUIRE_PROPERTY_EXAMPLES=N` runs N examples instead of 300 (a deeper search, outside CI)."""
 from __future__ import annotations
+
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -78,7 +81,7 @@ events = st.lists(st.one_of(arrival, st.tuples(st.just("abort"), st.integers(0, 
                   min_size=1, max_size=50)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("QUIRE_PROPERTY_EXAMPLES", "300")), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(num_blocks=st.integers(6, 24), block_size=st.sampled_from([2, 4, 8]), budget=st.integers(4, 48),
        max_num_seqs=st.integers(1, 8), prefix_caching=st.booleans(), swap=st.booleans(),
