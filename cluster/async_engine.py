@@ -26,6 +26,10 @@ from quire.protos.step import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+# How often an idle engine loop looks for a worker death the executor's health watch found.
+WORKER_CHECK_SECONDS = 0.5
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop failed or was shut down; the request cannot complete."""
 
@@ -164,12 +168,15 @@ class AsyncEngine:
         while True:
             with self._cond:
                 # After a failure the engine's state is suspect: never step it again.
-                while not (self._commands or self._stopping or (self._error is None and engine.has_unfinished())):
-                    self._cond.wait()
+                while not (self._commands or self._stopping or (self._error is None and engine.has_unfinished())
+                           or self._worker_died()):
+                    self._cond.wait(WORKER_CHECK_SECONDS)
                 commands, self._commands = self._commands, deque()
                 if self._stopping:
                     break
             try:
+                if self._worker_died():
+                    engine.check_workers()  # restarts the workers while idle too (or raises)
                 for command in commands:
                     self._handle(command)
                 if self._error is None and engine.has_unfinished():
@@ -182,6 +189,10 @@ class AsyncEngine:
         for command in commands:  # queued before shutdown: tell the callers instead of hanging them
             if command[0] == "add":
                 command[4].put(EngineDeadError("the engine was shut down"))
+
+    def _worker_died(self) -> bool:
+        return (self._error is None and self.engine.failure is None
+                and getattr(self.engine.executor, "failure", None) is not None)
 
     def _handle(self, command: tuple) -> None:
         kind, request_id = command[0], command[1]
@@ -272,4 +283,4 @@ class AsyncEngine:
         if self.metrics is not None:
             kv = self.engine.kv
             self.metrics.publish_load(self.num_running, self.num_waiting, self.kv_usage, scheduler.num_preemptions,
-                                      kv.num_query_tokens, kv.num_hit_tokens)
+                                      kv.num_query_tokens, kv.num_hit_tokens, self.engine.num_worker_restarts)

@@ -59,6 +59,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker-addresses", default=None, type=lambda text: text.split(","),
                        help="HOST:PORT,... of workers started with `quire worker` (rank order)")
     group.add_argument("--dist-init-method", default=None, help="torch.distributed URL those workers share")
+    group.add_argument("--max-worker-restarts", type=int, default=None,
+                       help="after a worker dies, start fresh workers and replay every request, at most this "
+                            "many times (default 2; 0 fails the requests instead)")
     group.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS or a new one)")
     group.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"])
 
@@ -68,7 +71,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
              "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "preemption_mode", "swap_space",
              "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
-             "dist_init_method", "ray_address")
+             "dist_init_method", "ray_address", "max_worker_restarts")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

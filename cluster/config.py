@@ -39,6 +39,9 @@ class ParallelConfig:
     worker_addresses: list[str] | None = None
     dist_init_method: str | None = None  # torch.distributed URL for workers started by hand
     ray_address: str | None = None       # join this Ray cluster (else $RAY_ADDRESS, else start one)
+    # After a worker dies: bring fresh workers up and replay every request from its tokens,
+    # at most this many times in the engine's life (0: fail the requests instead).
+    max_worker_restarts: int = 2
 
     @property
     def resolved_executor(self) -> str:
@@ -83,6 +86,8 @@ class EngineConfig:
         positive(self.cache, "kv_cache_memory")
         if not 0 < self.cache.gpu_memory_utilization <= 1:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1] (got {self.cache.gpu_memory_utilization})")
+        if not isinstance(self.parallel.max_worker_restarts, int) or self.parallel.max_worker_restarts < 0:
+            raise ValueError(f"`max_worker_restarts` must be an integer >= 0 (got {self.parallel.max_worker_restarts!r})")
         if self.cache.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"`preemption_mode` must be recompute or swap (got {self.cache.preemption_mode!r})")
         if not isinstance(self.cache.swap_space, int) or self.cache.swap_space < 0:

@@ -42,6 +42,11 @@ class Engine:
         self.tokenizer = self.info.tokenizer
         self.max_model_len = self.info.max_model_len
         dist_init_method = ""
+        # Only workers the engine started itself can be started again after one dies (workers
+        # started by hand at `worker_addresses` are their supervisor's to restart).
+        self._restarts_left = (config.parallel.max_worker_restarts
+                               if executor is None and not config.parallel.worker_addresses else 0)
+        self.num_worker_restarts = 0
         if executor is None:
             from quire.cluster.launch import create_executor
 
@@ -49,16 +54,17 @@ class Engine:
         self.executor = executor
         self.failure: WorkerFailure | None = None
         started = time.perf_counter()
+        self._setup = WorkerSetup(
+            model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
+            max_model_len=self.max_model_len, block_size=config.cache.block_size,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            kv_cache_memory=config.cache.kv_cache_memory or 0,
+            gpu_memory_utilization=config.cache.gpu_memory_utilization,
+            num_kv_blocks=config.cache.num_kv_blocks,
+            dist_init_method=dist_init_method,
+            swap_space=config.cache.swap_space if config.cache.preemption_mode == "swap" else 0)
         try:
-            num_blocks, num_cpu_blocks = self.executor.start(WorkerSetup(
-                model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
-                max_model_len=self.max_model_len, block_size=config.cache.block_size,
-                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                kv_cache_memory=config.cache.kv_cache_memory or 0,
-                gpu_memory_utilization=config.cache.gpu_memory_utilization,
-                num_kv_blocks=config.cache.num_kv_blocks,
-                dist_init_method=dist_init_method,
-                swap_space=config.cache.swap_space if config.cache.preemption_mode == "swap" else 0))
+            num_blocks, num_cpu_blocks = self.executor.start(self._setup)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -131,12 +137,8 @@ class Engine:
         try:
             result = self.executor.execute(plan)
         except WorkerFailure as failure:
-            # The step's work is lost and the workers are gone: end every request now
-            # (freeing its blocks) rather than leave any waiting.
-            self.failure = failure
-            for request_id in list(self.scheduler.requests):
-                self.abort(request_id)
-            raise
+            self._on_worker_failure(failure)  # raises unless fresh workers took over
+            return []
         self.stats.execute_seconds += time.perf_counter() - executing
         self.stats.forward_seconds += result.forward_seconds
         outputs = []
@@ -148,6 +150,47 @@ class Engine:
         self.stats.generated_tokens += len(outputs)
         self.stats.step_seconds += time.perf_counter() - started
         return outputs
+
+    def check_workers(self) -> None:
+        """Recover from a worker death the executor noticed while no step ran (raises
+        WorkerFailure when no restart is left)."""
+        failure = getattr(self.executor, "failure", None)
+        if failure is not None and self.failure is None:
+            self._on_worker_failure(failure)
+
+    def _on_worker_failure(self, failure: WorkerFailure) -> None:
+        """Bring fresh workers up and replay every request from its tokens; or, with no
+        restart left (or if that fails too), end every request now, freeing its blocks,
+        rather than leave any waiting, and raise the failure."""
+        if self._restarts_left > 0:
+            self._restarts_left -= 1
+            logger.error("%s; restarting the workers and replaying %d requests (%d restarts left)", failure,
+                         self.scheduler.num_unfinished, self._restarts_left)
+            try:
+                self._restart_workers()
+                return
+            except Exception as error:  # noqa: BLE001 - reported below, with the original failure
+                logger.exception("restarting the workers failed")
+                failure = WorkerFailure(f"{failure}; restarting the workers failed: {error}")
+        self.failure = failure
+        for request_id in list(self.scheduler.requests):
+            self.abort(request_id)
+        raise failure
+
+    def _restart_workers(self) -> None:
+        from dataclasses import replace
+
+        from quire.cluster.launch import create_executor
+
+        self.executor.shutdown()  # whatever is left of the old workers
+        self.executor, dist_init_method = create_executor(self.config.parallel)
+        # The same block count as before, so block ids keep their meaning for the new pools.
+        num_blocks, _ = self.executor.start(replace(self._setup, dist_init_method=dist_init_method,
+                                                    num_kv_blocks=self.kv.pool.num_blocks))
+        if num_blocks != self.kv.pool.num_blocks:
+            raise WorkerFailure(f"the new workers hold {num_blocks} KV blocks, not {self.kv.pool.num_blocks}")
+        self.scheduler.forget_worker_state()
+        self.num_worker_restarts += 1
 
     def _stop_reason(self, request: Request, token_id: int, stop_string: str | None):
         params = request.sampling_params

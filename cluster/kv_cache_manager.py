@@ -167,6 +167,16 @@ class KVCacheManager:
         self.cpu_pool.free(reversed(self.cpu_tables.pop(request.request_id)))
         return list(zip(cpu_blocks, blocks))
 
+    def reset(self) -> None:
+        """Forget every table, CPU table and cached block (the workers' pools were replaced)."""
+        self.pool = BlockPool(self.pool.num_blocks)
+        if self.cpu_pool is not None:
+            self.cpu_pool = BlockPool(self.cpu_pool.num_blocks)
+        self.tables.clear()
+        self.cpu_tables.clear()
+        self._hashes.clear()
+        self._num_registered.clear()
+
     @property
     def num_used_blocks(self) -> int:
         return self.pool.num_blocks - self.pool.num_free_blocks

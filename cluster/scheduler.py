@@ -70,6 +70,19 @@ class Scheduler:
             self._finished_handles.append(request.handle)
         return request
 
+    def forget_worker_state(self) -> None:
+        """The workers were replaced and hold nothing: every live request goes back to the
+        waiting queue to be recomputed from its tokens (prompt and outputs so far), as if
+        preempted, and the KV cache manager starts empty. Mutates every request and queue."""
+        self.kv.reset()
+        self._finished_handles = []
+        for request in self.running + self.waiting:
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = request.num_tokens_sent = request.num_blocks_sent = 0
+            request.fork_of, request.cow_block = None, None
+        self.waiting = sorted(self.running + self.waiting, key=lambda r: r.sort_key)
+        self.running = []
+
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         swaps = self.kv.swap_out(request.request_id) if self.preemption_mode == "swap" else None
         if swaps is not None:

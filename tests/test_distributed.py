@@ -122,3 +122,29 @@ def test_too_few_gpus_is_an_error_not_a_silent_cpu_fallback(ray_session, monkeyp
     monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
     with pytest.raises(RuntimeError, match="has 2 GPUs; tensor_parallel_size=4 needs 4"):
         RayWorkerGroup(4)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_every_request_replayed(tp_checkpoint, hf_tokens):
+    llm = LLM(model=str(tp_checkpoint), tensor_parallel_size=2, executor="workers", dtype="float32",
+              num_kv_blocks=64, max_worker_restarts=1)
+    engine = llm.engine
+    first_workers = engine.executor._on_shutdown.__self__.processes  # the launcher's processes
+    real_step, steps = engine.step, [0]
+
+    def step():
+        steps[0] += 1
+        if steps[0] == 4:  # mid-generation: some outputs streamed, every request still running
+            first_workers[1].kill()
+            first_workers[1].wait()
+        return real_step()
+
+    engine.step = step
+    try:
+        generate_and_check(llm, hf_tokens)  # identical to HF, as if nothing happened
+        assert engine.num_worker_restarts == 1 and engine.failure is None
+        assert engine.executor._on_shutdown.__self__.processes is not first_workers
+        assert all(p.poll() is not None for p in first_workers), "the old workers are all gone"
+        engine.scheduler.check_integrity()
+    finally:
+        llm.shutdown()

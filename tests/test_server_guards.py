@@ -128,7 +128,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker process through /proc")
 def test_a_dead_worker_turns_both_health_checks_down(env):
-    args = ["--executor", "workers", "--tensor-parallel-size", "1", *SMALL]
+    args = ["--executor", "workers", "--tensor-parallel-size", "1", "--max-worker-restarts", "0", *SMALL]
     with ServeProcess(args, env) as server, grpc.insecure_channel(server.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service="quire.v1.Generate")
@@ -144,3 +144,29 @@ def test_a_dead_worker_turns_both_health_checks_down(env):
             list(generate_pb2_grpc.GenerateStub(channel).Generate(pb.GenerateRequest(text="Hi"), timeout=10))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert httpx.post(f"{server.http_url}/v1/completions", json={"prompt": "Hi"}, timeout=10).status_code == 503
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker process through /proc")
+def test_a_stream_outlives_its_worker(env):
+    """A worker killed mid-stream is replaced and the request replayed from its tokens: the
+    client sees every token, once, and the server is healthy again."""
+    args = ["--executor", "workers", "--tensor-parallel-size", "1", "--max-model-len", "512", "--num-kv-blocks", "64",
+            "--log-level", "warning"]
+    options = pb.SamplingOptions(max_tokens=300, temperature=0, ignore_eos=True)
+    with ServeProcess(args, env) as server, grpc.insecure_channel(server.grpc_target) as channel:
+        stub = generate_pb2_grpc.GenerateStub(channel)
+        reference = [t for m in stub.Generate(pb.GenerateRequest(text="Hi", sampling=options), timeout=120)
+                     for t in m.token_ids]
+        (worker,) = _children(server.proc.pid)
+        call = stub.Generate(pb.GenerateRequest(text="Hi", sampling=options), timeout=120)
+        tokens = list(next(call).token_ids)
+        os.kill(worker, 9)
+        for message in call:
+            tokens.extend(message.token_ids)
+        assert tokens == reference, "the replayed request continues exactly where it was"
+        assert message.finish_reason == "length" and message.usage.completion_tokens == 300
+        (replacement,) = _children(server.proc.pid)
+        assert replacement != worker
+        assert httpx.get(f"{server.http_url}/health", timeout=10).status_code == 200
+        metrics = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+        assert "quire_worker_restarts_total" in metrics
