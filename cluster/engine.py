@@ -184,9 +184,13 @@ class Engine:
 
         self.executor.shutdown()  # whatever is left of the old workers
         self.executor, dist_init_method = create_executor(self.config.parallel)
-        # The same block count as before, so block ids keep their meaning for the new pools.
-        num_blocks, _ = self.executor.start(replace(self._setup, dist_init_method=dist_init_method,
-                                                    num_kv_blocks=self.kv.pool.num_blocks))
+        try:
+            # The same block count as before, so block ids keep their meaning for the new pools.
+            num_blocks, _ = self.executor.start(replace(self._setup, dist_init_method=dist_init_method,
+                                                        num_kv_blocks=self.kv.pool.num_blocks))
+        except BaseException:
+            self.executor.shutdown()  # no half-started workers left behind
+            raise
         if num_blocks != self.kv.pool.num_blocks:
             raise WorkerFailure(f"the new workers hold {num_blocks} KV blocks, not {self.kv.pool.num_blocks}")
         self.scheduler.forget_worker_state()
