@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from quire.cluster.bench_serve import parse_range
+
 
 def workload(args, vocab_size):
     rng = random.Random(args.seed)
@@ -98,11 +100,10 @@ def controller_microbench(num_running: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    span = lambda text: tuple(int(x) for x in text.split(":"))  # noqa: E731
     parser.add_argument("--model", default=None)
     parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--input-len", type=span, default=(32, 128))
-    parser.add_argument("--output-len", type=span, default=(32, 128))
+    parser.add_argument("--input-len", type=parse_range, default=(32, 128))
+    parser.add_argument("--output-len", type=parse_range, default=(32, 128))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per transport (medians reported)")
     parser.add_argument("--out", default=None)

@@ -51,23 +51,14 @@ import traceback
 
 import torch
 
+from quire.cluster.bench_serve import parse_range
+
 PEERS = ("quire", "hf_generate", "hf_generate_batch")
 
 
 # --------------------------------------------------------------------------------------------
 # CLI and workload
 # --------------------------------------------------------------------------------------------
-
-def _range(text: str) -> tuple[int, int]:
-    try:
-        lo, _, hi = text.partition(":")
-        lo, hi = int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {text!r}") from None
-    if lo < 1 or hi < lo:
-        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
-    return lo, hi
-
 
 def _peers(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
@@ -83,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None,
                     help="checkpoint directory (default: quire's embedded default checkpoint)")
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--input-len", type=_range, default=(32, 128), metavar="MIN:MAX")
-    ap.add_argument("--output-len", type=_range, default=(32, 128), metavar="MIN:MAX")
+    ap.add_argument("--input-len", type=parse_range, default=(32, 128), metavar="MIN:MAX")
+    ap.add_argument("--output-len", type=parse_range, default=(32, 128), metavar="MIN:MAX")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=16, help="static batch size of HF generate")
     ap.add_argument("--max-num-seqs", type=int, default=256,

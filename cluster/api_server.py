@@ -220,8 +220,6 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         check_model(body.model)
-        if not body.messages:
-            raise APIError(400, "`messages` must hold at least one message", "messages")
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "the model has no chat template; start the server with --chat-template", "messages")
         try:

@@ -129,7 +129,7 @@ class Engine:
         """Run one scheduler step; return an output for each request that produced tokens."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
-        if not plan.num_scheduled_requests and not plan.finished_handles:
+        if not plan.num_scheduled_requests and not plan.finished_handles and not plan.moves_blocks:
             return []
         if self.failure is not None:
             raise self.failure

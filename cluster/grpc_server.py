@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from quire.cluster.api_server import key_matches
 from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from quire.cluster.outputs import best_candidates
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
 from quire.protos.step import SamplingParams
@@ -89,10 +90,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         def entry(tid: int, logprob: float) -> pb.TokenWithLogprob:
             return pb.TokenWithLogprob(token_id=tid, logprob=logprob, text=self.tokenizer.decode([tid]))
 
-        # The candidates are the sampled token and the `top` best: their best `top` are the top.
-        best = sorted(candidates.items(), key=lambda item: -item[1])[:top]
         return pb.GeneratedTokenLogprobs(token=entry(token_id, candidates.get(token_id, float("-inf"))),
-                                         top=[entry(t, lp) for t, lp in best])
+                                         top=[entry(t, lp) for t, lp in best_candidates(candidates, top)])
 
     async def Abort(self, request: pb.AbortRequest, context):
         if not request.request_id:

@@ -130,14 +130,19 @@ class KVCacheManager:
         return self.tables[request_id]
 
     def free(self, request_id: str, forget: bool = True) -> None:
-        """Release every block of the request (tail first) and its table; its hashes too
-        unless `forget` is False (a preempted request that will be back)."""
-        self.pool.free(reversed(self.tables.pop(request_id, [])))
-        self._num_registered.pop(request_id, None)
+        """Release every block of the request (tail first), device and CPU, and its tables;
+        its hashes too unless `forget` is False (a preempted request that will be back)."""
+        self._release_device_table(request_id)
         if self.cpu_pool is not None:
             self.cpu_pool.free(reversed(self.cpu_tables.pop(request_id, [])))
         if forget:
             self._hashes.pop(request_id, None)
+
+    def _release_device_table(self, request_id: str) -> list[int]:
+        table = self.tables.pop(request_id, [])
+        self.pool.free(reversed(table))
+        self._num_registered.pop(request_id, None)
+        return table
 
     # -- swapping ------------------------------------------------------------------------------
     def swap_out(self, request_id: str) -> list[tuple[int, int]] | None:
@@ -150,8 +155,7 @@ class KVCacheManager:
         cpu_blocks = self.cpu_pool.allocate(len(table))
         if cpu_blocks is None:
             return None
-        self.pool.free(reversed(self.tables.pop(request_id)))
-        self._num_registered.pop(request_id, None)
+        self._release_device_table(request_id)
         self.cpu_tables[request_id] = cpu_blocks
         return list(zip(table, cpu_blocks))
 

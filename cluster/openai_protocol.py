@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from quire.cluster.outputs import best_candidates
 from quire.protos.step import SamplingParams
 
 # A prompt is a string or a list of token ids, or (OpenAI's batch form) a list of them.
@@ -129,7 +130,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_GenerationBody):
     """The body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
@@ -145,8 +146,6 @@ class ChatCompletionRequest(_GenerationBody):
     def sampling_params(self, room_left: int) -> SamplingParams:
         """`room_left`: tokens the context holds after the prompt, the default `max_tokens`."""
         self.check_common()
-        if not self.messages:
-            raise ValueError("`messages` must hold at least one message")
         if self.tools:
             raise ValueError("`tools` (function calling) is not supported")
         if self.tool_choice not in (None, "none", "auto"):
@@ -202,9 +201,6 @@ def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, floa
 
     content = []
     for token_id, candidates in zip(token_ids, logprobs):
-        # The engine's candidates are the sampled token and the `top` best, so the best `top`
-        # of them, in order, are the top logprobs whether or not the sampled token is one.
-        best = sorted(candidates.items(), key=lambda item: -item[1])[:top]
         content.append({**entry(token_id, candidates.get(token_id, -9999.0)),
-                        "top_logprobs": [entry(t, lp) for t, lp in best]})
+                        "top_logprobs": [entry(t, lp) for t, lp in best_candidates(candidates, top)]})
     return {"content": content}

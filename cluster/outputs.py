@@ -24,3 +24,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None                  # set when the engine failed the request
+
+
+def best_candidates(candidates: dict[int, float], top: int) -> list[tuple[int, float]]:
+    """The `top` most likely (token, logprob) of one position, best first. An output's
+    candidates are the sampled token and the `top` best, so their best `top` are the top
+    logprobs whether or not the sampled token is among them."""
+    return sorted(candidates.items(), key=lambda item: -item[1])[:top]

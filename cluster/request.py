@@ -71,7 +71,4 @@ class Request:
 
     def tokens_from(self, start: int) -> list[int]:
         """All token ids (prompt then output) from index `start` on."""
-        prompt_len = len(self.prompt_token_ids)
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len:]
-        return self.prompt_token_ids[start:] + self.output_token_ids
+        return self.token_slice(start, self.num_tokens)
