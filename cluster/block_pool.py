@@ -45,21 +45,25 @@ class BlockPool:
         or return None (taking nothing) if too few are free."""
         if count > len(self._free):
             return None
-        blocks = []
-        for _ in range(count):
-            block, _ = self._free.popitem(last=False)
+        return [self.allocate_one() for _ in range(count)]
+
+    def allocate_one(self) -> int | None:
+        """Take the block at the head of the free queue (ref count 1, cached content evicted),
+        or return None if none is free."""
+        if not self._free:
+            return None
+        block, _ = self._free.popitem(last=False)
+        if self.block_hash[block] is not None:
             self._evict(block)
-            self.ref_counts[block] = 1
-            blocks.append(block)
-        return blocks
+        self.ref_counts[block] = 1
+        return block
 
     def _evict(self, block: int) -> None:
         block_hash = self.block_hash[block]
-        if block_hash is not None:
-            self.block_hash[block] = None
-            if self.cached.get(block_hash) == block:
-                del self.cached[block_hash]
-            self.num_evictions += 1
+        self.block_hash[block] = None
+        if self.cached.get(block_hash) == block:
+            del self.cached[block_hash]
+        self.num_evictions += 1
 
     def lookup(self, block_hash: bytes) -> int | None:
         """The block holding this content, in use or cached free, or None."""

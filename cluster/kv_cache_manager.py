@@ -111,6 +111,20 @@ class KVCacheManager:
             self._register(request, table, num_tokens)
         return new_blocks
 
+    def append_block(self, request) -> int | None:
+        """One more block at the end of a running request's table, for the decode token that
+        opens it; the block the earlier tokens filled is registered in the prefix cache.
+        Returns the block id, or None, changing nothing, when no block is free. (The decode
+        step's fast path: `allocate_slots` does the same, for any request, at more cost.)"""
+        block = self.pool.allocate_one()
+        if block is None:
+            return None
+        table = self.tables[request.request_id]
+        table.append(block)
+        if self.enable_prefix_caching:
+            self._register(request, table, (len(table) - 1) * self.block_size)
+        return block
+
     def _register(self, request, table: list[int], num_tokens: int) -> None:
         start = self._num_registered.get(request.request_id, 0)
         full = min(num_tokens // self.block_size, len(table))

@@ -132,20 +132,34 @@ class Scheduler:
                 break
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)  # hot loop: no property call
             num_computed = request.num_computed_tokens
-            num_new = num_tokens - num_computed
-            if num_new > budget:
-                num_new = budget
-            elif num_new <= 0:
+            if num_computed == num_tokens - 1 == request.num_tokens_sent and request.cow_block is None:
+                # The plain decode: the workers hold the request's whole table (num_blocks_sent
+                # blocks) and every token but the last sampled one.
+                if num_tokens > request.num_blocks_sent * block_size:  # the token opens a block
+                    while (block := self.kv.append_block(request)) is None:
+                        victim = self.running.pop()
+                        self._preempt(victim, plan)
+                        preempted = True
+                        if victim is request:
+                            break
+                    if block is None:
+                        break
+                    plan.decode_block_handles.append(request.handle)
+                    plan.decode_block_ids.append(block)
+                    request.num_blocks_sent += 1
+                add_decode(request.handle)
+                add_decode_token(request.output_token_ids[-1])
+                request.num_tokens_sent = request.num_computed_tokens = num_tokens
+                budget -= 1
                 continue
-            # A running request's table is exactly what the workers hold (num_blocks_sent
-            # blocks), so most steps need no allocation at all.
-            new_blocks = None
+            num_new = min(num_tokens - num_computed, budget)
+            if num_new <= 0:
+                continue
             if num_computed + num_new > request.num_blocks_sent * block_size or request.cow_block is not None:
                 cow = request.cow_block is not None
                 copies: list[tuple[int, int]] = []
-                while (new_blocks := self.kv.allocate_slots(request, num_computed + num_new,
-                                                            write_from=num_computed if cow else None,
-                                                            copies=copies)) is None:
+                while self.kv.allocate_slots(request, num_computed + num_new, write_from=num_computed if cow else None,
+                                             copies=copies) is None:
                     victim = self.running.pop()
                     self._preempt(victim, plan)
                     preempted = True
@@ -158,17 +172,7 @@ class Scheduler:
                     request.num_blocks_sent = 0
                 if cow and num_computed + num_new > (request.cow_block + 1) * block_size:
                     request.cow_block = None  # writes moved past the block it shared
-            if num_new == 1 and num_computed == request.num_tokens_sent == num_tokens - 1 and request.num_blocks_sent:
-                # The plain decode: the workers know every token but the last sampled one.
-                add_decode(request.handle)
-                add_decode_token(request.output_token_ids[-1])
-                if new_blocks:
-                    plan.decode_block_handles.append(request.handle)
-                    plan.decode_block_ids.extend(new_blocks)  # one token needs at most one new block
-                    request.num_blocks_sent += 1
-                request.num_tokens_sent = request.num_computed_tokens = num_tokens
-            else:
-                self._add_to_plan(plan, request, num_new)
+            self._add_to_plan(plan, request, num_new)
             budget -= num_new
 
         # Admitting new work while blocks are so short that a running request was just
@@ -254,8 +258,8 @@ class Scheduler:
         assert live == set(self.requests), "queues and request map disagree"
         assert {r.handle for r in self.requests.values()} == set(self.by_handle), "handles disagree"
         assert set(self.kv.tables) <= {r.request_id for r in self.running}, "a non-running request holds blocks"
-        assert all(r.num_blocks_sent <= len(self.kv.block_ids(r.request_id)) for r in self.running), \
-            "the workers were sent blocks the request no longer holds"
+        assert all(r.num_blocks_sent == len(self.kv.block_ids(r.request_id)) for r in self.running), \
+            "the workers do not hold a running request's table as it is"
         swapped = {r.request_id for r in self.waiting if r.status is RequestStatus.SWAPPED}
         assert set(self.kv.cpu_tables) == swapped, "CPU blocks held by other than swapped-out requests"
         assert len(self.running) <= self.config.max_num_seqs
