@@ -1,14 +1,17 @@
 """What crossing the wire costs: the same offline workload through the in-process
-executor and through Ray + gRPC workers at tp=1 and tp=2, in one run, plus the
-controller's own cost per step at 256 running requests.
+executor and through Ray + gRPC workers at tp=1 (with asynchronous scheduling, its
+default, and without) and tp=2, in one run, plus the controller's own cost per step at
+256 running requests.
 
 Reports per transport (medians of interleaved repeats): wall seconds, output tokens/s
 and the ratio to in-process, controller time per step (inside `Engine.step`, outside
-the executor: scheduling, plan building, detokenising, stop checks), the worker's
-forward time per step, transport time per step (executor wall time minus the worker's
-forward), and bytes per StepPlan. Separately, with no model, the controller's side of
-a decode step for 256 running requests: scheduling, serialising the plan, parsing the
-answer and appending its tokens; and the plan's bytes per request.
+waiting for the executor: scheduling, plan building, detokenising, stop checks), the
+worker's forward time per step, the wait beyond it per step (executor wait minus the
+worker's forward: the transport, less what asynchronous scheduling overlaps), and bytes
+per StepPlan. Separately, with no model, the controller's side of a decode step for 256
+running requests: scheduling and serialising the plan, then parsing the answer and
+appending its tokens (median and quickest of `--repeats` runs); and the plan's bytes
+per request.
 
     python benchmarks/dispatch.py --num-requests 64 --out dispatch.json
 """
@@ -54,7 +57,7 @@ def run_transport(name, kwargs, model, prompts, params):
             "transport": name, "wall_seconds": wall, "output_tokens_per_s": tokens / wall, "steps": stats.num_steps,
             "controller_us_per_step": 1e6 * (stats.step_seconds - stats.execute_seconds) / stats.num_steps,
             "worker_forward_us_per_step": 1e6 * stats.forward_seconds / stats.num_steps,
-            "transport_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
+            "wait_beyond_forward_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
             "plan_bytes_per_step": (llm.engine.executor.bytes_sent - bytes_before) / world / stats.num_steps,
         }, [o.outputs[0].token_ids for o in outputs]
     finally:
@@ -63,8 +66,9 @@ def run_transport(name, kwargs, model, prompts, params):
 
 def controller_microbench(num_running: int, steps: int) -> dict:
     """The controller's side of a decode step for `num_running` requests, with no model:
-    schedule, serialise the plan, parse rank 0's answer and append its tokens. (Building
-    that answer is the worker's work and is not timed.)"""
+    schedule and serialise the plan (the goal's "scheduling + plan building"), then parse
+    rank 0's answer and append its tokens. (Building that answer is the worker's work and
+    is not timed.) Medians over the steps, in microseconds."""
     from quire.cluster.block_pool import BlockPool
     from quire.cluster.config import SchedulerConfig
     from quire.cluster.kv_cache_manager import KVCacheManager
@@ -79,7 +83,7 @@ def controller_microbench(num_running: int, steps: int) -> dict:
         # Staggered lengths spread block-boundary crossings over the steps, as in real traffic.
         scheduler.add_request(Request(f"request-{i}", [5] * (100 + i % 16),
                                       SamplingParams(temperature=0, max_tokens=10**6)))
-    timings, sizes = [], []
+    planning, answering, sizes = [], [], []
     for step in range(steps + 1):
         began = time.perf_counter()
         plan = scheduler.schedule()
@@ -91,11 +95,25 @@ def controller_microbench(num_running: int, steps: int) -> dict:
         answered = time.perf_counter()
         scheduler.update_from_output(plan, StepResult.from_pb(pb.StepResult.FromString(answer_wire)))
         if step:  # step 0 is the prefill
-            timings.append(time.perf_counter() - answered + planned - began)
+            planning.append(planned - began)
+            answering.append(time.perf_counter() - answered)
             sizes.append(len(wire))
-    return {"running_requests": num_running, "us_per_step_median": 1e6 * statistics.median(timings),
-            "us_per_step_mean": 1e6 * statistics.mean(timings),
-            "plan_bytes": statistics.median(sizes), "plan_bytes_per_request": statistics.median(sizes) / num_running}
+    return {"schedule_and_plan_us": 1e6 * statistics.median(planning),
+            "parse_and_append_us": 1e6 * statistics.median(answering),
+            "plan_bytes": statistics.median(sizes)}
+
+
+def controller_report(num_running: int, steps: int, repeats: int) -> dict:
+    """`controller_microbench` repeated (the machine's speed drifts between runs): the median
+    run and the quickest, whose figures are the closest to the code's own cost."""
+    runs = [controller_microbench(num_running, steps) for _ in range(repeats)]
+    totals = [run["schedule_and_plan_us"] + run["parse_and_append_us"] for run in runs]
+    plan_bytes = runs[0]["plan_bytes"]
+    return {"running_requests": num_running, "repeats": repeats,
+            "schedule_and_plan_us_median": statistics.median(run["schedule_and_plan_us"] for run in runs),
+            "schedule_and_plan_us_best": min(run["schedule_and_plan_us"] for run in runs),
+            "with_parse_and_append_us_median": statistics.median(totals), "with_parse_and_append_us_best": min(totals),
+            "runs": runs, "plan_bytes": plan_bytes, "plan_bytes_per_request": plan_bytes / num_running}
 
 
 def main() -> None:
@@ -114,13 +132,14 @@ def main() -> None:
     model = args.model or str(default_model_dir())
     prompts, params = workload(args, AutoConfig.from_pretrained(model).vocab_size)
     # Before Ray starts: its daemons share this machine's cores.
-    controller = controller_microbench(256, 200)
+    controller = controller_report(256, 200, args.repeats)
     print(json.dumps({"controller_256": controller}), flush=True)
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
     transports = [("inproc", dict(executor="inproc")),
                   ("ray-grpc-tp1", dict(executor="ray", tensor_parallel_size=1)),
+                  ("ray-grpc-tp1-sync", dict(executor="ray", tensor_parallel_size=1, async_scheduling=False)),
                   ("ray-grpc-tp2", dict(executor="ray", tensor_parallel_size=2))]
     runs, tokens = {name: [] for name, _ in transports}, {}
     # Interleaved repeats: a shared machine's speed drifts, and each transport should see the same drift.

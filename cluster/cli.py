@@ -49,6 +49,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "to the workers' CPU swap pool")
     group.add_argument("--swap-space", type=parse_bytes, default=None,
                        help="CPU swap pool per rank for --preemption-mode swap, e.g. 4GiB (default: 1GiB)")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="plan each step while the one before runs (default: on where the workers are "
+                            "separate processes, off in-process)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="share of each GPU's memory quire may use (weights, activations, KV cache)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -71,7 +74,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
              "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "preemption_mode", "swap_space",
              "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
-             "dist_init_method", "ray_address", "max_worker_restarts")
+             "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

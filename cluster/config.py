@@ -28,6 +28,9 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256             # cap on running requests
     max_num_batched_tokens: int = 2048  # token budget of one step
+    # Plan step N+1 while step N runs, naming N's sampled tokens by placeholder (None: where the
+    # workers run apart from the controller, whose round trip this then hides).
+    async_scheduling: bool | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from quire.cluster.block_pool import BlockPool
@@ -19,7 +20,7 @@ from quire.cluster.model_info import ModelInfo
 from quire.cluster.outputs import CompletionOutput, RequestOutput
 from quire.cluster.request import Request, RequestStatus
 from quire.cluster.scheduler import Scheduler
-from quire.protos.step import SamplingParams
+from quire.protos.step import SamplingParams, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class EngineStats:
     num_steps: int = 0
     forward_seconds: float = 0.0       # worker-reported model forward + sampling time
     step_seconds: float = 0.0          # wall time inside step()
-    execute_seconds: float = 0.0       # wall time waiting for the executor (forward + transport)
+    execute_seconds: float = 0.0       # wall time in the executor (forward + transport, less what overlaps)
     generated_tokens: int = 0
     prompt_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
@@ -53,6 +54,11 @@ class Engine:
             executor, dist_init_method = create_executor(config.parallel)
         self.executor = executor
         self.failure: WorkerFailure | None = None
+        # Steps launched, results not yet collected, oldest first: up to two with asynchronous
+        # scheduling (on by default where the workers run apart from the controller).
+        self._in_flight: deque[StepPlan] = deque()
+        async_scheduling = config.scheduler.async_scheduling
+        self._pipeline_depth = 2 if (executor.runs_apart if async_scheduling is None else async_scheduling) else 1
         started = time.perf_counter()
         self._setup = WorkerSetup(
             model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
@@ -103,7 +109,8 @@ class Engine:
                              f"{self.kv.blocks_for(longest)} KV blocks; the cache holds {self.kv.pool.num_blocks}")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("`cache_salt` must be a non-empty string")
-        request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority, cache_salt=cache_salt)
+        request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority, cache_salt=cache_salt,
+                          max_num_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len))
         leader = self.scheduler.requests.get(fork_of) if fork_of is not None else None
         if leader is not None and leader.prompt_token_ids == token_ids and leader.cache_salt == cache_salt:
             request.fork_of = leader
@@ -126,17 +133,30 @@ class Engine:
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return an output for each request that produced tokens."""
+        """Collect the oldest step in flight and return an output for each request that got a
+        token from it. With asynchronous scheduling the next step is planned and launched
+        first, so the workers compute it while the controller handles this one's tokens (its
+        plan names the tokens still unknown here by placeholder); a request that stops on
+        a token then has one more token computed, and dropped."""
         started = time.perf_counter()
-        plan = self.scheduler.schedule()
-        if not plan.num_scheduled_requests and not plan.finished_handles and not plan.moves_blocks:
+        while len(self._in_flight) < self._pipeline_depth:
+            plan = self.scheduler.schedule()
+            if not plan.num_scheduled_requests and not plan.finished_handles and not plan.moves_blocks:
+                break
+            if self.failure is not None:
+                raise self.failure
+            submitting = time.perf_counter()
+            self.executor.submit(plan)  # runs the step, for an executor whose workers do not run apart
+            self.stats.execute_seconds += time.perf_counter() - submitting
+            self._in_flight.append(plan)
+        if not self._in_flight:
             return []
-        if self.failure is not None:
-            raise self.failure
+        plan = self._in_flight.popleft()
         executing = time.perf_counter()
         try:
-            result = self.executor.execute(plan)
+            result = self.executor.collect()
         except WorkerFailure as failure:
+            self._in_flight.clear()
             self._on_worker_failure(failure)  # raises unless fresh workers took over
             return []
         self.stats.execute_seconds += time.perf_counter() - executing

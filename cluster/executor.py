@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 
 from quire.protos import worker_pb2 as pb
@@ -40,6 +41,10 @@ class WorkerSetup:
 
 class Executor(ABC):
     world_size: int = 1
+    runs_apart: bool = False  # the workers compute while the controller runs (other processes)
+
+    def __init__(self):
+        self._results: deque[StepResult | WorkerFailure] = deque()  # of steps submitted, not collected
 
     @abstractmethod
     def _call_all(self, method: str, requests: list) -> list:
@@ -70,7 +75,25 @@ class Executor(ABC):
             num_blocks=num_blocks, block_size=setup.block_size, swap_space_bytes=setup.swap_space)] * self.world_size)
         return num_blocks, int(min(a.num_cpu_blocks for a in allocated))
 
+    def submit(self, plan: StepPlan) -> None:
+        """Launch a step. Steps run in the order submitted, each after the one before; up to
+        two may be in flight. Never raises WorkerFailure: `collect` does. This default runs the
+        step right here and keeps its result; executors whose workers `runs_apart` return
+        at once, and the step runs while the controller goes on."""
+        try:
+            self._results.append(self.execute(plan))
+        except WorkerFailure as failure:
+            self._results.append(failure)
+
+    def collect(self) -> StepResult:
+        """Rank 0's result of the oldest step in flight (waiting for it); raises WorkerFailure."""
+        result = self._results.popleft()
+        if isinstance(result, WorkerFailure):
+            raise result
+        return result
+
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step, with no other in flight, and return rank 0's result."""
         return StepResult.from_pb(self._call("ExecuteStep", plan.to_pb()))
 
     def check_health(self) -> None:
@@ -96,6 +119,7 @@ class InprocExecutor(Executor):
     def __init__(self):
         from quire.worker.worker import Worker  # the one place the controller may import the worker
 
+        super().__init__()
         self.worker = Worker()
         self.bytes_sent = 0
 

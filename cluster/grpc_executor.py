@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import deque
 import threading
 import time
 
@@ -50,10 +51,13 @@ class _StepStream:
 
 
 class GrpcExecutor(Executor):
+    runs_apart = True
+
     def __init__(self, addresses: list[str], connect_timeout: float = 60.0, health_interval: float = 1.0,
                  on_shutdown=None):
         """Connect to the workers at `addresses` (rank order). `on_shutdown` runs after the
         workers were told to stop (a launcher's cleanup)."""
+        super().__init__()
         self.addresses = list(addresses)
         self.world_size = len(addresses)
         self.channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in addresses]
@@ -69,7 +73,8 @@ class GrpcExecutor(Executor):
                 self.close()
                 raise WorkerFailure(f"rank {rank} at {addresses[rank]} did not answer within {connect_timeout}s")
         self._streams: list[_StepStream] | None = None
-        self._step_started: float | None = None  # monotonic time of the step in flight
+        self._step_started: float | None = None  # monotonic time the oldest step in flight began
+        self._in_flight: deque[int] = deque()     # step ids submitted, not yet collected
         self._health_interval = health_interval
         self._health_thread = threading.Thread(target=self._watch, name="quire-worker-health", daemon=True)
         self._health_thread.start()
@@ -95,16 +100,24 @@ class GrpcExecutor(Executor):
                                              f"(then rank {rank} {what})")
         return self._fail(rank, what)
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def submit(self, plan: StepPlan) -> None:
+        """Send the plan down every rank's step stream; each rank starts on it as soon as it
+        is done with the step before."""
         if self.failure is not None:
-            raise self.failure
+            return  # collect() raises it
         if self._streams is None:
             self._streams = [_StepStream(channel) for channel in self.channels]
         wire = plan.to_pb().SerializeToString()
         self.bytes_sent += len(wire) * self.world_size
-        self._step_started = time.monotonic()
+        if not self._in_flight:
+            self._step_started = time.monotonic()
+        self._in_flight.append(plan.step_id)
         for stream in self._streams:
             stream.send(wire)
+
+    def collect(self) -> StepResult:
+        if self.failure is not None:
+            raise self.failure
         answers = []
         for rank, stream in enumerate(self._streams):
             try:
@@ -114,11 +127,16 @@ class GrpcExecutor(Executor):
                     raise self.failure
                 detail = f"{error.code().name} {error.details()}" if isinstance(error, grpc.Call) else "ended the stream"
                 raise self._fail_with_root_cause(rank, f"failed ExecuteSteps: {detail}")
-        self._step_started = None
+        step_id = self._in_flight.popleft()
+        self._step_started = time.monotonic() if self._in_flight else None  # the next one runs from now on
         result = StepResult.from_pb(pb.StepResult.FromString(answers[0]))
-        if result.step_id != plan.step_id:
-            raise self._fail(0, f"answered step {result.step_id} to step {plan.step_id}")
+        if result.step_id != step_id:
+            raise self._fail(0, f"answered step {result.step_id} to step {step_id}")
         return result
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.submit(plan)
+        return self.collect()
 
     def _call_all(self, method: str, requests: list) -> list:
         if self.failure is not None:

@@ -28,8 +28,10 @@ class Request:
     request can be replayed on fresh workers; the workers hold only a cache of it.
 
     `num_computed_tokens` counts tokens whose KV is in the cache; each step the scheduler
-    lets it catch up to `num_tokens`. `num_tokens_sent`/`num_blocks_sent` count what the
-    workers already know, so a StepPlan carries only what is new.
+    lets it catch up to `num_tokens` plus `num_pending_tokens` (tokens that steps in flight
+    will sample: positions whose KV the next step can already compute, the workers knowing
+    the token). `num_tokens_sent`/`num_blocks_sent` count what the workers already know
+    (pending tokens included), so a StepPlan carries only what is new.
     """
 
     request_id: str
@@ -50,6 +52,13 @@ class Request:
     cache_salt: str | None = None  # enters the first block's hash: only equal salts share prefixes
     fork_of: Request | None = None # parallel sampling: share this leader's prompt blocks (until admitted)
     cow_block: int | None = None   # index of a table block others may share, to copy before writing it
+    # Tokens sampled by steps in flight, not yet received (0 to 2: the controller plans one step ahead).
+    num_pending_tokens: int = 0
+    max_num_tokens: int = 0        # prompt + outputs at most (0: prompt + max_tokens); set by the engine
+
+    def __post_init__(self):
+        if not self.max_num_tokens:
+            self.max_num_tokens = len(self.prompt_token_ids) + self.sampling_params.max_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -23,7 +23,7 @@ import logging
 from quire.cluster.config import SchedulerConfig
 from quire.cluster.kv_cache_manager import KVCacheManager
 from quire.cluster.request import Request, RequestStatus
-from quire.protos.step import CachedRequestData, NewRequestData, StepPlan, StepResult
+from quire.protos.step import PLACEHOLDER_TOKEN, CachedRequestData, NewRequestData, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Scheduler:
         for request in self.running + self.waiting:
             request.status = RequestStatus.PREEMPTED
             request.num_computed_tokens = request.num_tokens_sent = request.num_blocks_sent = 0
+            request.num_pending_tokens = 0  # the steps in flight are lost with the workers
             request.fork_of, request.cow_block = None, None
         self.waiting = sorted(self.running + self.waiting, key=lambda r: r.sort_key)
         self.running = []
@@ -101,19 +102,26 @@ class Scheduler:
         logger.debug("preempted %s (%s)", request.request_id, request.status.value)
 
     def _add_to_plan(self, plan: StepPlan, request: Request, num_new_tokens: int) -> None:
+        """Put the request in the plan with what the workers do not know yet: all of it the
+        first time (it then has no pending token), else the tokens since the last plan, the
+        pending one (at most one: the step in flight's) as a placeholder."""
         table = self.kv.block_ids(request.request_id)
+        num_tokens = request.num_tokens + request.num_pending_tokens
         if request.num_tokens_sent == 0:
             plan.new_requests.append(NewRequestData(
                 request.handle, request.request_id, request.prompt_token_ids, request.sampling_params, list(table),
                 request.num_computed_tokens, list(request.output_token_ids)))
         else:
+            new_tokens = request.tokens_from(request.num_tokens_sent) + [PLACEHOLDER_TOKEN] * request.num_pending_tokens
             plan.cached_requests.append(CachedRequestData(
-                request.handle, request.tokens_from(request.num_tokens_sent), table[request.num_blocks_sent:],
+                request.handle, new_tokens, table[request.num_blocks_sent:],
                 request.num_computed_tokens, replace_table=request.num_blocks_sent == 0))
-        request.num_tokens_sent = request.num_tokens
+        request.num_tokens_sent = num_tokens
         request.num_blocks_sent = len(table)
         plan.num_scheduled_tokens[request.handle] = num_new_tokens
         request.num_computed_tokens += num_new_tokens
+        if request.num_computed_tokens == num_tokens:
+            request.num_pending_tokens += 1  # the step samples its next token
 
     def schedule(self) -> StepPlan:
         """Choose this step's tokens and allocate their blocks. Mutates queues, block tables,
@@ -130,11 +138,15 @@ class Scheduler:
         for request in self.running:
             if budget <= 0:
                 break
-            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)  # hot loop: no property call
+            pending = request.num_pending_tokens
+            # Hot loop: no property calls. Pending tokens count: their KV can be computed now.
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + pending
             num_computed = request.num_computed_tokens
             if num_computed == num_tokens - 1 == request.num_tokens_sent and request.cow_block is None:
                 # The plain decode: the workers hold the request's whole table (num_blocks_sent
                 # blocks) and every token but the last sampled one.
+                if num_tokens >= request.max_num_tokens:
+                    continue  # its last token is on its way: nothing is left to compute
                 if num_tokens > request.num_blocks_sent * block_size:  # the token opens a block
                     while (block := self.kv.append_block(request)) is None:
                         victim = self.running.pop()
@@ -148,13 +160,14 @@ class Scheduler:
                     plan.decode_block_ids.append(block)
                     request.num_blocks_sent += 1
                 add_decode(request.handle)
-                add_decode_token(request.output_token_ids[-1])
+                add_decode_token(PLACEHOLDER_TOKEN if pending else request.output_token_ids[-1])
                 request.num_tokens_sent = request.num_computed_tokens = num_tokens
+                request.num_pending_tokens = pending + 1
                 budget -= 1
                 continue
             num_new = min(num_tokens - num_computed, budget)
-            if num_new <= 0:
-                continue
+            if num_new <= 0 or (num_computed + num_new == num_tokens and num_tokens >= request.max_num_tokens):
+                continue  # nothing to compute, or only a token past its limit to sample
             if num_computed + num_new > request.num_blocks_sent * block_size or request.cow_block is not None:
                 cow = request.cow_block is not None
                 copies: list[tuple[int, int]] = []
@@ -179,6 +192,8 @@ class Scheduler:
         # preempted would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted while a step sampled for it: resumes once that token is in
             if request.status is RequestStatus.SWAPPED:
                 num_new = min(request.num_tokens - request.num_computed_tokens, budget)
                 swaps = self.kv.swap_in(request, request.num_computed_tokens + num_new)
@@ -234,17 +249,20 @@ class Scheduler:
         return True
 
     def update_from_output(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Append each sampled token (and its logprobs) to its request, for those still alive.
-        Returns the updated requests, whose last output token is the new one, for the engine's
-        stop checks; requests that finished or were aborted meanwhile are skipped."""
+        """Append each sampled token (and its logprobs) to its request, for those still alive
+        (a request preempted meanwhile takes its token too: it was sampled from the right
+        context). Returns the updated requests, whose last output token is the new one, for
+        the engine's stop checks; requests that finished or were aborted meanwhile are skipped."""
         updated = []
-        by_handle, running, logprobs = self.by_handle, RequestStatus.RUNNING, result.logprobs
+        by_handle, logprobs = self.by_handle, result.logprobs
         for handle, token_id in zip(result.sampled_handles, result.sampled_token_ids):
             request = by_handle.get(handle)
-            if request is None or request.status is not running:
+            if request is None:
                 continue
-            if request.num_computed_tokens != len(request.prompt_token_ids) + len(request.output_token_ids):
-                raise RuntimeError(f"step {plan.step_id}: worker sampled {request.request_id!r} mid-prompt")
+            if not request.num_pending_tokens:
+                raise RuntimeError(f"step {plan.step_id}: worker sampled {request.request_id!r}, "
+                                   "which awaits no token")
+            request.num_pending_tokens -= 1
             request.output_token_ids.append(token_id)
             if logprobs and handle in logprobs:
                 sampled = logprobs[handle]
@@ -263,3 +281,5 @@ class Scheduler:
         swapped = {r.request_id for r in self.waiting if r.status is RequestStatus.SWAPPED}
         assert set(self.kv.cpu_tables) == swapped, "CPU blocks held by other than swapped-out requests"
         assert len(self.running) <= self.config.max_num_seqs
+        assert all(0 <= r.num_pending_tokens <= 2 for r in self.running), "more tokens pending than steps in flight"
+        assert all(0 <= r.num_pending_tokens <= 1 for r in self.waiting), "a waiting request awaits tokens"

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 from quire.protos import worker_pb2 as pb
 
+# In a plan's token ids: "the token sampled for this request by the step before this one".
+# The controller plans a step while the previous one runs (asynchronous scheduling), so it
+# does not know that token yet; the workers do.
+PLACEHOLDER_TOKEN = -1
+
 
 @dataclass
 class SamplingParams:

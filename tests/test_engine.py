@@ -152,3 +152,30 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, tiny_checkpoint):
     single = LLM(model=str(source), dtype="float32", num_kv_blocks=16).generate(prompts, params, use_tqdm=False)
     split = LLM(model=str(sharded), dtype="float32", num_kv_blocks=16).generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in split] == [o.outputs[0].token_ids for o in single]
+
+
+def test_a_placeholder_token_is_the_one_this_worker_sampled_last(tiny_checkpoint):
+    """Asynchronous scheduling's contract on the worker: -1 in a plan stands for the token the
+    worker sampled for that request in the step before; without one it is refused."""
+    from quire.protos.step import PLACEHOLDER_TOKEN, NewRequestData, StepPlan
+
+    # An engine of its own: the plans below write into blocks its scheduler does not know of.
+    llm = LLM(model=str(tiny_checkpoint("llama-gqa4")), dtype="float32", num_kv_blocks=64, max_model_len=128)
+    runner = llm.engine.executor.worker.runner
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    handles = (10**9, 10**9 + 1)  # far from the engine's own handles
+    first = runner.execute(StepPlan(1, new_requests=[NewRequestData(handles[0], "a", [5, 6, 7], greedy, [60], 0)],
+                                    num_scheduled_tokens={handles[0]: 3}))
+    second = runner.execute(StepPlan(2, decode_handles=[handles[0]], decode_token_ids=[PLACEHOLDER_TOKEN]))
+    assert runner.requests[handles[0]].output_token_ids == first.sampled_token_ids
+    explicit = runner.execute(StepPlan(3, finished_handles=[handles[0]], new_requests=[
+        NewRequestData(handles[1], "b", [5, 6, 7, *first.sampled_token_ids], greedy, [61], 0)],
+        num_scheduled_tokens={handles[1]: 4}))
+    assert explicit.sampled_token_ids == second.sampled_token_ids, "the placeholder computed the sampled token"
+    unsampled = handles[0] + 2  # sent, never computed: it has no sampled token to stand in for
+    runner.execute(StepPlan(4, new_requests=[NewRequestData(unsampled, "c", [5, 6, 7], greedy, [62], 2)]))
+    with pytest.raises(ValueError, match="placeholder"):
+        runner.execute(StepPlan(5, decode_handles=[unsampled], decode_token_ids=[PLACEHOLDER_TOKEN]))
+    runner.execute(StepPlan(6, finished_handles=[handles[1], unsampled]))
+    assert not {*handles, unsampled} & set(runner.requests)
+    llm.shutdown()

@@ -36,6 +36,10 @@ SETTINGS = {
     "swap-chunked-no-caching": dict(num_kv_blocks=12, block_size=8, max_num_batched_tokens=16,
                                     preemption_mode="swap", swap_space=1 << 20, enable_prefix_caching=False),
 }
+# Asynchronous scheduling (each plan made while the step before runs, naming its tokens by
+# placeholder) under the same pressures; in-process, where it is off by default.
+SETTINGS.update({f"async-{name}": dict(SETTINGS[name], async_scheduling=True)
+                 for name in ("prefix-caching", "chunked-24-blocks-4", "recompute-preemption", "swap-preemption")})
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -61,9 +65,10 @@ def test_greedy_outputs_match_hf_under_every_memory_setting(name, reference):
     llm.shutdown()
 
 
-def test_parallel_samples_fork_the_prompt_and_copy_on_write(reference):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_parallel_samples_fork_the_prompt_and_copy_on_write(reference, async_scheduling):
     path, hf_tokens = reference
-    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, block_size=8)
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, block_size=8, async_scheduling=async_scheduling)
     copies = []
     real_schedule = llm.engine.scheduler.schedule
 

@@ -4,10 +4,14 @@ attends to must hold exactly its own prefix. That catches any prefix hit on the 
 blocks, a missing or late copy-on-write, a lost swap, or a write into someone else's
 block. Random arrivals, lengths, shared prefixes, parallel samples (forks), aborts and
 preemptions (recompute and swap); integrity after every step; nothing held at the end.
+Both synchronous and asynchronous scheduling (each plan made while the step before is in
+flight, its sampled tokens named by placeholder), with or without requests that stop on a
+token (whose token from the step already in flight is then dropped).
 `QUIRE_PROPERTY_EXAMPLES=N` runs N examples instead of 300 (a deeper search, outside CI)."""
 from __future__ import annotations
 
 import os
+from collections import deque
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +21,7 @@ from quire.cluster.config import SchedulerConfig
 from quire.cluster.kv_cache_manager import KVCacheManager
 from quire.cluster.request import Request, RequestStatus
 from quire.cluster.scheduler import Scheduler
-from quire.protos.step import SamplingParams, StepPlan, StepResult
+from quire.protos.step import PLACEHOLDER_TOKEN, SamplingParams, StepPlan, StepResult
 
 PREFIXES = [[], [7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 13, 14, 15, 16, 17, 18, 19]]
 
@@ -31,20 +35,29 @@ class SimulatedWorker:
         self.cpu = [[None] * block_size for _ in range(num_cpu_blocks)]
         self.requests: dict[int, dict] = {}
 
+    def resolve(self, state: dict, token: int) -> int:
+        if token != PLACEHOLDER_TOKEN:
+            return token
+        assert state["last"] is not None, "a placeholder for a request this worker sampled nothing for"
+        token, state["last"] = state["last"], None
+        return token
+
     def step(self, plan: StepPlan) -> StepResult:
         for handle in plan.finished_handles:
             self.requests.pop(handle, None)
         for new in plan.new_requests:
             self.requests[new.handle] = {"tokens": new.prompt_token_ids + new.output_token_ids,
-                                         "table": list(new.block_ids), "computed": new.num_computed_tokens}
+                                         "table": list(new.block_ids), "computed": new.num_computed_tokens,
+                                         "last": None, "limit": len(new.prompt_token_ids) + new.sampling_params.max_tokens}
+            assert PLACEHOLDER_TOKEN not in self.requests[new.handle]["tokens"]
         for delta in plan.cached_requests:
             state = self.requests[delta.handle]
-            state["tokens"] += delta.new_token_ids
+            state["tokens"] += [self.resolve(state, token) for token in delta.new_token_ids]
             state["table"] = list(delta.new_block_ids) if delta.replace_table else state["table"] + delta.new_block_ids
             state["computed"] = delta.num_computed_tokens
         for handle, token in zip(plan.decode_handles, plan.decode_token_ids):
             state = self.requests[handle]
-            state["tokens"].append(token)
+            state["tokens"].append(self.resolve(state, token))
             assert state["computed"] == len(state["tokens"]) - 1
         for handle, block in zip(plan.decode_block_handles, plan.decode_block_ids):
             self.requests[handle]["table"].append(block)
@@ -70,8 +83,10 @@ class SimulatedWorker:
                     f"request {handle} reads a slot at position {pos} that holds another prefix"
             state["computed"] = end
             if end == len(tokens):
+                assert end < state["limit"], f"request {handle} sampled past its max_tokens"
                 result.sampled_handles.append(handle)
                 result.sampled_token_ids.append((handle * 31 + end * 7) % 5)
+                state["last"] = result.sampled_token_ids[-1]
         return result
 
 
@@ -85,23 +100,32 @@ events = st.lists(st.one_of(arrival, st.tuples(st.just("abort"), st.integers(0, 
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(num_blocks=st.integers(6, 24), block_size=st.sampled_from([2, 4, 8]), budget=st.integers(4, 48),
        max_num_seqs=st.integers(1, 8), prefix_caching=st.booleans(), swap=st.booleans(),
-       num_cpu_blocks=st.integers(0, 24), script=events)
+       num_cpu_blocks=st.integers(0, 24), pipelined=st.booleans(), stop_on_zero=st.booleans(), script=events)
 def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, budget, max_num_seqs, prefix_caching,
-                                                     swap, num_cpu_blocks, script):
+                                                     swap, num_cpu_blocks, pipelined, stop_on_zero, script):
     cpu_pool = BlockPool(num_cpu_blocks) if swap and num_cpu_blocks else None
     kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching, cpu_pool=cpu_pool)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv,
                           preemption_mode="swap" if cpu_pool else "recompute")
     worker = SimulatedWorker(num_blocks, num_cpu_blocks, block_size)
     arrived: list[Request] = []
+    in_flight: deque[tuple[StepPlan, StepResult]] = deque()  # as the engine keeps them
 
     def step() -> None:
-        plan = scheduler.schedule()
-        scheduler.check_integrity()
-        result = worker.step(plan)
+        while len(in_flight) < (2 if pipelined else 1):
+            plan = scheduler.schedule()
+            scheduler.check_integrity()
+            if not plan.num_scheduled_requests and not plan.finished_handles and not plan.moves_blocks:
+                break
+            in_flight.append((plan, worker.step(plan)))  # the worker runs steps in order, each after the last
+        if not in_flight:
+            return
+        plan, result = in_flight.popleft()
         for request in scheduler.update_from_output(plan, result):
             if len(request.output_token_ids) >= request.sampling_params.max_tokens:
                 scheduler.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+            elif stop_on_zero and request.output_token_ids[-1] == 0:
+                scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
         scheduler.check_integrity()
         for request in scheduler.running:  # the worker's tables are the controller's
             assert worker.requests[request.handle]["table"] == kv.block_ids(request.request_id)

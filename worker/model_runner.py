@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quire.protos.step import NewRequestData, SampledLogprobs, SamplingParams, StepPlan, StepResult
+from quire.protos.step import PLACEHOLDER_TOKEN, NewRequestData, SampledLogprobs, SamplingParams, StepPlan, StepResult
 from quire.kernels.attention_ref import RefAttentionPlan
 from quire.worker.attention import AttentionMetadata
 from quire.worker.kv_pool import KVPool
@@ -29,6 +29,7 @@ class RequestState:
     params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    last_sampled: int | None = None  # what a PLACEHOLDER_TOKEN in the next plan stands for
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +74,8 @@ class ModelRunner:
             if state is None:
                 raise ValueError(f"step {plan.step_id}: unknown request handle {delta.handle} in cached_requests")
             state.output_token_ids.extend(delta.new_token_ids)
+            if delta.new_token_ids and delta.new_token_ids[-1] == PLACEHOLDER_TOKEN:
+                state.output_token_ids[-1] = self._last_sampled(state, plan)
             if delta.replace_table:
                 state.block_ids = list(delta.new_block_ids)
             else:
@@ -83,7 +86,7 @@ class ModelRunner:
             state = requests.get(handle)
             if state is None:
                 raise ValueError(f"step {plan.step_id}: unknown request handle {handle} in decode_handles")
-            state.output_token_ids.append(token_id)
+            state.output_token_ids.append(token_id if token_id != PLACEHOLDER_TOKEN else self._last_sampled(state, plan))
             if state.num_computed_tokens != state.num_tokens - 1:
                 raise ValueError(f"step {plan.step_id}: decode of {state.request_id!r} with "
                                  f"{state.num_tokens - state.num_computed_tokens} tokens not computed")
@@ -91,6 +94,14 @@ class ModelRunner:
             if handle not in requests:
                 raise ValueError(f"step {plan.step_id}: unknown request handle {handle} in decode_block_handles")
             requests[handle].block_ids.append(block_id)
+
+    @staticmethod
+    def _last_sampled(state: RequestState, plan: StepPlan) -> int:
+        if state.last_sampled is None:
+            raise ValueError(f"step {plan.step_id}: a placeholder token for {state.request_id!r}, "
+                             "which has no sampled token")
+        token_id, state.last_sampled = state.last_sampled, None
+        return token_id
 
     def _prepare(self, plan: StepPlan):
         """Flat input tensors and attention metadata for the scheduled requests, in plan order."""
@@ -161,10 +172,17 @@ class ModelRunner:
                 rows = [SamplingRow(states[i].params, states[i].prompt_token_ids, states[i].output_token_ids)
                         for i in to_sample]
                 out = self.sampler(logits, rows)
+                sampled = out.token_ids
                 result.sampled_handles = [states[i].handle for i in to_sample]
-                result.sampled_token_ids = out.token_ids
+                result.sampled_token_ids = sampled
                 result.logprobs = {states[i].handle: SampledLogprobs(out.logprobs[j], out.top_logprobs[j])
                                    for j, i in enumerate(to_sample) if out.logprobs[j] is not None}
+            if self.ctx.world_size > 1:
+                # Every rank must know the sampled tokens: the next plan may name them by placeholder.
+                shared = torch.tensor(sampled if logits is not None else [0] * len(to_sample), device=self.device)
+                sampled = self.ctx.broadcast_from_first(shared).tolist()
+            for i, token_id in zip(to_sample, sampled):
+                states[i].last_sampled = token_id
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         result.forward_seconds = time.perf_counter() - started

@@ -52,3 +52,9 @@ class ParallelContext:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)] if self.rank == 0 else None
         dist.gather(tensor, parts, dst=0, group=self.group)
         return torch.cat(parts, dim=dim) if self.rank == 0 else None
+
+    def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite `tensor` on every rank with rank 0's, in place; returns `tensor`."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=0, group=self.group)
+        return tensor
