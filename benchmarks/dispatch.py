@@ -3,8 +3,8 @@ executor and through Ray + gRPC workers at tp=1 (with asynchronous scheduling, i
 default, and without) and tp=2, in one run, plus the controller's own cost per step at
 256 running requests.
 
-Reports per transport (medians of interleaved repeats): wall seconds, output tokens/s
-and the ratio to in-process, controller time per step (inside `Engine.step`, outside
+Reports per transport (medians of `--repeats` runs, each paired with an in-process run
+just before it): wall seconds, output tokens/s, the median ratio of paired throughputs, controller time per step (inside `Engine.step`, outside
 waiting for the executor: scheduling, plan building, detokenising, stop checks), the
 worker's forward time per step, the wait beyond it per step (executor wait minus the
 worker's forward: the transport, less what asynchronous scheduling overlaps), and bytes
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -39,29 +40,23 @@ def workload(args, vocab_size):
     return prompts, params
 
 
-def run_transport(name, kwargs, model, prompts, params):
-    from quire.cluster import LLM
-
-    llm = LLM(model=model, dtype="float32", num_kv_blocks=4096, **kwargs)
-    try:
-        llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
-        llm.engine.stats.__init__()
-        bytes_before = llm.engine.executor.bytes_sent
-        began = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - began
-        stats = llm.engine.stats
-        world = llm.engine.executor.world_size
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return {
-            "transport": name, "wall_seconds": wall, "output_tokens_per_s": tokens / wall, "steps": stats.num_steps,
-            "controller_us_per_step": 1e6 * (stats.step_seconds - stats.execute_seconds) / stats.num_steps,
-            "worker_forward_us_per_step": 1e6 * stats.forward_seconds / stats.num_steps,
-            "wait_beyond_forward_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
-            "plan_bytes_per_step": (llm.engine.executor.bytes_sent - bytes_before) / world / stats.num_steps,
-        }, [o.outputs[0].token_ids for o in outputs]
-    finally:
-        llm.shutdown()
+def measure(name, llm, prompts, params):
+    """One timed run of the workload on a loaded engine: its figures, and the token ids."""
+    llm.engine.stats.__init__()
+    bytes_before = llm.engine.executor.bytes_sent
+    began = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - began
+    stats = llm.engine.stats
+    world = llm.engine.executor.world_size
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "transport": name, "wall_seconds": wall, "output_tokens_per_s": tokens / wall, "steps": stats.num_steps,
+        "controller_us_per_step": 1e6 * (stats.step_seconds - stats.execute_seconds) / stats.num_steps,
+        "worker_forward_us_per_step": 1e6 * stats.forward_seconds / stats.num_steps,
+        "wait_beyond_forward_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
+        "plan_bytes_per_step": (llm.engine.executor.bytes_sent - bytes_before) / world / stats.num_steps,
+    }, [o.outputs[0].token_ids for o in outputs]
 
 
 def controller_microbench(num_running: int, steps: int) -> dict:
@@ -124,8 +119,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=parse_range, default=(32, 128))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per transport (medians reported)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of every rank's forward pass, in process and in the workers "
+                             "(default: torch's in process; the cores split between ranks in workers)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the workers' (Ray and local launchers honour it)
     from quire.cluster.default_model import default_model_dir
     from transformers import AutoConfig
 
@@ -136,25 +139,41 @@ def main() -> None:
     print(json.dumps({"controller_256": controller}), flush=True)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
     transports = [("inproc", dict(executor="inproc")),
                   ("ray-grpc-tp1", dict(executor="ray", tensor_parallel_size=1)),
                   ("ray-grpc-tp1-sync", dict(executor="ray", tensor_parallel_size=1, async_scheduling=False)),
                   ("ray-grpc-tp2", dict(executor="ray", tensor_parallel_size=2))]
-    runs, tokens = {name: [] for name, _ in transports}, {}
-    # Interleaved repeats: a shared machine's speed drifts, and each transport should see the same drift.
-    for _ in range(args.repeats):
+    # Every engine stays loaded, each Ray worker holding a logical CPU (only one engine runs at a time).
+    ray.init(include_dashboard=False, log_to_driver=False,
+             num_cpus=sum(kwargs.get("tensor_parallel_size", 0) for _, kwargs in transports))
+    from quire.cluster import LLM
+
+    engines = {}
+    try:
         for name, kwargs in transports:
-            row, tokens[name] = run_transport(name, kwargs, model, prompts, params)
-            runs[name].append(row)
-            print(json.dumps(row), flush=True)
+            engines[name] = LLM(model=model, dtype="float32", num_kv_blocks=4096, **kwargs)
+            engines[name].generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+        runs, tokens = {name: [] for name, _ in transports}, {}
+        ratios = {name: [] for name, _ in transports[1:]}
+        # The machine's speed drifts within a minute: every transport's run is paired with an
+        # in-process run just before it, and the ratio taken within the pair.
+        for _ in range(args.repeats):
+            for name, _ in transports[1:]:
+                base, tokens["inproc"] = measure("inproc", engines["inproc"], prompts, params)
+                row, tokens[name] = measure(name, engines[name], prompts, params)
+                runs["inproc"].append(base)
+                runs[name].append(row)
+                ratios[name].append(base["wall_seconds"] / row["wall_seconds"])
+                print(json.dumps(row), flush=True)
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
     results = []
     for name, rows in runs.items():
         median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "transport"}
         results.append({"transport": name, **median, "wall_seconds_all": [row["wall_seconds"] for row in rows]})
-    base = results[0]["output_tokens_per_s"]
-    for row in results:
-        row["throughput_vs_inproc"] = row["output_tokens_per_s"] / base
+        if name in ratios:  # the median ratio of paired runs, and each pair's
+            results[-1].update(throughput_vs_inproc=statistics.median(ratios[name]), paired_ratios=ratios[name])
     report = {"config": {k: v for k, v in vars(args).items()}, "results": results,
               "identical_tokens": {n: t == tokens["inproc"] for n, t in tokens.items()},
               "controller_256": controller,

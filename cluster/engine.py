@@ -129,7 +129,9 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Whether `step` has work: live requests, or a step in flight to collect (one planned
+        for requests that have stopped since; the workers must not be left holding it)."""
+        return self.scheduler.num_unfinished > 0 or bool(self._in_flight)
 
     # -- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

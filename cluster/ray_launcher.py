@@ -64,7 +64,8 @@ class RayWorkerGroup:
         self.placement_group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
         ray.get(self.placement_group.ready(), timeout=start_timeout)
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_WorkerActor)
-        threads = str(max(1, (os.cpu_count() or 1) // world_size))
+        # The caller's OMP_NUM_THREADS if set, else this host's cores split between the ranks.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
         self.actors = [
             actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),

@@ -179,3 +179,36 @@ def test_a_placeholder_token_is_the_one_this_worker_sampled_last(tiny_checkpoint
     runner.execute(StepPlan(6, finished_handles=[handles[1], unsampled]))
     assert not {*handles, unsampled} & set(runner.requests)
     llm.shutdown()
+
+
+def test_async_scheduling_drops_the_token_planned_past_a_stop(tiny_checkpoint):
+    """A request that stops on a token was already planned into the next step: that token is
+    dropped, the outputs equal synchronous scheduling's, and no step is left in flight."""
+    path = str(tiny_checkpoint("llama-gqa4"))
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sync = LLM(model=path, dtype="float32", num_kv_blocks=64, async_scheduling=False)
+    reference = [o.outputs[0].token_ids for o in sync.generate(prompts, free, use_tqdm=False)]
+    stopping = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[tokens[4]])
+                for tokens in reference]
+    expected = [o.outputs[0] for o in sync.generate(prompts, stopping, use_tqdm=False)]
+    sync.shutdown()
+    llm = LLM(model=path, dtype="float32", num_kv_blocks=64, async_scheduling=True)
+    engine = llm.engine
+    planned = []
+    real_schedule = engine.scheduler.schedule
+
+    def schedule():
+        plan = real_schedule()
+        planned.append(len(plan.decode_handles) + len(plan.num_scheduled_tokens))
+        return plan
+
+    engine.scheduler.schedule = schedule
+    outputs = [o.outputs[0] for o in llm.generate(prompts, stopping, use_tqdm=False)]
+    assert [(o.token_ids, o.finish_reason) for o in outputs] == [(e.token_ids, e.finish_reason) for e in expected]
+    assert all(o.finish_reason == "stop" and len(o.token_ids) <= 5 for o in outputs)
+    assert sum(planned) > sum(len(o.token_ids) for o in outputs), "steps were planned past the stops"
+    assert not engine.has_unfinished() and not engine._in_flight and not engine.executor._results
+    engine.scheduler.check_integrity()
+    assert engine.kv.num_used_blocks == 0
+    llm.shutdown()

@@ -4,7 +4,7 @@ from quire.cluster.config import SchedulerConfig
 from quire.cluster.kv_cache_manager import KVCacheManager
 from quire.cluster.request import Request, RequestStatus
 from quire.cluster.scheduler import Scheduler
-from quire.protos.step import SamplingParams, StepResult
+from quire.protos.step import PLACEHOLDER_TOKEN, SamplingParams, StepResult
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, prefix_caching=False, cpu_blocks=0,
@@ -134,6 +134,24 @@ def test_decode_plan_size_does_not_grow_with_context():
     size = decode_plan_bytes(2000)
     assert decode_plan_bytes(100) == size
     assert size / 256 <= 32, f"{size / 256:.1f} bytes per running request in a decode plan"
+
+
+def test_a_decode_planned_while_the_step_before_runs_names_its_token_in_one_byte():
+    s = make_scheduler(num_blocks=256 * 8, block_size=16, max_num_seqs=256, budget=1 << 20)
+    requests = [add(s, f"request-{i:04d}", 99, float(i)) for i in range(256)]
+    prefill = s.schedule()
+    decode = s.schedule()  # asynchronous scheduling: the prefill's tokens are still being sampled
+    s.check_integrity()
+    assert decode.decode_token_ids == [PLACEHOLDER_TOKEN] * 256 and not decode.cached_requests
+    assert all(r.num_pending_tokens == 2 and r.num_computed_tokens == 100 for r in requests)
+    assert len(decode.to_pb().SerializeToString()) / 256 <= 4  # zigzag varints: -1 is one byte
+    for plan, token in ((prefill, 8), (decode, 9)):
+        handles = [h for h, _ in plan.scheduled()]
+        s.update_from_output(plan, StepResult(plan.step_id, sampled_handles=handles,
+                                              sampled_token_ids=[token] * len(handles)))
+        s.check_integrity()
+    assert all(r.output_token_ids == [8, 9] and r.num_pending_tokens == 0 for r in requests)
+    assert s.schedule().decode_token_ids == [9] * 256  # nothing in flight: the tokens are known
 
 
 def test_plain_decode_that_starts_a_block_carries_only_that_block():
