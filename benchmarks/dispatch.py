@@ -143,31 +143,35 @@ def main() -> None:
                   ("ray-grpc-tp1", dict(executor="ray", tensor_parallel_size=1)),
                   ("ray-grpc-tp1-sync", dict(executor="ray", tensor_parallel_size=1, async_scheduling=False)),
                   ("ray-grpc-tp2", dict(executor="ray", tensor_parallel_size=2))]
-    # Every engine stays loaded, each Ray worker holding a logical CPU (only one engine runs at a time).
-    ray.init(include_dashboard=False, log_to_driver=False,
-             num_cpus=sum(kwargs.get("tensor_parallel_size", 0) for _, kwargs in transports))
+    ray.init(include_dashboard=False, log_to_driver=False)
     from quire.cluster import LLM
 
-    engines = {}
+    def load(kwargs):
+        llm = LLM(model=model, dtype="float32", num_kv_blocks=4096, **kwargs)
+        llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+        return llm
+
+    runs, tokens = {name: [] for name, _ in transports}, {}
+    ratios = {name: [] for name, _ in transports[1:]}
+    inproc = load(transports[0][1])
     try:
-        for name, kwargs in transports:
-            engines[name] = LLM(model=model, dtype="float32", num_kv_blocks=4096, **kwargs)
-            engines[name].generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
-        runs, tokens = {name: [] for name, _ in transports}, {}
-        ratios = {name: [] for name, _ in transports[1:]}
-        # The machine's speed drifts within a minute: every transport's run is paired with an
-        # in-process run just before it, and the ratio taken within the pair.
-        for _ in range(args.repeats):
-            for name, _ in transports[1:]:
-                base, tokens["inproc"] = measure("inproc", engines["inproc"], prompts, params)
-                row, tokens[name] = measure(name, engines[name], prompts, params)
-                runs["inproc"].append(base)
-                runs[name].append(row)
-                ratios[name].append(base["wall_seconds"] / row["wall_seconds"])
-                print(json.dumps(row), flush=True)
+        # The machine's speed drifts within a minute: each run of a remote transport is paired
+        # with an in-process run just before it, and the ratio taken within the pair. Only the
+        # pair's two engines are loaded (idle workers would add their own noise).
+        for name, kwargs in transports[1:]:
+            remote = load(kwargs)
+            try:
+                for _ in range(args.repeats):
+                    base, tokens["inproc"] = measure("inproc", inproc, prompts, params)
+                    row, tokens[name] = measure(name, remote, prompts, params)
+                    runs["inproc"].append(base)
+                    runs[name].append(row)
+                    ratios[name].append(base["wall_seconds"] / row["wall_seconds"])
+                    print(json.dumps(row), flush=True)
+            finally:
+                remote.shutdown()
     finally:
-        for llm in engines.values():
-            llm.shutdown()
+        inproc.shutdown()
     results = []
     for name, rows in runs.items():
         median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "transport"}

@@ -148,3 +148,33 @@ def test_a_killed_worker_is_replaced_and_every_request_replayed(tp_checkpoint, h
         engine.scheduler.check_integrity()
     finally:
         llm.shutdown()
+
+
+def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(tp_checkpoint):
+    """Steps sent ahead (asynchronous scheduling) queue on the worker's device thread; one that
+    fails ends the stream with the error naming the rank, and those behind it do not run."""
+    from quire.cluster.executor import WorkerSetup
+    from quire.cluster.grpc_executor import GrpcExecutor
+    from quire.protos.step import NewRequestData, StepPlan
+    from quire.worker.server import start_server
+
+    server, address, servicer = start_server(0, 1, "127.0.0.1:0")
+    executor = GrpcExecutor([address])
+    try:
+        executor.start(WorkerSetup(model_path=str(tp_checkpoint), dtype="float32", seed=0, max_model_len=128,
+                                   block_size=16, max_num_batched_tokens=64, kv_cache_memory=0,
+                                   gpu_memory_utilization=0.9, num_kv_blocks=8))
+        greedy = SamplingParams(temperature=0, max_tokens=4)
+        executor.submit(StepPlan(1, new_requests=[NewRequestData(1, "a", [5, 6, 7], greedy, [0], 0)],
+                                 num_scheduled_tokens={1: 3}))
+        executor.submit(StepPlan(2, decode_handles=[99], decode_token_ids=[5]))  # a handle never sent
+        executor.submit(StepPlan(3, new_requests=[NewRequestData(3, "c", [5, 6], greedy, [1], 0)],
+                                 num_scheduled_tokens={3: 2}))
+        assert executor.collect().sampled_handles == [1]
+        with pytest.raises(WorkerFailure, match=r"rank 0 .*INVALID_ARGUMENT.*unknown request handle 99"):
+            executor.collect()
+        time.sleep(0.5)  # what the device thread would still do, it would have done by now
+        assert set(servicer.worker.runner.requests) == {1}, "step 3 ran after step 2 failed"
+    finally:
+        executor.close()
+        server.stop(0)

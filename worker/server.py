@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import threading
 from concurrent import futures
 
@@ -39,12 +40,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.stopped = threading.Event()
 
     def _run(self, context, method, request):
+        return self._result(context, method.__name__, self._device_thread.submit(method, request))
+
+    def _result(self, context, name: str, future: futures.Future):
+        """The device thread's answer, or the call aborted with the error naming this rank."""
         try:
-            return self._device_thread.submit(method, request).result()
+            return future.result()
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {self.rank}: {error}")
         except Exception as error:  # the controller must learn which rank failed and why
-            logger.exception("rank %d: %s failed", self.rank, method.__name__)
+            logger.exception("rank %d: %s failed", self.rank, name)
             context.abort(grpc.StatusCode.INTERNAL, f"rank {self.rank}: {type(error).__name__}: {error}")
 
     def LoadModel(self, request, context):
@@ -66,8 +71,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return self._run(context, self.worker.execute_step, request)
 
     def ExecuteSteps(self, request_iterator, context):
-        for plan in request_iterator:
-            yield self._run(context, self.worker.execute_step, plan)
+        """Steps in order, answered in order. Each plan goes to the device thread as soon as it
+        arrives (read by a thread of this stream's own), so when the controller sends a step
+        ahead (asynchronous scheduling) the device thread goes from one step straight to the
+        next, no thread switch between them. After a failed step the stream ends and the steps
+        queued behind it are not run."""
+        queued: queue.SimpleQueue = queue.SimpleQueue()  # futures of the device thread, in order
+        failed = threading.Event()
+
+        def execute_step(plan):  # on the device thread, which runs the queued steps in order
+            if failed.is_set():
+                raise RuntimeError("not run: an earlier step of this stream failed")
+            try:
+                return self.worker.execute_step(plan)
+            except BaseException:
+                failed.set()
+                raise
+
+        def read_plans():
+            try:
+                for plan in request_iterator:
+                    queued.put(self._device_thread.submit(execute_step, plan))
+            except Exception:  # noqa: BLE001 - the stream was cancelled or broke: nothing more comes
+                pass
+            finally:
+                queued.put(None)
+
+        threading.Thread(target=read_plans, name=f"quire-rank{self.rank}-plans", daemon=True).start()
+        while (future := queued.get()) is not None:
+            yield self._result(context, "execute_step", future)
 
     def Health(self, request, context):
         return self.worker.health(request)
