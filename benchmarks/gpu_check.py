@@ -1,7 +1,8 @@
 """Checks that need a GPU, in one run: Triton kernels compiled on the device against the
-torch reference, HF parity in fp16 and bf16 through the whole engine, and KV sizing by
-memory profiling. Needs only what the GPU image has (torch, triton, transformers,
-safetensors, grpcio, protobuf); pytest is used when present. Writes `gpu_check.json`
+torch reference, HF parity in fp16 and bf16 through the whole engine, KV sizing by
+memory profiling, and throughput through a gRPC worker process against in process.
+Needs only what the GPU image has (torch, triton, transformers, safetensors, grpcio,
+protobuf); pytest is used when present. Writes `gpu_check.json`
 to $OUT when set, else prints it. Exit status 1 when a check fails.
 """
 from __future__ import annotations
@@ -105,6 +106,48 @@ def memory_profiled_capacity(path: Path) -> dict:
             "seconds": time.perf_counter() - began, "ok": blocks > 0}
 
 
+def transport(path: Path, repeats: int = 3) -> dict:
+    """Issue 4's throughput goal where it means something: one rank in process against one
+    gRPC worker process (asynchronous scheduling, its default there; no Ray on this image),
+    the same greedy workload, each worker run paired with an in-process run just before it."""
+    import random
+    import statistics
+
+    from quire.cluster import LLM, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 1900) for _ in range(rng.randint(32, 128))] for _ in range(64)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(32, 128), ignore_eos=True) for _ in prompts]
+    engines = {name: LLM(model=str(path), dtype="float16", num_kv_blocks=4096, executor=name)
+               for name in ("inproc", "workers")}
+    rows = {name: [] for name in engines}
+    tokens = {}
+    try:
+        for llm in engines.values():
+            llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up (Triton compiles)
+        for _ in range(repeats):
+            for name, llm in engines.items():
+                llm.engine.stats.__init__()
+                began = time.perf_counter()
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+                wall = time.perf_counter() - began
+                stats = llm.engine.stats
+                tokens[name] = [o.outputs[0].token_ids for o in outputs]
+                rows[name].append({"wall_seconds": wall,
+                                   "forward_ms_per_step": 1e3 * stats.forward_seconds / stats.num_steps,
+                                   "wait_beyond_forward_ms_per_step":
+                                       1e3 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
+                                   "controller_ms_per_step":
+                                       1e3 * (stats.step_seconds - stats.execute_seconds) / stats.num_steps})
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
+    ratios = [a["wall_seconds"] / b["wall_seconds"] for a, b in zip(rows["inproc"], rows["workers"])]
+    return {"runs": rows, "paired_throughput_ratios": ratios, "workers_vs_inproc": statistics.median(ratios),
+            "identical_tokens": tokens["inproc"] == tokens["workers"], "goal": 0.95,
+            "ok": tokens["inproc"] == tokens["workers"]}
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
@@ -118,7 +161,9 @@ def main() -> int:
         path = tiny_checkpoint(Path(tmp))
         report["parity"] = [parity(path, "float16"), parity(path, "bfloat16")]
         report["kv_profiling"] = memory_profiled_capacity(path)
-    ok = report["kernels"]["ok"] and all(p["ok"] for p in report["parity"]) and report["kv_profiling"]["ok"]
+        report["transport"] = transport(path)
+    ok = (report["kernels"]["ok"] and all(p["ok"] for p in report["parity"]) and report["kv_profiling"]["ok"]
+          and report["transport"]["ok"])
     report["ok"] = ok
     text = json.dumps(report, indent=2)
     if os.environ.get("OUT"):

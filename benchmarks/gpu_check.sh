@@ -3,7 +3,8 @@
 # torch, triton, transformers, safetensors, grpcio, protobuf; no Ray, no FastAPI).
 # Installs quire without the network, then within about 6 minutes:
 #   1. runs the Triton kernel tests compiled on the GPU,
-#   2. runs HF parity through the engine in fp16 and bf16, and KV sizing by profiling,
+#   2. runs HF parity through the engine in fp16 and bf16, KV sizing by profiling, and
+#      throughput through a gRPC worker process against in process (asynchronous scheduling),
 #   3. benchmarks decode attention against the card's copy bandwidth and contiguous SDPA.
 # JSON goes to $OUT (gpu_check.json, kernel_bench.json) when set, else to stdout.
 set -uo pipefail
