@@ -14,6 +14,13 @@ caching), so only the rest is computed. A sample of a parallel-sampling group (`
 waits until its leader has computed the shared prompt, then forks the leader's blocks
 (shared, ref-counted) and recomputes only the last prompt token, to sample its own
 first token; the shared partial block is copied on first write (copy-on-write).
+
+Asynchronous scheduling: `schedule` may be called again before the last plan's result
+is in (`update_from_output`). Each request counts the tokens steps in flight will sample
+for it (`num_pending_tokens`); their positions count as tokens to compute, and the
+plan names a token not yet known by `PLACEHOLDER_TOKEN`. A request is never planned to
+sample past its `max_num_tokens`, and a preempted request waits for its pending token
+before it is admitted again.
 """
 from __future__ import annotations
 
@@ -125,7 +132,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Choose this step's tokens and allocate their blocks. Mutates queues, block tables,
-        and `num_computed_tokens` (advanced as if the step succeeds)."""
+        `num_computed_tokens` (advanced as if the step succeeds) and `num_pending_tokens`
+        (one more for each request whose next token this step samples)."""
         self._step_id += 1
         plan = StepPlan(step_id=self._step_id, finished_handles=self._finished_handles)
         self._finished_handles = []
