@@ -27,8 +27,10 @@ GREEDY = pb.SamplingOptions(max_tokens=6, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def server(tokenizer_dir):
     env = {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent)}
+    # Asynchronous scheduling (off by default in process): these tests then cover it under
+    # concurrent streams, cancellations and deadlines; tests/test_api_server.py covers the default.
     args = ["--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "512", "--max-num-seqs", "256",
-            "--max-request-bytes", str(MAX_REQUEST_BYTES), "--log-level", "warning"]
+            "--max-request-bytes", str(MAX_REQUEST_BYTES), "--log-level", "warning", "--async-scheduling"]
     with ServeProcess(args, env) as process:
         yield process
     assert "Traceback" not in process.output(), process.output()
