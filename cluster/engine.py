@@ -143,7 +143,7 @@ class Engine:
         started = time.perf_counter()
         while len(self._in_flight) < self._pipeline_depth:
             plan = self.scheduler.schedule()
-            if not plan.num_scheduled_requests and not plan.finished_handles and not plan.moves_blocks:
+            if not plan.has_work:
                 break
             if self.failure is not None:
                 raise self.failure

@@ -141,7 +141,7 @@ class Scheduler:
         block_size = self.kv.block_size
         # Bound methods, looked up once: this loop runs for every running request every step.
         add_decode, add_decode_token = plan.decode_handles.append, plan.decode_token_ids.append
-        preempted = False
+        preemptions_before = self.num_preemptions
         # Preemption pops from the tail, which this iteration has not reached (or is at: then it stops).
         for request in self.running:
             if budget <= 0:
@@ -156,12 +156,7 @@ class Scheduler:
                 if num_tokens >= request.max_num_tokens:
                     continue  # its last token is on its way: nothing is left to compute
                 if num_tokens > request.num_blocks_sent * block_size:  # the token opens a block
-                    while (block := self.kv.append_block(request)) is None:
-                        victim = self.running.pop()
-                        self._preempt(victim, plan)
-                        preempted = True
-                        if victim is request:
-                            break
+                    block = self._allocate_preempting(request, plan, lambda: self.kv.append_block(request))
                     if block is None:
                         break
                     plan.decode_block_handles.append(request.handle)
@@ -179,14 +174,8 @@ class Scheduler:
             if num_computed + num_new > request.num_blocks_sent * block_size or request.cow_block is not None:
                 cow = request.cow_block is not None
                 copies: list[tuple[int, int]] = []
-                while self.kv.allocate_slots(request, num_computed + num_new, write_from=num_computed if cow else None,
-                                             copies=copies) is None:
-                    victim = self.running.pop()
-                    self._preempt(victim, plan)
-                    preempted = True
-                    if victim is request:
-                        break
-                if request.status is not RequestStatus.RUNNING:
+                if self._allocate_preempting(request, plan, lambda: self.kv.allocate_slots(
+                        request, num_computed + num_new, write_from=num_computed if cow else None, copies=copies)) is None:
                     break
                 if copies:  # a block in the middle of the table was replaced
                     plan.block_copies.extend(copies)
@@ -198,7 +187,8 @@ class Scheduler:
 
         # Admitting new work while blocks are so short that a running request was just
         # preempted would only thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.num_preemptions == preemptions_before and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             if request.num_pending_tokens:
                 break  # preempted while a step sampled for it: resumes once that token is in
@@ -229,6 +219,17 @@ class Scheduler:
             self._add_to_plan(plan, request, num_new)
             budget -= num_new
         return plan
+
+    def _allocate_preempting(self, request: Request, plan: StepPlan, allocate):
+        """`allocate()`'s result once it is not None, preempting the running request at the
+        tail each time it is (a failed `allocate` changes nothing); None once `request`
+        itself was the one preempted."""
+        while (allocated := allocate()) is None:
+            victim = self.running.pop()
+            self._preempt(victim, plan)
+            if victim is request:
+                return None
+        return allocated
 
     def _can_fork(self, request: Request, plan: StepPlan) -> bool:
         """Whether the leader holds its whole prompt's KV, computed by an earlier step (the

@@ -217,6 +217,11 @@ class StepPlan:
         return bool(self.swap_out or self.swap_in or self.block_copies)
 
     @property
+    def has_work(self) -> bool:
+        """Whether the workers have anything to do: tokens to compute, state to drop, blocks to move."""
+        return bool(self.num_scheduled_requests or self.finished_handles or self.moves_blocks)
+
+    @property
     def num_scheduled_requests(self) -> int:
         return len(self.decode_handles) + len(self.num_scheduled_tokens)
 

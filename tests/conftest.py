@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints built by the tests themselves (no download)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,20 @@ import torch
 # any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a script of the repository (not part of the package) by its relative path."""
+    def load(relative_path: str):
+        spec = importlib.util.spec_from_file_location(Path(relative_path).stem, ROOT / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=512,
             rms_norm_eps=1e-6, initializer_range=0.2)

@@ -1,23 +1,17 @@
 """benchmarks/memory.py on a tiny model and a small budget: the measured quantities are consistent."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL_SPECS = {"short": ((4, 24), (4, 16)), "medium": ((32, 96), (8, 24)), "long": ((160, 320), (8, 24))}
 
 
 @pytest.fixture(scope="module")
-def memory():
-    spec = importlib.util.spec_from_file_location("quire_memory_benchmark", ROOT / "benchmarks" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def memory(load_script):
+    return load_script("benchmarks/memory.py")
 
 
 def test_mixed_workload_proportions_and_ranges(memory):

@@ -1,5 +1,4 @@
 """The committed generated code matches the .proto files, and messages round-trip."""
-import importlib.util
 from pathlib import Path
 
 from quire.protos import worker_pb2 as pb
@@ -9,15 +8,8 @@ from quire.protos.step import (CachedRequestData, NewRequestData, SampledLogprob
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_generated_code_is_fresh(tmp_path):
-    written = _load_generator().generate(tmp_path)
+def test_generated_code_is_fresh(tmp_path, load_script):
+    written = load_script("scripts/gen_protos.py").generate(tmp_path)
     assert written, "no protos were generated"
     for fresh in written:
         committed = ROOT / "protos" / fresh.name

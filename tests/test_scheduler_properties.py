@@ -115,7 +115,7 @@ def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, bud
         while len(in_flight) < (2 if pipelined else 1):
             plan = scheduler.schedule()
             scheduler.check_integrity()
-            if not plan.num_scheduled_requests and not plan.finished_handles and not plan.moves_blocks:
+            if not plan.has_work:
                 break
             in_flight.append((plan, worker.step(plan)))  # the worker runs steps in order, each after the last
         if not in_flight:
