@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from array import array
+import struct
 
 from quire.cluster.block_pool import BlockPool
 
@@ -33,6 +33,7 @@ class KVCacheManager:
         self.cpu_tables: dict[str, list[int]] = {}  # swapped-out requests' blocks in cpu_pool
         self._hashes: dict[str, list[bytes]] = {}   # full-block hashes per request, as far as computed
         self._num_registered: dict[str, int] = {}   # leading blocks of the table registered in the pool
+        self._pack_block = struct.Struct(f"<{block_size}i").pack  # a block's token ids (< 2**31) as bytes
         # Keyed once; each block hash copies this state (cheaper than keying anew).
         self._keyed = hashlib.blake2b(key=hash_seed if hash_seed is not None else os.urandom(32), digest_size=16)
         self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
@@ -49,15 +50,17 @@ class KVCacheManager:
     def block_hashes(self, request, num_tokens: int) -> list[bytes]:
         """Hashes of the request's full blocks within its first `num_tokens` tokens (cached per request)."""
         hashes = self._hashes.setdefault(request.request_id, [])
-        size = self.block_size
-        for index in range(len(hashes), num_tokens // size):
-            tokens = array("q", request.token_slice(index * size, (index + 1) * size)).tobytes()
-            digest = self._keyed.copy()
-            digest.update((hashes[-1] if hashes else b"root") + tokens)
-            if index == 0 and request.cache_salt is not None:
-                digest.update(b"salt\0" + request.cache_salt.encode())
-            hashes.append(digest.digest())
+        for index in range(len(hashes), num_tokens // self.block_size):
+            hashes.append(self._hash_block(request, index, hashes[-1] if hashes else b"root"))
         return hashes
+
+    def _hash_block(self, request, index: int, parent_hash: bytes) -> bytes:
+        size = self.block_size
+        digest = self._keyed.copy()
+        digest.update(parent_hash + self._pack_block(*request.token_slice(index * size, (index + 1) * size)))
+        if index == 0 and request.cache_salt is not None:
+            digest.update(b"salt\0" + request.cache_salt.encode())
+        return digest.digest()
 
     def get_computed_blocks(self, request) -> tuple[list[int], int]:
         """The cached blocks of the longest cached prefix of the request's tokens, and the
@@ -113,23 +116,47 @@ class KVCacheManager:
 
     def append_block(self, request) -> int | None:
         """One more block at the end of a running request's table, for the decode token that
-        opens it; the block the earlier tokens filled is registered in the prefix cache.
+        opens it; the block the earlier tokens filled is registered in the prefix cache (once
+        its tokens are all known).
         Returns the block id, or None, changing nothing, when no block is free. (The decode
         step's fast path: `allocate_slots` does the same, for any request, at more cost.)"""
         block = self.pool.allocate_one()
         if block is None:
             return None
-        table = self.tables[request.request_id]
+        request_id = request.request_id
+        table = self.tables[request_id]
         table.append(block)
         if self.enable_prefix_caching:
-            self._register(request, table, (len(table) - 1) * self.block_size)
+            filled = len(table) - 2
+            hashes = self._hashes.get(request_id)
+            if (filled > 0 and hashes is not None and len(hashes) == filled == self._num_registered.get(request_id)
+                    and request.num_tokens >= (filled + 1) * self.block_size):
+                # The common case, without `_register`'s generality: every block before the
+                # filled one is registered, and its hash is the one left to compute (its
+                # tokens all known: none still sampled by a step in flight).
+                hashes.append(self._hash_block(request, filled, hashes[-1]))
+                self.pool.cache(table[filled], hashes[filled])
+                self._num_registered[request_id] = filled + 1
+            else:
+                self._register(request, table, (len(table) - 1) * self.block_size)
         return block
 
+    def cache_computed_blocks(self, request) -> None:
+        """Register every full block of the request's computed tokens (those steps in flight
+        compute included: they run before any later step reads the blocks) whose tokens are
+        all known, before the request frees its table: a block whose last token was still
+        being sampled when the next block opened has not been registered yet."""
+        table = self.tables.get(request.request_id)
+        if table and self.enable_prefix_caching:
+            self._register(request, table, request.num_computed_tokens)
+
     def _register(self, request, table: list[int], num_tokens: int) -> None:
+        """Register the table's full blocks within the first `num_tokens` tokens whose tokens
+        are all known: a block ending in a token a step in flight still samples waits."""
         start = self._num_registered.get(request.request_id, 0)
-        full = min(num_tokens // self.block_size, len(table))
+        full = min(min(num_tokens, request.num_tokens) // self.block_size, len(table))
         if full > start:
-            hashes = self.block_hashes(request, num_tokens)
+            hashes = self.block_hashes(request, full * self.block_size)
             for index in range(start, full):
                 self.pool.cache(table[index], hashes[index])
             self._num_registered[request.request_id] = full

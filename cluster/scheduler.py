@@ -72,6 +72,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        self.kv.cache_computed_blocks(request)  # a later request may share its prefix (a chat's next turn)
         self.kv.free(request_id)
         if request.num_tokens_sent:
             self._finished_handles.append(request.handle)
@@ -98,6 +99,7 @@ class Scheduler:
             request.status = RequestStatus.SWAPPED
             self.num_swapped_out += 1
         else:  # recompute (also the fallback when the CPU pool is full)
+            self.kv.cache_computed_blocks(request)  # what it finds again on resumption, unless evicted
             self.kv.free(request.request_id, forget=False)
             request.status = RequestStatus.PREEMPTED
             request.num_computed_tokens = 0

@@ -142,6 +142,25 @@ def test_prefix_hits_share_full_blocks_but_never_the_last_token():
     kv.check_integrity()
 
 
+def test_a_block_is_cached_once_its_tokens_are_known():
+    """With a step in flight, a table may cover positions whose token is still being sampled:
+    the block holding one is registered only once the token is in, under the hash of all
+    its tokens (the one a later request with those tokens looks up)."""
+    kv = KVCacheManager(BlockPool(8), block_size=4, hash_seed=b"s" * 32)
+    a = req("a", range(1, 8))                   # 7 tokens known; an 8th and a 9th are pending
+    assert kv.allocate_slots(a, 9) == [0, 1, 2]
+    assert kv.pool.block_hash[0] is not None and kv.pool.block_hash[1] is None
+    kv.check_integrity()
+    a.output_token_ids += [8, 9]                # the steps in flight answer
+    assert kv.append_block(a) == 3              # the next decode opens block 3 (position 12)
+    kv.check_integrity()
+    expected = kv.block_hashes(req("b", range(1, 13)), 12)
+    assert [kv.pool.block_hash[b] for b in (0, 1, 2)] == [expected[0], expected[1], None]
+    assert kv.get_computed_blocks(req("c", range(1, 11)))[1] == 8
+    kv.free("a")
+    kv.check_integrity()
+
+
 def test_cache_salt_separates_tenants():
     kv = KVCacheManager(BlockPool(8), block_size=4)
     kv.allocate_slots(req("plain", range(1, 10)), 9)

@@ -179,3 +179,31 @@ def test_decode_gets_a_token_every_step_while_an_8k_prompt_prefills():
         assert plan.total_num_scheduled_tokens <= 512
     assert steps == -(-8192 // 511), "the prompt took exactly the budget left after the decode, step by step"
     assert len(chat.output_token_ids) == steps + 1
+
+
+def test_output_blocks_are_cached_for_a_later_turn_with_and_without_steps_in_flight():
+    """A request's full blocks, outputs included, are found by the next request that repeats
+    them (a chat's next turn): also the last one, which no later token opened a block after."""
+    for depth in (1, 2):  # steps in flight: 1 synchronous, 2 asynchronous
+        s = make_scheduler(block_size=4, prefix_caching=True)
+        a = Request("a", [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=13))
+        s.add_request(a)
+        in_flight, next_token = [], 100
+        while s.requests:
+            while len(in_flight) < depth and (plan := s.schedule()).has_work:
+                in_flight.append(plan)
+                s.check_integrity()
+            plan = in_flight.pop(0)
+            # Every plan computes up to a's last token (the prompt fits the budget): it samples.
+            sampled = [h for h, _ in plan.scheduled()]
+            for request in s.update_from_output(plan, StepResult(plan.step_id, sampled_handles=sampled,
+                                                                 sampled_token_ids=[next_token] * len(sampled))):
+                next_token += 1
+                if len(request.output_token_ids) == 13:
+                    s.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+            s.check_integrity()
+        assert a.output_token_ids == list(range(100, 113))
+        turn = Request("b", a.prompt_token_ids + a.output_token_ids + [5], SamplingParams(temperature=0, max_tokens=1))
+        blocks, num_hit = s.kv.get_computed_blocks(turn)
+        # 16 tokens computed (the last sampled one never is): 4 full blocks, whatever was in flight.
+        assert num_hit == 16, (depth, num_hit)
