@@ -1,7 +1,7 @@
 """What crossing the wire costs: the same offline workload through the in-process
-executor and through Ray + gRPC workers at tp=1 (with asynchronous scheduling, its
-default, and without) and tp=2, in one run, plus the controller's own cost per step at
-256 running requests.
+executor and through Ray + gRPC workers at tp=1 (with asynchronous scheduling and CPU
+core binding, its defaults, without asynchronous scheduling, and without binding) and
+tp=2, in one run, plus the controller's own cost per step at 256 running requests.
 
 Reports per transport (medians of `--repeats` runs, each paired with an in-process run
 just before it): wall seconds, output tokens/s, the median ratio of paired throughputs, controller time per step (inside `Engine.step`, outside
@@ -142,6 +142,7 @@ def main() -> None:
     transports = [("inproc", dict(executor="inproc")),
                   ("ray-grpc-tp1", dict(executor="ray", tensor_parallel_size=1)),
                   ("ray-grpc-tp1-sync", dict(executor="ray", tensor_parallel_size=1, async_scheduling=False)),
+                  ("ray-grpc-tp1-unbound", dict(executor="ray", tensor_parallel_size=1, bind_cpu_cores=False)),
                   ("ray-grpc-tp2", dict(executor="ray", tensor_parallel_size=2))]
     ray.init(include_dashboard=False, log_to_driver=False)
     from quire.cluster import LLM
@@ -181,7 +182,7 @@ def main() -> None:
     report = {"config": {k: v for k, v in vars(args).items()}, "results": results,
               "identical_tokens": {n: t == tokens["inproc"] for n, t in tokens.items()},
               "controller_256": controller,
-              "machine": {"torch_threads": torch.get_num_threads()}}
+              "machine": {"torch_threads": torch.get_num_threads(), "cpu_cores": len(os.sched_getaffinity(0))}}
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as handle:

@@ -65,6 +65,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-worker-restarts", type=int, default=None,
                        help="after a worker dies, start fresh workers and replay every request, at most this "
                             "many times (default 2; 0 fails the requests instead)")
+    group.add_argument("--bind-cpu-cores", action=argparse.BooleanOptionalAction, default=None,
+                       help="pin CPU workers started here to cores of their own, one left to the controller "
+                            "(default: on)")
     group.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS or a new one)")
     group.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"])
 
@@ -74,7 +77,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
              "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "preemption_mode", "swap_space",
              "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
-             "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling")
+             "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling",
+             "bind_cpu_cores")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

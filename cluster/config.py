@@ -45,6 +45,9 @@ class ParallelConfig:
     # After a worker dies: bring fresh workers up and replay every request from its tokens,
     # at most this many times in the engine's life (0: fail the requests instead).
     max_worker_restarts: int = 2
+    # CPU workers that quire starts on this host get disjoint cores, one core left to the
+    # controller (not more ranks than cores minus one: else the OS places every thread).
+    bind_cpu_cores: bool = True
 
     @property
     def resolved_executor(self) -> str:

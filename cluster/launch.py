@@ -23,7 +23,7 @@ def create_executor(parallel: ParallelConfig) -> tuple[Executor, str]:
     if kind == "workers":
         from quire.cluster.worker_launcher import LocalWorkerLauncher
 
-        launcher = LocalWorkerLauncher(parallel.tensor_parallel_size)
+        launcher = LocalWorkerLauncher(parallel.tensor_parallel_size, bind_cpu_cores=parallel.bind_cpu_cores)
         try:
             return GrpcExecutor(launcher.addresses, on_shutdown=launcher.stop), launcher.dist_init_method
         except BaseException:
@@ -31,7 +31,8 @@ def create_executor(parallel: ParallelConfig) -> tuple[Executor, str]:
             raise
     from quire.cluster.ray_launcher import RayWorkerGroup
 
-    group = RayWorkerGroup(parallel.tensor_parallel_size, parallel.ray_address)
+    group = RayWorkerGroup(parallel.tensor_parallel_size, parallel.ray_address,
+                           bind_cpu_cores=parallel.bind_cpu_cores)
     try:
         return GrpcExecutor(group.addresses, on_shutdown=group.stop), group.dist_init_method
     except BaseException:

@@ -8,14 +8,16 @@ import logging
 import os
 import threading
 
+from quire.cluster.worker_launcher import default_num_threads, free_port, partition_cores
+
 logger = logging.getLogger(__name__)
 
 
 class _WorkerActor:
     """Runs the worker's gRPC server in a thread of the actor process."""
 
-    def __init__(self, rank: int, world_size: int, on_loopback: bool):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, rank: int, world_size: int, on_loopback: bool, cpu_cores: list[int] | None):
+        self.rank, self.world_size, self.cpu_cores = rank, world_size, cpu_cores
         self.host = "127.0.0.1" if on_loopback else None
 
     def _host(self) -> str:
@@ -26,7 +28,8 @@ class _WorkerActor:
     def start(self) -> str:
         from quire.worker import server
 
-        grpc_server, address, servicer = server.start_server(self.rank, self.world_size, f"{self._host()}:0")
+        grpc_server, address, servicer = server.start_server(self.rank, self.world_size, f"{self._host()}:0",
+                                                            cpu_cores=self.cpu_cores)
 
         def stop_on_shutdown():
             servicer.stopped.wait()
@@ -37,13 +40,16 @@ class _WorkerActor:
 
     def rendezvous(self) -> str:
         """A torch.distributed URL on this actor's node (rank 0 hosts the store)."""
-        from quire.cluster.worker_launcher import free_port
-
         return f"tcp://{self._host()}:{free_port(self._host())}"
 
 
 class RayWorkerGroup:
-    def __init__(self, world_size: int, ray_address: str | None = None, start_timeout: float = 300.0):
+    """The workers of one engine as Ray actors. With `bind_cpu_cores`, CPU workers on a
+    Ray this process started (so on this host) are pinned to disjoint cores
+    (`partition_cores`); on a cluster joined by address the node's cores are not ours to split."""
+
+    def __init__(self, world_size: int, ray_address: str | None = None, start_timeout: float = 300.0,
+                 bind_cpu_cores: bool = True):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -64,14 +70,15 @@ class RayWorkerGroup:
         self.placement_group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
         ray.get(self.placement_group.ready(), timeout=start_timeout)
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_WorkerActor)
-        # The caller's OMP_NUM_THREADS if set, else this host's cores split between the ranks.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
+        binding = bind_cpu_cores and not use_gpu and not address
+        self.cpu_cores = (partition_cores(os.sched_getaffinity(0), world_size) if binding else None) \
+            or [None] * world_size
         self.actors = [
             actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
-            ).remote(rank, world_size, on_loopback=not address)
-            for rank in range(world_size)
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": default_num_threads(cores, world_size)}},
+            ).remote(rank, world_size, on_loopback=not address, cpu_cores=cores)
+            for rank, cores in enumerate(self.cpu_cores)
         ]
         self.addresses = ray.get([actor.start.remote() for actor in self.actors], timeout=start_timeout)
         self.dist_init_method = ray.get(self.actors[0].rendezvous.remote(), timeout=start_timeout)

@@ -7,6 +7,24 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
+
+
+def partition_cores(cores: Iterable[int], world_size: int) -> list[list[int]] | None:
+    """Disjoint CPU cores for each rank's worker: the first core stays with the controller,
+    the others are split into `world_size` equal runs of neighbouring cores (a remainder
+    stays with the controller too). None when there are not more cores than ranks: then
+    binding would leave the controller no core of its own, and the OS places every thread."""
+    cores = sorted(cores)
+    per_rank = (len(cores) - 1) // world_size
+    if per_rank < 1:
+        return None
+    return [cores[1 + rank * per_rank: 1 + (rank + 1) * per_rank] for rank in range(world_size)]
+
+
+def default_num_threads(cores: list[int] | None, world_size: int) -> str:
+    """The caller's OMP_NUM_THREADS if set, else the rank's cores, else this host's cores split between the ranks."""
+    return os.environ.get("OMP_NUM_THREADS") or str(len(cores) if cores else max(1, (os.cpu_count() or 1) // world_size))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -18,22 +36,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalWorkerLauncher:
     """Runs `world_size` worker processes (`python -m quire.worker.server`) on this host,
     each on a free port, and a free port for the torch.distributed rendezvous. CPU threads
-    are split between the workers so they do not oversubscribe the cores."""
+    are split between the workers so they do not oversubscribe the cores; with
+    `bind_cpu_cores`, CPU workers are pinned to disjoint cores (`partition_cores`), so a
+    forward pass never shares its core with the controller or another rank."""
 
-    def __init__(self, world_size: int, host: str = "127.0.0.1", start_timeout: float = 120.0):
+    def __init__(self, world_size: int, host: str = "127.0.0.1", start_timeout: float = 120.0,
+                 bind_cpu_cores: bool = True):
         self.world_size = world_size
         self.dist_init_method = f"tcp://{host}:{free_port(host)}"
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[str] = []
-        env = dict(os.environ)
-        threads = max(1, (os.cpu_count() or 1) // world_size)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
+        self.cpu_cores = (partition_cores(os.sched_getaffinity(0), world_size) if bind_cpu_cores else None) \
+            or [None] * world_size
         try:
-            for rank in range(world_size):
+            for rank, cores in enumerate(self.cpu_cores):
+                binding = ["--cpu-cores", ",".join(map(str, cores))] if cores else []
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-m", "quire.worker.server", "--rank", str(rank), "--world-size",
-                     str(world_size), "--listen", f"{host}:0"],
-                    stdout=subprocess.PIPE, text=True, env=env))
+                     str(world_size), "--listen", f"{host}:0", *binding],
+                    stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": default_num_threads(cores, world_size)}))
             for rank, process in enumerate(self.processes):
                 self.addresses.append(self._read_address(rank, process, start_timeout))
         except BaseException:

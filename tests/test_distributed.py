@@ -178,3 +178,45 @@ def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(
     finally:
         executor.close()
         server.stop(0)
+
+
+def test_cores_are_partitioned_between_ranks_leaving_one_to_the_controller():
+    from quire.cluster.worker_launcher import partition_cores
+    from quire.worker.server import parse_cores
+
+    assert partition_cores(range(2), 1) == [[1]]
+    assert partition_cores(range(16), 4) == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    assert partition_cores({8, 0, 4, 2, 6}, 2) == [[2, 4], [6, 8]]  # the cores this process may use
+    assert partition_cores(range(3), 2) == [[1], [2]]
+    assert partition_cores(range(2), 2) is None  # the controller would have no core of its own
+    assert parse_cores("1,4-6") == [1, 4, 5, 6]
+
+
+def thread_affinities(pid: int) -> dict[int, set[int]]:
+    affinities = {}
+    for thread_id in os.listdir(f"/proc/{pid}/task"):
+        try:
+            affinities[int(thread_id)] = os.sched_getaffinity(int(thread_id))
+        except ProcessLookupError:
+            pass
+    return affinities
+
+
+@pytest.mark.parametrize("bind", [True, False])
+def test_a_cpu_worker_runs_every_thread_on_its_own_cores(tp_checkpoint, hf_tokens, bind):
+    """Bound, every thread of the worker (those it starts for gRPC, the forward pass and
+    torch's thread team too) stays on the cores given to its rank, off the controller's."""
+    launcher = LocalWorkerLauncher(1, bind_cpu_cores=bind)
+    try:
+        cores = launcher.cpu_cores[0]
+        if bind and cores is None:
+            pytest.skip("a single core: nothing to partition")
+        llm = LLM(model=str(tp_checkpoint), executor="workers", worker_addresses=launcher.addresses,
+                  dtype="float32", num_kv_blocks=64)
+        generate_and_check(llm, hf_tokens)
+        affinities = thread_affinities(launcher.processes[0].pid)
+        llm.shutdown()
+    finally:
+        launcher.stop()
+    expected = set(cores) if bind else os.sched_getaffinity(0)
+    assert len(affinities) > 3 and all(a == expected for a in affinities.values()), affinities

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import threading
 from concurrent import futures
 
 import grpc
+import torch
 
 from quire.protos import GRPC_OPTIONS, worker_pb2_grpc
-from quire.worker.worker import Worker
+from quire.worker.worker import Worker, default_device
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +112,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return response
 
 
-def start_server(rank: int, world_size: int, listen: str, dist_init: str | None = None):
-    """Start the gRPC server; returns (server, bound "host:port", servicer)."""
+def bind_to_cores(rank: int, cores: list[int]) -> bool:
+    """Pin every thread of this process to `cores` (threads started later inherit it) and
+    run at most that many torch threads, when this rank computes on the CPU: then its
+    forward pass never shares a core with the controller or another rank. A CUDA rank's
+    CPU threads only launch kernels and stay where the OS puts them. Returns whether it bound."""
+    if not cores or default_device(rank).type != "cpu":
+        return False
+    for thread_id in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread_id), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+    torch.set_num_threads(min(len(cores), torch.get_num_threads()))
+    logger.info("rank %d: bound to CPU cores %s, %d torch threads", rank, cores, torch.get_num_threads())
+    return True
+
+
+def parse_cores(text: str) -> list[int]:
+    """'1,4-6' → [1, 4, 5, 6] (the format of taskset and /sys/.../cpulist)."""
+    cores = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cores.extend(range(int(first), int(last or first) + 1))
+    return cores
+
+
+def start_server(rank: int, world_size: int, listen: str, dist_init: str | None = None,
+                 cpu_cores: list[int] | None = None):
+    """Start the gRPC server, first binding this process to `cpu_cores` (see
+    `bind_to_cores`); returns (server, bound "host:port", servicer)."""
+    bind_to_cores(rank, cpu_cores)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
     servicer = WorkerServicer(Worker(), rank, world_size, dist_init)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
@@ -123,9 +154,10 @@ def start_server(rank: int, world_size: int, listen: str, dist_init: str | None 
     return server, f"{host}:{port}", servicer
 
 
-def serve(rank: int, world_size: int, listen: str, dist_init: str | None = None) -> None:
+def serve(rank: int, world_size: int, listen: str, dist_init: str | None = None,
+          cpu_cores: list[int] | None = None) -> None:
     """Run the worker's gRPC server until Shutdown (or the process is killed)."""
-    server, address, servicer = start_server(rank, world_size, listen, dist_init)
+    server, address, servicer = start_server(rank, world_size, listen, dist_init, cpu_cores)
     print(f"quire-worker: rank {rank} listening on {address}", flush=True)
     servicer.stopped.wait()
     server.stop(grace=1).wait()
@@ -143,6 +175,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to serve on (port 0: any free port)")
     parser.add_argument("--dist-init", default=None, help="torch.distributed URL, e.g. tcp://HOST:PORT")
+    parser.add_argument("--cpu-cores", type=parse_cores, default=None,
+                        help="pin a CPU worker to these cores, e.g. 1-3,8 (ignored on CUDA)")
     parser.add_argument("--log-level", default=None)
 
 
@@ -151,7 +185,7 @@ def run_from_args(args) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not 0 <= args.rank < args.world_size:
         raise SystemExit(f"quire worker: --rank must be in [0, --world-size) (got {args.rank}, {args.world_size})")
-    serve(args.rank, args.world_size, args.listen, args.dist_init)
+    serve(args.rank, args.world_size, args.listen, args.dist_init, args.cpu_cores)
 
 
 if __name__ == "__main__":
