@@ -3,15 +3,17 @@ executor and through Ray + gRPC workers at tp=1 (with asynchronous scheduling an
 core binding, its defaults, without asynchronous scheduling, and without binding) and
 tp=2, in one run, plus the controller's own cost per step at 256 running requests.
 
-Reports per transport (medians of `--repeats` runs, each paired with an in-process run
-just before it): wall seconds, output tokens/s, the median ratio of paired throughputs, controller time per step (inside `Engine.step`, outside
-waiting for the executor: scheduling, plan building, detokenising, stop checks), the
-worker's forward time per step, the wait beyond it per step (executor wait minus the
-worker's forward: the transport, less what asynchronous scheduling overlaps), and bytes
-per StepPlan. Separately, with no model, the controller's side of a decode step for 256
-running requests: scheduling and serialising the plan, then parsing the answer and
-appending its tokens (median and quickest of `--repeats` runs); and the plan's bytes
-per request.
+Reports per transport (medians of `--repeats` runs, each between two in-process runs):
+wall seconds, output tokens/s, the median ratio of throughput against the mean of the
+two in-process runs around each run, controller time per step (inside `Engine.step`,
+outside waiting for the executor: scheduling, plan building, detokenising, stop checks),
+the worker's forward time per step, the wait beyond it per step (executor wait minus the
+worker's forward: the transport, less what asynchronous scheduling overlaps), bytes per
+StepPlan, and the RPC round trip (a plan with no work sent to every rank and rank 0's
+answer back, median of 200). Separately, with no model, the controller's side of a
+decode step for 256 running requests: scheduling and serialising the plan, then parsing
+the answer and appending its tokens (median and quickest of `--repeats` runs); and the
+plan's bytes per request.
 
     python benchmarks/dispatch.py --num-requests 64 --out dispatch.json
 """
@@ -57,6 +59,20 @@ def measure(name, llm, prompts, params):
         "wait_beyond_forward_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
         "plan_bytes_per_step": (llm.engine.executor.bytes_sent - bytes_before) / world / stats.num_steps,
     }, [o.outputs[0].token_ids for o in outputs]
+
+
+def rpc_round_trip_us(llm, calls: int = 200) -> float:
+    """Median time for a plan with no work to reach every rank and rank 0's answer to come
+    back: the step stream's round trip itself (transport, the worker's threads, both sides'
+    (de)serialisation), in microseconds. In process it is a function call."""
+    from quire.protos.step import StepPlan
+
+    times = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        llm.engine.executor.execute(StepPlan(step_id=0))
+        times.append(time.perf_counter() - began)
+    return 1e6 * statistics.median(times)
 
 
 def controller_microbench(num_running: int, steps: int) -> dict:
@@ -147,27 +163,34 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     from quire.cluster import LLM
 
-    def load(kwargs):
+    round_trips = {}
+
+    def load(name, kwargs):
         llm = LLM(model=model, dtype="float32", num_kv_blocks=4096, **kwargs)
         llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+        round_trips[name] = rpc_round_trip_us(llm)
         return llm
 
     runs, tokens = {name: [] for name, _ in transports}, {}
     ratios = {name: [] for name, _ in transports[1:]}
-    inproc = load(transports[0][1])
+    inproc = load(*transports[0])
     try:
-        # The machine's speed drifts within a minute: each run of a remote transport is paired
-        # with an in-process run just before it, and the ratio taken within the pair. Only the
-        # pair's two engines are loaded (idle workers would add their own noise).
+        # The machine's speed drifts within a minute: each run of a remote transport sits between
+        # two in-process runs, and its ratio is taken against their mean (which cancels a
+        # steady drift). Only the remote engine and the in-process one are loaded (idle
+        # workers would add their own noise).
         for name, kwargs in transports[1:]:
-            remote = load(kwargs)
+            remote = load(name, kwargs)
             try:
+                before, tokens["inproc"] = measure("inproc", inproc, prompts, params)
+                runs["inproc"].append(before)
                 for _ in range(args.repeats):
-                    base, tokens["inproc"] = measure("inproc", inproc, prompts, params)
                     row, tokens[name] = measure(name, remote, prompts, params)
-                    runs["inproc"].append(base)
+                    after, _ = measure("inproc", inproc, prompts, params)
+                    runs["inproc"].append(after)
                     runs[name].append(row)
-                    ratios[name].append(base["wall_seconds"] / row["wall_seconds"])
+                    ratios[name].append((before["wall_seconds"] + after["wall_seconds"]) / 2 / row["wall_seconds"])
+                    before = after
                     print(json.dumps(row), flush=True)
             finally:
                 remote.shutdown()
@@ -176,8 +199,9 @@ def main() -> None:
     results = []
     for name, rows in runs.items():
         median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "transport"}
-        results.append({"transport": name, **median, "wall_seconds_all": [row["wall_seconds"] for row in rows]})
-        if name in ratios:  # the median ratio of paired runs, and each pair's
+        results.append({"transport": name, **median, "rpc_round_trip_us": round_trips[name],
+                        "wall_seconds_all": [row["wall_seconds"] for row in rows]})
+        if name in ratios:  # the median ratio against the in-process runs around each run, and each one
             results[-1].update(throughput_vs_inproc=statistics.median(ratios[name]), paired_ratios=ratios[name])
     report = {"config": {k: v for k, v in vars(args).items()}, "results": results,
               "identical_tokens": {n: t == tokens["inproc"] for n, t in tokens.items()},
