@@ -26,6 +26,31 @@ from quire.protos.step import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+async def interleave(streams: list[AsyncIterator[RequestOutput]],
+                     firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) of several requests' output streams as the outputs come, each
+    stream's in order: first `firsts` (each stream's first output, already taken), then the
+    rest of every unfinished stream. Closing it cancels the reads in progress; the streams
+    themselves are the caller's to close."""
+    for index, output in enumerate(firsts):
+        yield index, output
+    pending = {asyncio.ensure_future(streams[i].__anext__()): i for i, output in enumerate(firsts) if not output.finished}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                output = task.result()
+                yield index, output
+                if not output.finished:
+                    pending[asyncio.ensure_future(streams[index].__anext__())] = index
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
 # How often an idle engine loop looks for a worker death the executor's health watch found.
 WORKER_CHECK_SECONDS = 0.5
 

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from quire.cluster.api_server import key_matches
-from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError, interleave
 from quire.cluster.outputs import best_candidates
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
@@ -35,7 +35,7 @@ def sampling_from_pb(options: pb.SamplingOptions) -> SamplingParams:
     ValueError naming the field."""
     given = {name: getattr(options, name) for name in (
         "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "presence_penalty",
-        "frequency_penalty", "repetition_penalty", "skip_special_tokens") if options.HasField(name)}
+        "frequency_penalty", "repetition_penalty", "skip_special_tokens", "n") if options.HasField(name)}
     return SamplingParams(stop=list(options.stop), stop_token_ids=list(options.stop_token_ids),
                           ignore_eos=options.ignore_eos, **given)
 
@@ -44,8 +44,12 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
+        self._samples: dict[str, list[str]] = {}  # request id → its samples' engine ids, while n > 1 streams
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """Streams every sample's outputs (n of them, interleaved, each message naming its
+        `index`). Every sample is queued and has its first output before any message goes
+        out, so a refusal of any ends the call with its status and no sample left running."""
         if request.model and request.model != self.engine.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"`model` {request.model!r} is not served here; "
                                                           f"this server serves {self.engine.model_name!r}")
@@ -58,24 +62,17 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        outputs = self.engine.generate(prompt, params, request_id, cache_salt=request.cache_salt or None)
-        sent = 0
+        # Samples after the first fork its prompt blocks (as the HTTP frontend's `n` does).
+        ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        streams = [self.engine.generate(prompt, params.for_sample(i), sample_id, cache_salt=request.cache_salt or None,
+                                        fork_of=ids[0] if i else None) for i, sample_id in enumerate(ids)]
+        if params.n > 1:
+            self._samples.setdefault(request_id, ids)  # (a second call with a live id is refused below)
+        sent = [0] * params.n
         try:
-            async for output in outputs:
-                completion = output.outputs[0]
-                message = pb.GenerateResponse(request_id=request_id, token_ids=completion.delta_token_ids,
-                                              text=completion.delta_text)
-                if params.logprobs is not None and completion.delta_token_ids:
-                    for token_id, candidates in zip(completion.delta_token_ids, completion.logprobs[sent:]):
-                        message.logprobs.append(self._logprobs(token_id, candidates, params.logprobs))
-                sent = len(completion.token_ids)
-                if output.finished:
-                    message.finish_reason = completion.finish_reason or ""
-                    if isinstance(completion.stop_reason, str):
-                        message.stop_reason = completion.stop_reason
-                    message.usage.prompt_tokens = len(output.prompt_token_ids)
-                    message.usage.completion_tokens = len(completion.token_ids)
-                yield message
+            firsts = [await stream.__anext__() for stream in streams]
+            async for index, output in interleave(streams, firsts):
+                yield self._message(request_id, index, output, params.logprobs, sent)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
@@ -83,8 +80,28 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         except EngineDeadError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
-            # Runs on cancellation and deadline too: an unfinished request is aborted here.
-            await outputs.aclose()
+            # Runs on cancellation and deadline too: every unfinished sample is aborted here.
+            if self._samples.get(request_id) is ids:
+                del self._samples[request_id]
+            for stream in streams:
+                await stream.aclose()
+
+    def _message(self, request_id: str, index: int, output, logprobs: int | None, sent: list[int]) -> pb.GenerateResponse:
+        """Sample `index`'s new tokens since its last message (`sent[index]` counts those sent; updated)."""
+        completion = output.outputs[0]
+        message = pb.GenerateResponse(request_id=request_id, token_ids=completion.delta_token_ids,
+                                      text=completion.delta_text, index=index)
+        if logprobs is not None and completion.delta_token_ids:
+            for token_id, candidates in zip(completion.delta_token_ids, completion.logprobs[sent[index]:]):
+                message.logprobs.append(self._logprobs(token_id, candidates, logprobs))
+        sent[index] = len(completion.token_ids)
+        if output.finished:
+            message.finish_reason = completion.finish_reason or ""
+            if isinstance(completion.stop_reason, str):
+                message.stop_reason = completion.stop_reason
+            message.usage.prompt_tokens = len(output.prompt_token_ids)
+            message.usage.completion_tokens = len(completion.token_ids)
+        return message
 
     def _logprobs(self, token_id: int, candidates: dict[int, float], top: int) -> pb.GeneratedTokenLogprobs:
         def entry(tid: int, logprob: float) -> pb.TokenWithLogprob:
@@ -96,8 +113,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
     async def Abort(self, request: pb.AbortRequest, context):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
-        live = self.engine.is_live(request.request_id)
-        self.engine.abort(request.request_id)
+        ids = self._samples.get(request.request_id, [request.request_id])
+        live = any([self.engine.is_live(sample_id) for sample_id in ids])
+        for sample_id in ids:
+            self.engine.abort(sample_id)
         return pb.AbortResponse(aborted=live)
 
     async def GetModelInfo(self, request, context):

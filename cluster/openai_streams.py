@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from quire.cluster.async_engine import EngineDeadError
+from quire.cluster.async_engine import EngineDeadError, interleave
 from quire.cluster.outputs import CompletionOutput, RequestOutput
 
 
@@ -81,28 +81,6 @@ class ChoiceStreams:
         completion = sum(len(output.outputs[0].token_ids) for output in self.latest)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) as they come; each choice's outputs in order."""
-        firsts = list(self.latest)
-        for index, output in enumerate(firsts):
-            yield index, output
-        pending = {asyncio.ensure_future(self.generators[i].__anext__()): i
-                   for i, output in enumerate(firsts) if not output.finished}
-        try:
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    index = pending.pop(task)
-                    output = task.result()
-                    yield index, output
-                    if not output.finished:
-                        pending[asyncio.ensure_future(self.generators[index].__anext__())] = index
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-
     async def sse(self, render: RenderChunk, usage_head: dict | None) -> AsyncIterator[str]:
         """The SSE body: chunks as `render` shapes them, a usage chunk (`usage_head` plus
         `choices: []` and `usage`) when asked for, then `[DONE]`. Closing it (the client left)
@@ -110,7 +88,7 @@ class ChoiceStreams:
         if self._watcher is not None:
             self._watcher.cancel()  # Starlette watches the connection of a streaming response itself
         try:
-            async for index, output in self._merged():
+            async for index, output in interleave(self.generators, list(self.latest)):
                 self.latest[index] = output
                 completion = output.outputs[0]
                 new = len(completion.delta_token_ids)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bquire/protos/generate.proto\x12\x08quire.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x93\x04\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokens\"\xb8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.quire.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.quire.v1.SamplingOptions\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x08\n\x06prompt\"C\n\x10TokenWithLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"l\n\x16GeneratedTokenLogprobs\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x1a.quire.v1.TokenWithLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.quire.v1.TokenWithLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .quire.v1.GeneratedTokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.quire.v1.Usage\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xb0\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\x04\"\x16\n\x14GetServerInfoRequest\"\x81\x01\n\x15GetServerInfoResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x15\n\rmax_queue_len\x18\x04 \x01(\r\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t2\xed\x02\n\x08Generate\x12\x43\n\x08Generate\x12\x19.quire.v1.GenerateRequest\x1a\x1a.quire.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.quire.v1.AbortRequest\x1a\x17.quire.v1.AbortResponse\x12M\n\x0cGetModelInfo\x12\x1d.quire.v1.GetModelInfoRequest\x1a\x1e.quire.v1.GetModelInfoResponse\x12P\n\rGetServerInfo\x12\x1e.quire.v1.GetServerInfoRequest\x1a\x1f.quire.v1.GetServerInfoResponse\x12\x41\n\x08Tokenize\x12\x19.quire.v1.TokenizeRequest\x1a\x1a.quire.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bquire/protos/generate.proto\x12\x08quire.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa9\x04\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\rH\x0b\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x04\n\x02_n\"\xb8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.quire.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.quire.v1.SamplingOptions\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x08\n\x06prompt\"C\n\x10TokenWithLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"l\n\x16GeneratedTokenLogprobs\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x1a.quire.v1.TokenWithLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.quire.v1.TokenWithLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .quire.v1.GeneratedTokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.quire.v1.Usage\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\r\n\x05index\x18\x08 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xb0\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\x04\"\x16\n\x14GetServerInfoRequest\"\x81\x01\n\x15GetServerInfoResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x15\n\rmax_queue_len\x18\x04 \x01(\r\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t2\xed\x02\n\x08Generate\x12\x43\n\x08Generate\x12\x19.quire.v1.GenerateRequest\x1a\x1a.quire.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.quire.v1.AbortRequest\x1a\x17.quire.v1.AbortResponse\x12M\n\x0cGetModelInfo\x12\x1d.quire.v1.GetModelInfoRequest\x1a\x1e.quire.v1.GetModelInfoResponse\x12P\n\rGetServerInfo\x12\x1e.quire.v1.GetServerInfoRequest\x1a\x1f.quire.v1.GetServerInfoResponse\x12\x41\n\x08Tokenize\x12\x19.quire.v1.TokenizeRequest\x1a\x1a.quire.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=41
   _globals['_TOKENIDS']._serialized_end=64
   _globals['_SAMPLINGOPTIONS']._serialized_start=67
-  _globals['_SAMPLINGOPTIONS']._serialized_end=598
-  _globals['_GENERATEREQUEST']._serialized_start=601
-  _globals['_GENERATEREQUEST']._serialized_end=785
-  _globals['_TOKENWITHLOGPROB']._serialized_start=787
-  _globals['_TOKENWITHLOGPROB']._serialized_end=854
-  _globals['_GENERATEDTOKENLOGPROBS']._serialized_start=856
-  _globals['_GENERATEDTOKENLOGPROBS']._serialized_end=964
-  _globals['_USAGE']._serialized_start=966
-  _globals['_USAGE']._serialized_end=1023
-  _globals['_GENERATERESPONSE']._serialized_start=1026
-  _globals['_GENERATERESPONSE']._serialized_end=1225
-  _globals['_ABORTREQUEST']._serialized_start=1227
-  _globals['_ABORTREQUEST']._serialized_end=1261
-  _globals['_ABORTRESPONSE']._serialized_start=1263
-  _globals['_ABORTRESPONSE']._serialized_end=1295
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1297
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1318
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1321
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1497
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1499
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1521
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1524
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1653
-  _globals['_TOKENIZEREQUEST']._serialized_start=1655
-  _globals['_TOKENIZEREQUEST']._serialized_end=1714
-  _globals['_TOKENIZERESPONSE']._serialized_start=1716
-  _globals['_TOKENIZERESPONSE']._serialized_end=1769
-  _globals['_GENERATE']._serialized_start=1772
-  _globals['_GENERATE']._serialized_end=2137
+  _globals['_SAMPLINGOPTIONS']._serialized_end=620
+  _globals['_GENERATEREQUEST']._serialized_start=623
+  _globals['_GENERATEREQUEST']._serialized_end=807
+  _globals['_TOKENWITHLOGPROB']._serialized_start=809
+  _globals['_TOKENWITHLOGPROB']._serialized_end=876
+  _globals['_GENERATEDTOKENLOGPROBS']._serialized_start=878
+  _globals['_GENERATEDTOKENLOGPROBS']._serialized_end=986
+  _globals['_USAGE']._serialized_start=988
+  _globals['_USAGE']._serialized_end=1045
+  _globals['_GENERATERESPONSE']._serialized_start=1048
+  _globals['_GENERATERESPONSE']._serialized_end=1262
+  _globals['_ABORTREQUEST']._serialized_start=1264
+  _globals['_ABORTREQUEST']._serialized_end=1298
+  _globals['_ABORTRESPONSE']._serialized_start=1300
+  _globals['_ABORTRESPONSE']._serialized_end=1332
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1334
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1355
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1358
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1534
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1536
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1558
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1561
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1690
+  _globals['_TOKENIZEREQUEST']._serialized_start=1692
+  _globals['_TOKENIZEREQUEST']._serialized_end=1751
+  _globals['_TOKENIZERESPONSE']._serialized_start=1753
+  _globals['_TOKENIZERESPONSE']._serialized_end=1806
+  _globals['_GENERATE']._serialized_start=1809
+  _globals['_GENERATE']._serialized_end=2174
 # @@protoc_insertion_point(module_scope)

@@ -136,6 +136,31 @@ def test_grpc_logprobs_tokenize_and_info(stub, server):
     assert info.model == server.model and info.max_model_len == MAX_MODEL_LEN and info.num_kv_blocks == 512
 
 
+def test_grpc_n_samples_interleave_and_match_http(stub, client, server):
+    """n seeded samples on one stream, each message naming its sample: the same texts as the
+    HTTP frontend's n for the same seed, each sample finishing on its own last message."""
+    options = pb.SamplingOptions(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True, n=3, logprobs=1)
+    messages = list(stub.Generate(pb.GenerateRequest(text="Hi there", sampling=options), timeout=30))
+    by_index = {i: [m for m in messages if m.index == i] for i in range(3)}
+    assert sorted({m.index for m in messages}) == [0, 1, 2]
+    for sample in by_index.values():
+        assert sum(len(m.token_ids) for m in sample) == 8 and len([lp for m in sample for lp in m.logprobs]) == 8
+        assert sample[-1].finish_reason == "length" and sample[-1].usage.completion_tokens == 8
+        assert not any(m.finish_reason for m in sample[:-1])
+    texts = ["".join(m.text for m in by_index[i]) for i in range(3)]
+    http = client.completions.create(model=server.model, prompt="Hi there", max_tokens=8, temperature=1.0, seed=7,
+                                     n=3, extra_body={"ignore_eos": True})
+    assert texts == [c.text for c in sorted(http.choices, key=lambda c: c.index)] and len(set(texts)) > 1
+    long = pb.SamplingOptions(max_tokens=MAX_MODEL_LEN - 8, temperature=0, ignore_eos=True, n=2)
+    call = stub.Generate(pb.GenerateRequest(request_id="two-samples", text="Hi", sampling=long), timeout=60)
+    next(call)
+    assert stub.Abort(pb.AbortRequest(request_id="two-samples"), timeout=10).aborted
+    finished = [m for m in call if m.finish_reason]
+    assert sorted(m.index for m in finished) == [0, 1] and {m.finish_reason for m in finished} == {"abort"}
+    info = wait_until_idle(stub)
+    assert (info.num_running, info.num_waiting, info.kv_cache_usage) == (0, 0, 0.0)
+
+
 def test_grpc_abort_and_deadline_free_the_request(stub):
     long = pb.SamplingOptions(max_tokens=MAX_MODEL_LEN - 8, temperature=0, ignore_eos=True)
     call = stub.Generate(pb.GenerateRequest(request_id="to-abort", text="Hi", sampling=long), timeout=60)
@@ -214,6 +239,8 @@ GRPC_BAD = [
     (pb.GenerateRequest(text=""), "prompt"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * (MAX_MODEL_LEN + 1))), "prompt"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**7])), "prompt"),
+    (pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(n=0)), "n"),
+    (pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(n=65)), "n"),
 ]
 
 
