@@ -52,6 +52,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="plan each step while the one before runs (default: on where the workers are "
                             "separate processes, off in-process)")
+    group.add_argument("--admission-watermark", type=float, default=None,
+                       help="share of KV blocks a new request must leave free while others run (default 0.01)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="share of each GPU's memory quire may use (weights, activations, KV cache)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -78,7 +80,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
              "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "preemption_mode", "swap_space",
              "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
              "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling",
-             "bind_cpu_cores")
+             "bind_cpu_cores", "admission_watermark")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

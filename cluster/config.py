@@ -31,6 +31,9 @@ class SchedulerConfig:
     # Plan step N+1 while step N runs, naming N's sampled tokens by placeholder (None: where the
     # workers run apart from the controller, whose round trip this then hides).
     async_scheduling: bool | None = None
+    # Share of KV blocks that admitting a new request must leave free while others run (for
+    # their next tokens: admitting into the last blocks would only preempt a few steps later).
+    admission_watermark: float = 0.01
 
 
 @dataclass
@@ -90,6 +93,9 @@ class EngineConfig:
         positive(self.parallel, "tensor_parallel_size")
         positive(self.model, "max_model_len")
         positive(self.cache, "kv_cache_memory")
+        watermark = self.scheduler.admission_watermark
+        if isinstance(watermark, bool) or not isinstance(watermark, (int, float)) or not 0 <= watermark < 1:
+            raise ValueError(f"`admission_watermark` must be a share of the KV blocks in [0, 1) (got {watermark!r})")
         if not 0 < self.cache.gpu_memory_utilization <= 1:
             raise ValueError(f"`gpu_memory_utilization` must be in (0, 1] (got {self.cache.gpu_memory_utilization})")
         if not isinstance(self.parallel.max_worker_restarts, int) or self.parallel.max_worker_restarts < 0:

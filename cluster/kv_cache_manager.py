@@ -81,14 +81,16 @@ class KVCacheManager:
 
     # -- allocation ----------------------------------------------------------------------------
     def allocate_slots(self, request, num_tokens: int, computed_blocks: list[int] = (),
-                       write_from: int | None = None, copies: list[tuple[int, int]] | None = None) -> list[int] | None:
+                       write_from: int | None = None, copies: list[tuple[int, int]] | None = None,
+                       keep_free: int = 0) -> list[int] | None:
         """Grow the table so it covers `num_tokens` tokens: first `computed_blocks` (prefix
         hits, for a request without a table), then new blocks. With `write_from`, the blocks
         holding positions `write_from..num_tokens-1` that others share are first replaced by
         fresh copies (copy-on-write; the (source, copy) pairs are appended to `copies` for the
         workers to copy before the step). Registers the full blocks among the first
         `num_tokens` tokens in the prefix cache. Returns the new block ids (possibly empty),
-        or None, changing nothing, when the pool lacks blocks."""
+        or None, changing nothing, when the pool lacks blocks or would keep fewer than
+        `keep_free` free."""
         request_id = request.request_id
         table = self.tables.get(request_id, [])
         needed = max(0, self.blocks_for(num_tokens) - len(table) - len(computed_blocks))
@@ -97,7 +99,7 @@ class KVCacheManager:
         if write_from is not None:
             last = min(self.blocks_for(num_tokens), len(table))
             shared = [i for i in range(write_from // self.block_size, last) if self.pool.ref_counts[table[i]] > 1]
-        if needed + revived + len(shared) > self.pool.num_free_blocks:
+        if needed + revived + len(shared) + keep_free > self.pool.num_free_blocks:
             return None
         for index, copy in zip(shared, self.pool.allocate(len(shared))):
             copies.append((table[index], copy))

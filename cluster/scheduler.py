@@ -4,7 +4,8 @@ Each step every scheduled request's `num_computed_tokens` catches up toward its
 `num_tokens` by as many tokens as the budget allows: a waiting prompt gets a chunk
 (chunked prefill falls out), a running request gets its one new token. Running
 requests go first, in order of service; waiting ones are admitted while the budget,
-`max_num_seqs` and free blocks allow. When a running request cannot get a block, the
+`max_num_seqs` and free blocks allow (leaving `admission_watermark` of the blocks free
+while others run, for their next tokens). When a running request cannot get a block, the
 lowest-priority, latest-arrived running request is preempted: by recompute (its blocks
 are freed) or, in swap mode while the CPU pool has room, by swapping its blocks out to
 the workers' CPU pool; either way it returns to the head of the waiting queue.
@@ -211,7 +212,8 @@ class Scheduler:
                     request.fork_of = None  # the leader is gone or preempted: start on its own
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
                 num_new = min(request.num_tokens - num_hit, budget)
-                if self.kv.allocate_slots(request, num_hit + num_new, computed_blocks) is None:
+                if self.kv.allocate_slots(request, num_hit + num_new, computed_blocks,
+                                          keep_free=self._admission_watermark()) is None:
                     break
                 self.kv.record_lookup(request.num_tokens, num_hit)
                 request.num_computed_tokens = num_hit
@@ -221,6 +223,11 @@ class Scheduler:
             self._add_to_plan(plan, request, num_new)
             budget -= num_new
         return plan
+
+    def _admission_watermark(self) -> int:
+        """Blocks a new request must leave free, for the running requests' next tokens: admitting
+        into the last blocks would only preempt someone a few steps later. None with nothing running."""
+        return int(self.kv.pool.num_blocks * self.config.admission_watermark) if self.running else 0
 
     def _allocate_preempting(self, request: Request, plan: StepPlan, allocate):
         """`allocate()`'s result once it is not None, preempting the running request at the

@@ -8,11 +8,11 @@ from quire.protos.step import PLACEHOLDER_TOKEN, SamplingParams, StepResult
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, prefix_caching=False, cpu_blocks=0,
-                   preemption_mode="recompute"):
+                   preemption_mode="recompute", watermark=0.0):
     kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching,
                         cpu_pool=BlockPool(cpu_blocks) if cpu_blocks else None)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv,
-                     preemption_mode=preemption_mode)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                     admission_watermark=watermark), kv, preemption_mode=preemption_mode)
 
 
 def add(scheduler, request_id, prompt_len, arrival, priority=0):
@@ -207,3 +207,21 @@ def test_output_blocks_are_cached_for_a_later_turn_with_and_without_steps_in_fli
         blocks, num_hit = s.kv.get_computed_blocks(turn)
         # 16 tokens computed (the last sampled one never is): 4 full blocks, whatever was in flight.
         assert num_hit == 16, (depth, num_hit)
+
+
+def test_admission_leaves_the_watermark_free_while_others_run():
+    s = make_scheduler(num_blocks=20, block_size=4, budget=80, watermark=0.1)  # 2 blocks kept free
+    a = add(s, "a", 24, 0.0)                    # alone: takes 6 blocks
+    b = add(s, "b", 40, 1.0)                    # 10 blocks would leave 4 free: admitted
+    c = add(s, "c", 9, 2.0)                     # 3 blocks would leave 1 < 2 free: waits
+    run_step(s)
+    assert s.kv.block_ids("a") == [0, 1, 2, 3, 4, 5] and s.kv.block_ids("b") == list(range(6, 16))
+    assert s.running == [a, b] and s.waiting == [c] and s.kv.pool.num_free_blocks == 4
+    run_step(s)
+    assert s.waiting == [c] and s.num_preemptions == 0
+    for request_id in ("a", "b", "c"):
+        s.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+    s.check_integrity()
+    d = add(s, "d", 80, 3.0)                    # all 20 blocks: admissible, nothing else running
+    run_step(s)
+    assert s.running == [d] and s.kv.pool.num_free_blocks == 0

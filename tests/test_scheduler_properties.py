@@ -100,12 +100,14 @@ events = st.lists(st.one_of(arrival, st.tuples(st.just("abort"), st.integers(0, 
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(num_blocks=st.integers(6, 24), block_size=st.sampled_from([2, 4, 8]), budget=st.integers(4, 48),
        max_num_seqs=st.integers(1, 8), prefix_caching=st.booleans(), swap=st.booleans(),
-       num_cpu_blocks=st.integers(0, 24), pipelined=st.booleans(), stop_on_zero=st.booleans(), script=events)
+       num_cpu_blocks=st.integers(0, 24), pipelined=st.booleans(), stop_on_zero=st.booleans(),
+       watermark=st.sampled_from([0.0, 0.2]), script=events)
 def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, budget, max_num_seqs, prefix_caching,
-                                                     swap, num_cpu_blocks, pipelined, stop_on_zero, script):
+                                                     swap, num_cpu_blocks, pipelined, stop_on_zero, watermark, script):
     cpu_pool = BlockPool(num_cpu_blocks) if swap and num_cpu_blocks else None
     kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching, cpu_pool=cpu_pool)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv,
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                          admission_watermark=watermark), kv,
                           preemption_mode="swap" if cpu_pool else "recompute")
     worker = SimulatedWorker(num_blocks, num_cpu_blocks, block_size)
     arrived: list[Request] = []
