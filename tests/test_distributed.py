@@ -182,7 +182,7 @@ def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(
 
 def test_cores_are_partitioned_between_ranks_leaving_one_to_the_controller():
     from quire.cluster.worker_launcher import partition_cores
-    from quire.worker.server import parse_cores
+    from quire.worker.server import bind_to_cores, parse_cores
 
     assert partition_cores(range(2), 1) == [[1]]
     assert partition_cores(range(16), 4) == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
@@ -190,6 +190,8 @@ def test_cores_are_partitioned_between_ranks_leaving_one_to_the_controller():
     assert partition_cores(range(3), 2) == [[1], [2]]
     assert partition_cores(range(2), 2) is None  # the controller would have no core of its own
     assert parse_cores("1,4-6") == [1, 4, 5, 6]
+    with pytest.raises(ValueError, match="`cpu_cores`"):
+        bind_to_cores(0, [max(os.sched_getaffinity(0)) + 1])
 
 
 def thread_affinities(pid: int) -> dict[int, set[int]]:

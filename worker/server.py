@@ -119,6 +119,8 @@ def bind_to_cores(rank: int, cores: list[int]) -> bool:
     CPU threads only launch kernels and stay where the OS puts them. Returns whether it bound."""
     if not cores or default_device(rank).type != "cpu":
         return False
+    if not set(cores) <= os.sched_getaffinity(0):
+        raise ValueError(f"`cpu_cores` {cores} are not all among this process's cores {sorted(os.sched_getaffinity(0))}")
     for thread_id in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(thread_id), cores)
