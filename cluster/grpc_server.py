@@ -113,7 +113,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
     async def Abort(self, request: pb.AbortRequest, context):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
-        ids = self._samples.get(request.request_id, [request.request_id])
+        ids = [request.request_id, *self._samples.get(request.request_id, [])]
         live = any([self.engine.is_live(sample_id) for sample_id in ids])
         for sample_id in ids:
             self.engine.abort(sample_id)
