@@ -61,6 +61,24 @@ def measure(name, llm, prompts, params):
     }, [o.outputs[0].token_ids for o in outputs]
 
 
+def sandwiched(inproc, remote, name: str, prompts, params, repeats: int) -> dict:
+    """`repeats` timed runs of `remote`, each between two in-process runs, its throughput
+    ratio taken against their mean (the machine's speed drifts within a minute; a steady
+    drift cancels). Returns both engines' rows and tokens, and the ratios."""
+    before, inproc_tokens = measure("inproc", inproc, prompts, params)
+    inproc_rows, rows, ratios = [before], [], []
+    for _ in range(repeats):
+        row, tokens = measure(name, remote, prompts, params)
+        after, _ = measure("inproc", inproc, prompts, params)
+        inproc_rows.append(after)
+        rows.append(row)
+        ratios.append((before["wall_seconds"] + after["wall_seconds"]) / 2 / row["wall_seconds"])
+        before = after
+        print(json.dumps(row), flush=True)
+    return {"inproc_rows": inproc_rows, "rows": rows, "ratios": ratios, "inproc_tokens": inproc_tokens,
+            "tokens": tokens}
+
+
 def rpc_round_trip_us(llm, calls: int = 200) -> float:
     """Median time for a plan with no work to reach every rank and rank 0's answer to come
     back: the step stream's round trip itself (transport, the worker's threads, both sides'
@@ -175,25 +193,18 @@ def main() -> None:
     ratios = {name: [] for name, _ in transports[1:]}
     inproc = load(*transports[0])
     try:
-        # The machine's speed drifts within a minute: each run of a remote transport sits between
-        # two in-process runs, and its ratio is taken against their mean (which cancels a
-        # steady drift). Only the remote engine and the in-process one are loaded (idle
-        # workers would add their own noise).
+        # Only the remote engine and the in-process one are loaded at a time (idle workers
+        # would add their own noise).
         for name, kwargs in transports[1:]:
             remote = load(name, kwargs)
             try:
-                before, tokens["inproc"] = measure("inproc", inproc, prompts, params)
-                runs["inproc"].append(before)
-                for _ in range(args.repeats):
-                    row, tokens[name] = measure(name, remote, prompts, params)
-                    after, _ = measure("inproc", inproc, prompts, params)
-                    runs["inproc"].append(after)
-                    runs[name].append(row)
-                    ratios[name].append((before["wall_seconds"] + after["wall_seconds"]) / 2 / row["wall_seconds"])
-                    before = after
-                    print(json.dumps(row), flush=True)
+                compared = sandwiched(inproc, remote, name, prompts, params, args.repeats)
             finally:
                 remote.shutdown()
+            runs["inproc"] += compared["inproc_rows"]
+            runs[name] += compared["rows"]
+            ratios[name] = compared["ratios"]
+            tokens["inproc"], tokens[name] = compared["inproc_tokens"], compared["tokens"]
     finally:
         inproc.shutdown()
     results = []

@@ -109,9 +109,12 @@ def memory_profiled_capacity(path: Path) -> dict:
 def transport(path: Path, repeats: int = 3) -> dict:
     """Issue 4's throughput goal where it means something: one rank in process against one
     gRPC worker process (asynchronous scheduling, its default there; no Ray on this image),
-    the same greedy workload, each worker run paired with an in-process run just before it."""
+    the same greedy workload, measured as `dispatch.py` does (each worker run between two
+    in-process runs)."""
     import random
     import statistics
+
+    from dispatch import sandwiched  # a sibling script: this one's folder leads sys.path
 
     from quire.cluster import LLM, SamplingParams
 
@@ -120,32 +123,17 @@ def transport(path: Path, repeats: int = 3) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(32, 128), ignore_eos=True) for _ in prompts]
     engines = {name: LLM(model=str(path), dtype="float16", num_kv_blocks=4096, executor=name)
                for name in ("inproc", "workers")}
-    rows = {name: [] for name in engines}
-    tokens = {}
     try:
         for llm in engines.values():
             llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up (Triton compiles)
-        for _ in range(repeats):
-            for name, llm in engines.items():
-                llm.engine.stats.__init__()
-                began = time.perf_counter()
-                outputs = llm.generate(prompts, params, use_tqdm=False)
-                wall = time.perf_counter() - began
-                stats = llm.engine.stats
-                tokens[name] = [o.outputs[0].token_ids for o in outputs]
-                rows[name].append({"wall_seconds": wall,
-                                   "forward_ms_per_step": 1e3 * stats.forward_seconds / stats.num_steps,
-                                   "wait_beyond_forward_ms_per_step":
-                                       1e3 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
-                                   "controller_ms_per_step":
-                                       1e3 * (stats.step_seconds - stats.execute_seconds) / stats.num_steps})
+        compared = sandwiched(engines["inproc"], engines["workers"], "workers", prompts, params, repeats)
     finally:
         for llm in engines.values():
             llm.shutdown()
-    ratios = [a["wall_seconds"] / b["wall_seconds"] for a, b in zip(rows["inproc"], rows["workers"])]
-    return {"runs": rows, "paired_throughput_ratios": ratios, "workers_vs_inproc": statistics.median(ratios),
-            "identical_tokens": tokens["inproc"] == tokens["workers"], "goal": 0.95,
-            "ok": tokens["inproc"] == tokens["workers"]}
+    identical = compared["inproc_tokens"] == compared["tokens"]
+    return {"runs": {"inproc": compared["inproc_rows"], "workers": compared["rows"]},
+            "paired_throughput_ratios": compared["ratios"], "workers_vs_inproc": statistics.median(compared["ratios"]),
+            "identical_tokens": identical, "goal": 0.95, "ok": identical}
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 
-from quire.cluster.worker_launcher import default_num_threads, free_port, partition_cores
+from quire.cluster.worker_launcher import cores_per_rank, default_num_threads, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ class RayWorkerGroup:
         self.placement_group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
         ray.get(self.placement_group.ready(), timeout=start_timeout)
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_WorkerActor)
-        binding = bind_cpu_cores and not use_gpu and not address
-        self.cpu_cores = (partition_cores(os.sched_getaffinity(0), world_size) if binding else None) \
-            or [None] * world_size
+        self.cpu_cores = cores_per_rank(world_size, bind_cpu_cores and not use_gpu and not address)
         self.actors = [
             actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),

@@ -226,7 +226,7 @@ class Scheduler:
 
     def _admission_watermark(self) -> int:
         """Blocks a new request must leave free, for the running requests' next tokens: admitting
-        into the last blocks would only preempt someone a few steps later. None with nothing running."""
+        into the last blocks would only preempt someone a few steps later. 0 with nothing running."""
         return int(self.kv.pool.num_blocks * self.config.admission_watermark) if self.running else 0
 
     def _allocate_preempting(self, request: Request, plan: StepPlan, allocate):

@@ -22,6 +22,12 @@ def partition_cores(cores: Iterable[int], world_size: int) -> list[list[int]] | 
     return [cores[1 + rank * per_rank: 1 + (rank + 1) * per_rank] for rank in range(world_size)]
 
 
+def cores_per_rank(world_size: int, bind: bool) -> list[list[int] | None]:
+    """Each rank's cores from `partition_cores` over this process's own, or None per rank
+    where there is no binding (not asked for, or too few cores)."""
+    return (partition_cores(os.sched_getaffinity(0), world_size) if bind else None) or [None] * world_size
+
+
 def default_num_threads(cores: list[int] | None, world_size: int) -> str:
     """The caller's OMP_NUM_THREADS if set, else the rank's cores, else this host's cores split between the ranks."""
     return os.environ.get("OMP_NUM_THREADS") or str(len(cores) if cores else max(1, (os.cpu_count() or 1) // world_size))
@@ -46,8 +52,7 @@ class LocalWorkerLauncher:
         self.dist_init_method = f"tcp://{host}:{free_port(host)}"
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[str] = []
-        self.cpu_cores = (partition_cores(os.sched_getaffinity(0), world_size) if bind_cpu_cores else None) \
-            or [None] * world_size
+        self.cpu_cores = cores_per_rank(world_size, bind_cpu_cores)
         try:
             for rank, cores in enumerate(self.cpu_cores):
                 binding = ["--cpu-cores", ",".join(map(str, cores))] if cores else []

@@ -1,6 +1,7 @@
 """Tensor parallelism across worker processes: parity with HF at tp 1/2/4 through Ray and
 through standalone gRPC workers (gloo on the CPU), and a killed worker failing requests
 fast instead of hanging them."""
+import contextlib
 import os
 import signal
 import threading
@@ -197,10 +198,8 @@ def test_cores_are_partitioned_between_ranks_leaving_one_to_the_controller():
 def thread_affinities(pid: int) -> dict[int, set[int]]:
     affinities = {}
     for thread_id in os.listdir(f"/proc/{pid}/task"):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the thread ended since the listing
             affinities[int(thread_id)] = os.sched_getaffinity(int(thread_id))
-        except ProcessLookupError:
-            pass
     return affinities
 
 
@@ -212,7 +211,7 @@ def test_a_cpu_worker_runs_every_thread_on_its_own_cores(tp_checkpoint, hf_token
     try:
         cores = launcher.cpu_cores[0]
         if bind and cores is None:
-            pytest.skip("a single core: nothing to partition")
+            pytest.skip("binding needs at least two cores (one stays with the controller)")
         llm = LLM(model=str(tp_checkpoint), executor="workers", worker_addresses=launcher.addresses,
                   dtype="float32", num_kv_blocks=64)
         generate_and_check(llm, hf_tokens)

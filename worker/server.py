@@ -10,6 +10,7 @@ the controller sends (or `--dist-init`), by all ranks at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import queue
@@ -122,10 +123,8 @@ def bind_to_cores(rank: int, cores: list[int]) -> bool:
     if not set(cores) <= os.sched_getaffinity(0):
         raise ValueError(f"`cpu_cores` {cores} are not all among this process's cores {sorted(os.sched_getaffinity(0))}")
     for thread_id in os.listdir("/proc/self/task"):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the thread ended since the listing
             os.sched_setaffinity(int(thread_id), cores)
-        except ProcessLookupError:  # the thread ended meanwhile
-            pass
     torch.set_num_threads(min(len(cores), torch.get_num_threads()))
     logger.info("rank %d: bound to CPU cores %s, %d torch threads", rank, cores, torch.get_num_threads())
     return True
