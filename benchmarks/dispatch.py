@@ -3,7 +3,8 @@ executor and through Ray + gRPC workers at tp=1 (with asynchronous scheduling an
 core binding, its defaults, without asynchronous scheduling, and without binding) and
 tp=2, in one run, plus the controller's own cost per step at 256 running requests.
 
-Reports per transport (medians of `--repeats` runs, each between two in-process runs):
+Each engine first serves the whole workload once, untimed (warm-up). Reports per transport
+(medians of `--repeats` runs, each between two in-process runs):
 wall seconds, output tokens/s, the median ratio of throughput against the mean of the
 two in-process runs around each run, controller time per step (inside `Engine.step`,
 outside waiting for the executor: scheduling, plan building, detokenising, stop checks),
@@ -185,7 +186,11 @@ def main() -> None:
 
     def load(name, kwargs):
         llm = LLM(model=model, dtype="float32", num_kv_blocks=4096, **kwargs)
-        llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+        # Warm-up: one untimed run of the whole workload. A fresh engine's first run touches
+        # its KV pool and grows its allocators' arenas for the first time; timed, it came out
+        # 10% slower than the runs after it (the first of five paired ratios was the lowest
+        # in 31 of 38 runs), a start-up cost, not the transport's.
+        llm.generate(prompts, params, use_tqdm=False)
         round_trips[name] = rpc_round_trip_us(llm)
         return llm
 

@@ -125,7 +125,7 @@ def transport(path: Path, repeats: int = 3) -> dict:
                for name in ("inproc", "workers")}
     try:
         for llm in engines.values():
-            llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up (Triton compiles)
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up: Triton compiles, first touches
         compared = sandwiched(engines["inproc"], engines["workers"], "workers", prompts, params, repeats)
     finally:
         for llm in engines.values():
