@@ -10,7 +10,8 @@ two in-process runs around each run, controller time per step (inside `Engine.st
 outside waiting for the executor: scheduling, plan building, detokenising, stop checks),
 the worker's forward time per step, the wait beyond it per step (executor wait minus the
 worker's forward: the transport, less what asynchronous scheduling overlaps), bytes per
-StepPlan, and the RPC round trip (a plan with no work sent to every rank and rank 0's
+StepPlan, the share of CPU time stolen by the hypervisor during the run (`cpu_steal_share`,
+Linux), and the RPC round trip (a plan with no work sent to every rank and rank 0's
 answer back, median of 200). Separately, with no model, the controller's side of a
 decode step for 256 running requests: scheduling and serialising the plan, then parsing
 the answer and appending its tokens (median and quickest of `--repeats` runs); and the
@@ -43,13 +44,28 @@ def workload(args, vocab_size):
     return prompts, params
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of the machine so far, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(field) for field in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def measure(name, llm, prompts, params):
     """One timed run of the workload on a loaded engine: its figures, and the token ids."""
     llm.engine.stats.__init__()
     bytes_before = llm.engine.executor.bytes_sent
+    ticks_before = cpu_ticks()
     began = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - began
+    ticks_after = cpu_ticks()
+    steal = None  # the share of CPU time the hypervisor gave to other guests during the run
+    if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
+        steal = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
     stats = llm.engine.stats
     world = llm.engine.executor.world_size
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -59,6 +75,7 @@ def measure(name, llm, prompts, params):
         "worker_forward_us_per_step": 1e6 * stats.forward_seconds / stats.num_steps,
         "wait_beyond_forward_us_per_step": 1e6 * (stats.execute_seconds - stats.forward_seconds) / stats.num_steps,
         "plan_bytes_per_step": (llm.engine.executor.bytes_sent - bytes_before) / world / stats.num_steps,
+        "cpu_steal_share": steal,
     }, [o.outputs[0].token_ids for o in outputs]
 
 
@@ -214,7 +231,8 @@ def main() -> None:
         inproc.shutdown()
     results = []
     for name, rows in runs.items():
-        median = {key: statistics.median(row[key] for row in rows) for key in rows[0] if key != "transport"}
+        median = {key: statistics.median(row[key] for row in rows) for key in rows[0]
+                  if key != "transport" and all(row[key] is not None for row in rows)}
         results.append({"transport": name, **median, "rpc_round_trip_us": round_trips[name],
                         "wall_seconds_all": [row["wall_seconds"] for row in rows]})
         if name in ratios:  # the median ratio against the in-process runs around each run, and each one

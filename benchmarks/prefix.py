@@ -10,7 +10,8 @@ off, interleaved `--repeats` times (medians reported; this kind of machine drift
 
 Reported per run: wall seconds, output tokens/s, prompt tokens computed (measured: every
 token the scheduler sent to the model, minus the decode steps), prefix-cache hit tokens,
-and the controller's time inside prefix caching (hashing, lookups, registering blocks)
+and the controller's time inside prefix caching (hashing, lookups, registering and
+evicting cached blocks)
 as a share of the wall time — the noise-free form of the zero-hit overhead. Greedy tokens
 are compared between on and off (they must be identical).
 
@@ -46,17 +47,27 @@ def workloads(args, repeat: int) -> dict[str, list[list[int]]]:
 
 
 class PrefixTimer:
-    """Accumulates the wall time spent in KVCacheManager's prefix-caching methods."""
+    """Accumulates the wall time spent in prefix caching: KVCacheManager's hashing, lookups
+    and block registration (the decode fast path's `_hash_block` too) and the block pool's
+    recording and eviction of cached content."""
 
-    METHODS = ("block_hashes", "get_computed_blocks", "_register")
+    METHODS = ("block_hashes", "_hash_block", "get_computed_blocks", "_register", "cache_computed_blocks")
+    POOL_METHODS = ("cache", "_evict", "lookup")
 
     def __init__(self):
         self.seconds = 0.0
         self._depth = 0
 
     def wrap(self, kv: KVCacheManager) -> None:
-        for name in self.METHODS:
-            setattr(kv, name, self._timed(getattr(kv, name)))
+        for owner, names in ((kv, self.METHODS), (kv.pool, self.POOL_METHODS)):
+            for name in names:
+                setattr(owner, name, self._timed(getattr(owner, name)))
+
+    @classmethod
+    def unwrap(cls, kv: KVCacheManager) -> None:
+        for owner, names in ((kv, cls.METHODS), (kv.pool, cls.POOL_METHODS)):
+            for name in names:
+                owner.__dict__.pop(name, None)
 
     def _timed(self, method):
         @functools.wraps(method)
@@ -94,8 +105,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> tuple[dic
         wall = time.perf_counter() - began
     finally:
         engine.scheduler.schedule = schedule
-        for name in PrefixTimer.METHODS:
-            kv.__dict__.pop(name, None)
+        PrefixTimer.unwrap(kv)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     # Every output but the last of each request came out of a one-token decode step.
     decode_tokens = generated - len(prompts)
