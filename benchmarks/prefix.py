@@ -58,16 +58,21 @@ class PrefixTimer:
         self.seconds = 0.0
         self._depth = 0
 
-    def wrap(self, kv: KVCacheManager) -> None:
-        for owner, names in ((kv, self.METHODS), (kv.pool, self.POOL_METHODS)):
+    @classmethod
+    def _targets(cls, kv: KVCacheManager):
+        """(object, method name) of every method timed."""
+        for owner, names in ((kv, cls.METHODS), (kv.pool, cls.POOL_METHODS)):
             for name in names:
-                setattr(owner, name, self._timed(getattr(owner, name)))
+                yield owner, name
+
+    def wrap(self, kv: KVCacheManager) -> None:
+        for owner, name in self._targets(kv):
+            setattr(owner, name, self._timed(getattr(owner, name)))
 
     @classmethod
     def unwrap(cls, kv: KVCacheManager) -> None:
-        for owner, names in ((kv, cls.METHODS), (kv.pool, cls.POOL_METHODS)):
-            for name in names:
-                owner.__dict__.pop(name, None)
+        for owner, name in cls._targets(kv):
+            owner.__dict__.pop(name, None)
 
     def _timed(self, method):
         @functools.wraps(method)

@@ -114,7 +114,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
         ids = [request.request_id, *self._samples.get(request.request_id, [])]
-        live = any([self.engine.is_live(sample_id) for sample_id in ids])
+        live = any(self.engine.is_live(sample_id) for sample_id in ids)
         for sample_id in ids:
             self.engine.abort(sample_id)
         return pb.AbortResponse(aborted=live)
