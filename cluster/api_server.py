@@ -18,7 +18,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
 from quire.cluster.metrics import CONTENT_TYPE, ServerMetrics
 from quire.cluster.openai_protocol import (
     ChatCompletionRequest,
@@ -130,9 +130,10 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
     @app.get("/health")
     async def health():
         state = {"num_running": engine.num_running, "num_waiting": engine.num_waiting, "kv_usage": engine.kv_usage}
-        if engine.healthy:
+        failure = engine.failure
+        if failure is None:
             return {"status": "ok", **state}
-        return JSONResponse({"status": "unhealthy", **state}, 503)
+        return JSONResponse({"status": "unhealthy", "reason": failure, **state}, 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -150,8 +151,9 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         if requested is not None and requested != model_name:
             raise APIError(404, f"The model `{requested}` does not exist; this server serves `{model_name}`",
                            "model", code="model_not_found")
-        if not engine.healthy:
-            raise APIError(503, "the engine is not running", type="service_unavailable")
+        failure = engine.failure
+        if failure is not None:
+            raise APIError(503, failure, type="service_unavailable")
 
     async def start(prompt, params: SamplingParams, body, request_id: str, raw: Request) -> ChoiceStreams:
         """Queue the n samples (all but the first fork the first's prompt blocks) and wait for
@@ -171,6 +173,8 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
             raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
         except EngineDeadError as exc:
             raise APIError(503, str(exc), type="service_unavailable") from None
+        except RequestFailedError as exc:
+            raise APIError(500, f"the request failed: {exc}", type="internal_server_error", code=500) from None
         except ClientGone:
             raise APIError(499, "the client disconnected", code=499) from None  # nobody reads this
         return choices
@@ -183,8 +187,8 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
             finals = await choices.collect()
         except ClientGone:
             return Response(status_code=499)  # nobody reads this
-        except EngineDeadError as exc:
-            raise APIError(500, str(exc), type="internal_server_error") from None
+        except (EngineDeadError, RequestFailedError) as exc:
+            raise APIError(500, str(exc), type="internal_server_error", code=500) from None
         return render_final(finals, choices.usage())
 
     @app.post("/v1/completions")
@@ -220,6 +224,9 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         check_model(body.model)
+        if tokenizer is None:
+            raise APIError(400, "`messages`: chat needs a tokenizer, and this server was started with "
+                                "--skip-tokenizer-init; send token ids to /v1/completions", "messages")
         if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "the model has no chat template; start the server with --chat-template", "messages")
         try:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from quire.cluster.engine import Engine
@@ -63,6 +63,10 @@ class QueueFullError(RuntimeError):
     """The queue of waiting requests is at `max_queue_len`: try again later."""
 
 
+class RequestFailedError(RuntimeError):
+    """The request failed on its own inside a step (the engine serves the others on)."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -88,17 +92,22 @@ class AsyncEngine:
     Contracts: `generate` yields every output of its request in order and ends after the
     finished one; a bad request raises ValueError (from `Engine.add_request`), and a request
     arriving while `max_queue_len` (> 0) requests wait raises QueueFullError, both before any
-    output; a consumer that stops iterating aborts its request, freeing its KV blocks; if
-    a step raises, every in-flight stream raises `EngineDeadError` and `healthy` turns False.
+    output; a request that fails on its own in a step raises RequestFailedError and nobody
+    else notices; a consumer that stops iterating aborts its request, freeing its KV blocks;
+    if a step raises (a failure that belongs to no request), every in-flight stream raises
+    `EngineDeadError`, `healthy` turns False for good, `failure` says why and `on_dead` is
+    called once (from the loop thread), so a server can exit for its supervisor to restart it.
     With `metrics`, the loop thread records every request's tokens and latencies there.
     """
 
-    def __init__(self, engine: Engine, max_queue_len: int = 0, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Engine, max_queue_len: int = 0, metrics: ServerMetrics | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None):
         if max_queue_len < 0:
             raise ValueError(f"`max_queue_len` must be >= 0 (0: no limit), got {max_queue_len}")
         self.engine = engine
         self.max_queue_len = max_queue_len
         self.metrics = metrics
+        self.on_dead = on_dead
         self._cond = threading.Condition()
         self._commands: deque[tuple] = deque()
         self._streams: dict[str, _Stream] = {}  # owned by the engine loop thread
@@ -115,9 +124,19 @@ class AsyncEngine:
     def healthy(self) -> bool:
         # A worker found dead by the executor's health thread makes the engine unhealthy
         # even before the next step fails on it.
+        return self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine is not serving (None while it is healthy)."""
+        if self._error is not None:
+            return f"the engine stopped: {self._error!r}"
         worker_failure = getattr(self.engine.executor, "failure", None)
-        return (self._error is None and worker_failure is None and not self._stopping
-                and self._thread is not None and self._thread.is_alive())
+        if worker_failure is not None:
+            return f"a worker is down: {worker_failure}"
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            return "the engine is not running"
+        return None
 
     @property
     def model_name(self) -> str:
@@ -171,6 +190,8 @@ class AsyncEngine:
                     done = True
                     raise item
                 done = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
                 if done:
                     return
@@ -209,6 +230,8 @@ class AsyncEngine:
             except Exception as exc:
                 logger.exception("engine loop failed; failing %d requests", len(self._streams))
                 self._error = exc
+                if self.on_dead is not None:  # before the streams learn of it: callers see a settled state
+                    self.on_dead(exc)
                 self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
             self._publish()
         for command in commands:  # queued before shutdown: tell the callers instead of hanging them

@@ -3,6 +3,7 @@
     quire serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--grpc-port 50051] ...
                                                                       OpenAI-compatible HTTP + gRPC server
     quire generate --prompt TEXT [--prompt TEXT ...] [--max-tokens 32] offline generation
+                   (or --prompt-token-ids 1,15,27: with --skip-tokenizer-init, the only kind)
     quire plan --model llama-3-70b -tp 4 --gpu a100-80gb                will it fit, how many at once
 
 Without `--model` the embedded default checkpoint is used (built on first use under
@@ -32,9 +33,22 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def parse_token_ids(text: str) -> list[int]:
+    """'1,15,27' → [1, 15, 27] (argparse reports the ArgumentTypeError as a usage error)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    group.add_argument("--tokenizer", default=None, metavar="PATH",
+                       help="tokenizer directory, for a checkpoint without tokenizer files (default: the model's)")
+    group.add_argument("--skip-tokenizer-init", action="store_true", default=None,
+                       help="load no tokenizer: prompts must be token ids, outputs carry token ids and no text "
+                            "(no chat, no stop strings)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--max-num-seqs", type=int, default=None, help="cap on concurrently running requests")
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
@@ -76,9 +90,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     # Unset options are left out so EngineConfig's own defaults apply.
-    names = ("model", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "preemption_mode", "swap_space",
-             "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
+    names = ("model", "tokenizer", "skip_tokenizer_init", "block_size", "max_num_seqs", "max_num_batched_tokens",
+             "max_model_len", "num_kv_blocks", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching",
+             "preemption_mode", "swap_space", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
              "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling",
              "bind_cpu_cores", "admission_watermark")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -124,19 +138,24 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=args.stop or [], ignore_eos=args.ignore_eos)
+    prompts = [*(args.prompt or []), *(args.prompt_token_ids or [])]
+    if not prompts:
+        raise ValueError("`prompt`: give --prompt TEXT or --prompt-token-ids IDS")
     kwargs = _engine_kwargs(args)
     llm = LLM(**kwargs)
+    has_text = llm.get_tokenizer() is not None
     try:
-        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.shutdown()
-    for prompt, output in zip(args.prompt, outputs):
+    for prompt, output in zip(prompts, outputs):
         completion = output.outputs[0]
         if args.json:
             print(json.dumps({"prompt": prompt, "text": completion.text, "token_ids": list(completion.token_ids),
                               "finish_reason": completion.finish_reason}), flush=True)
         else:
-            print(f"Prompt: {prompt!r}\nCompletion: {completion.text!r} "
+            shown = repr(completion.text) if has_text else f"token ids {list(completion.token_ids)}"
+            print(f"Prompt: {prompt!r}\nCompletion: {shown} "
                   f"({len(completion.token_ids)} tokens, finish_reason={completion.finish_reason})", flush=True)
     return 0
 
@@ -153,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve, default_log_level="info")
 
     generate = commands.add_parser("generate", help="generate completions offline and print them")
-    generate.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    generate.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
+    generate.add_argument("--prompt-token-ids", action="append", default=None, type=parse_token_ids, metavar="IDS",
+                          help="a prompt as comma-separated token ids (e.g. 1,15,27); repeat for several")
     generate.add_argument("--max-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 class ModelConfig:
     model: str | None = None        # checkpoint directory; None → the embedded default model
     tokenizer: str | None = None    # defaults to the model directory
+    skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, no text out
     dtype: str = "auto"             # auto | float32 | float16 | bfloat16
     max_model_len: int | None = None  # defaults to the checkpoint's context length
     seed: int = 0
@@ -104,6 +105,8 @@ class EngineConfig:
             raise ValueError(f"`preemption_mode` must be recompute or swap (got {self.cache.preemption_mode!r})")
         if not isinstance(self.cache.swap_space, int) or self.cache.swap_space < 0:
             raise ValueError(f"`swap_space` must be a non-negative number of bytes (got {self.cache.swap_space!r})")
+        if self.model.skip_tokenizer_init and self.model.tokenizer is not None:
+            raise ValueError("`tokenizer`: give a tokenizer (--tokenizer) or none (--skip-tokenizer-init), not both")
         if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"`dtype` must be auto, float32, float16 or bfloat16 (got {self.model.dtype!r})")
         parallel = self.parallel

@@ -40,6 +40,8 @@ class IncrementalDetokenizer:
       after it when ``include_stop_str_in_output``. Later appends are ignored.
     * Deltas concatenate to the final :attr:`output_text`; a streamed delta never
       contains any part of a stop string that is cut from the output.
+    * With ``tokenizer=None`` (an engine started with skip_tokenizer_init) there is no
+      text: :attr:`output_text` and every delta are empty, and stop strings are refused.
 
     Cost caveat: while every new token still ends inside a malformed UTF-8
     sequence (only seen with garbage output) the pending window keeps growing.
@@ -59,8 +61,12 @@ class IncrementalDetokenizer:
         # An empty stop string would match everywhere; treat it as absent.
         self._stops = [s for s in dict.fromkeys(stop) if s]
         self._max_stop_len = max(map(len, self._stops), default=0)
+        if tokenizer is None and self._stops:
+            raise ValueError("`stop` strings need a tokenizer")
 
         context = list(prompt_token_ids[max(0, len(prompt_token_ids) - _PROMPT_CONTEXT_TOKENS) :])
+        if tokenizer is None:
+            context = []
         # A prompt ending mid-character would let the first output token complete
         # that character and shift the window's text; decode without context then.
         if context and self._decode(context).endswith(_REPLACEMENT):
@@ -87,6 +93,8 @@ class IncrementalDetokenizer:
         """
         if self.matched_stop is not None:
             return self.matched_stop
+        if self._tokenizer is None:
+            return None  # no text, so no stop string
         len_before = len(self._text)
         for token_id in token_ids:
             self._ids.append(token_id)

@@ -20,7 +20,7 @@ from quire.cluster.model_info import ModelInfo
 from quire.cluster.outputs import CompletionOutput, RequestOutput
 from quire.cluster.request import Request, RequestStatus
 from quire.cluster.scheduler import Scheduler
-from quire.protos.step import SamplingParams, StepPlan
+from quire.protos.step import NewRequestData, SamplingParams, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Engine:
         of a live request with the same prompt (a sibling sample of parallel sampling); this
         one then shares its prompt's KV blocks instead of computing them again."""
         params = params or SamplingParams()
-        params.validate()
+        params.validate(vocab_size=self.info.vocab_size)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.scheduler.requests:
             raise ValueError(f"`request_id` {request_id!r} is already in use")
@@ -109,6 +109,10 @@ class Engine:
                              f"{self.kv.blocks_for(longest)} KV blocks; the cache holds {self.kv.pool.num_blocks}")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("`cache_salt` must be a non-empty string")
+        if self.tokenizer is None and any(params.stop):
+            raise ValueError("`stop` strings need a tokenizer, and this engine was started with --skip-tokenizer-init "
+                             "(skip_tokenizer_init=True); use `stop_token_ids`")
+        self._check_encodable(token_ids, params)
         request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority, cache_salt=cache_salt,
                           max_num_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len))
         leader = self.scheduler.requests.get(fork_of) if fork_of is not None else None
@@ -119,6 +123,15 @@ class Engine:
         self.scheduler.add_request(request)
         self.stats.prompt_tokens += len(token_ids)
         return request_id
+
+    @staticmethod
+    def _check_encodable(token_ids: list[int], params: SamplingParams) -> None:
+        """What the workers will be sent must encode: the limits above should guarantee it, and a
+        value that slipped past them is refused here, at admission, rather than failing a step."""
+        try:
+            NewRequestData(0, "", token_ids, params, [], 0).to_pb()
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"`sampling_params`: the request cannot be encoded for the workers ({error})") from None
 
     def abort(self, request_id: str) -> bool:
         """Finish a request as aborted and free its blocks. Returns whether it was live."""
@@ -164,12 +177,22 @@ class Engine:
         self.stats.execute_seconds += time.perf_counter() - executing
         self.stats.forward_seconds += result.forward_seconds
         outputs = []
-        for request in self.scheduler.update_from_output(plan, result):
+        updated = self.scheduler.update_from_output(plan, result)
+        self.stats.generated_tokens += len(updated)
+        for request in updated:
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            outputs.append(self._process_token(request, request.output_token_ids[-1]))
+            try:
+                outputs.append(self._process_token(request, request.output_token_ids[-1]))
+            except Exception as error:  # noqa: BLE001 - its detokenisation or stop check: its own failure
+                logger.exception("request %s failed processing its output", request.request_id)
+                outputs.append(self._fail(request, f"processing its output failed: {type(error).__name__}: {error}"))
+        for handle, error in result.errors.items():
+            request = self.scheduler.by_handle.get(handle)
+            if request is not None:  # (else it ended while the step ran)
+                logger.warning("request %s failed in step %d: %s", request.request_id, plan.step_id, error)
+                outputs.append(self._fail(request, error))
         self.stats.num_steps += 1
-        self.stats.generated_tokens += len(outputs)
         self.stats.step_seconds += time.perf_counter() - started
         return outputs
 
@@ -217,6 +240,16 @@ class Engine:
             raise WorkerFailure(f"the new workers hold {num_blocks} KV blocks, not {self.kv.pool.num_blocks}")
         self.scheduler.forget_worker_state()
         self.num_worker_restarts += 1
+
+    def _fail(self, request: Request, error: str) -> RequestOutput:
+        """End a request that failed on its own, freeing its blocks (the workers drop it with the
+        next plan); its final output carries the error. The other requests go on."""
+        self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+        self.detokenizers.pop(request.request_id, None)
+        self.stats.finished["error"] = self.stats.finished.get("error", 0) + 1
+        completion = CompletionOutput(index=0, text="", token_ids=list(request.output_token_ids), finish_reason="error")
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], True,
+                             error=error)
 
     def _stop_reason(self, request: Request, token_id: int, stop_string: str | None):
         params = request.sampling_params

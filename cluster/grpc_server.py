@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from quire.cluster.api_server import key_matches
-from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError, interleave
+from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError, interleave
 from quire.cluster.outputs import best_candidates
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
@@ -79,6 +79,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except RequestFailedError as exc:  # its own failure in a step; the engine serves the others on
+            await context.abort(grpc.StatusCode.INTERNAL, f"the request failed: {exc}")
         finally:
             # Runs on cancellation and deadline too: every unfinished sample is aborted here.
             if self._samples.get(request_id) is ids:
@@ -104,8 +106,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         return message
 
     def _logprobs(self, token_id: int, candidates: dict[int, float], top: int) -> pb.GeneratedTokenLogprobs:
+        """Text "" with no tokenizer (--skip-tokenizer-init): `token_id` says which token it is."""
         def entry(tid: int, logprob: float) -> pb.TokenWithLogprob:
-            return pb.TokenWithLogprob(token_id=tid, logprob=logprob, text=self.tokenizer.decode([tid]))
+            text = self.tokenizer.decode([tid]) if self.tokenizer is not None else ""
+            return pb.TokenWithLogprob(token_id=tid, logprob=logprob, text=text)
 
         return pb.GeneratedTokenLogprobs(token=entry(token_id, candidates.get(token_id, float("-inf"))),
                                          top=[entry(t, lp) for t, lp in best_candidates(candidates, top)])
@@ -134,6 +138,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             healthy=self.engine.healthy)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "Tokenize needs a tokenizer; this server was started with --skip-tokenizer-init")
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
 

@@ -20,14 +20,18 @@ from quire.protos.step import SamplingParams
 class LLM:
     def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, num_kv_blocks: int | None = None,
-                 dtype: str = "auto", seed: int = 0, max_model_len: int | None = None, **kwargs):
+                 dtype: str = "auto", seed: int = 0, max_model_len: int | None = None, tokenizer: str | None = None,
+                 skip_tokenizer_init: bool = False, **kwargs):
+        """`tokenizer`: a tokenizer directory, for a checkpoint without one (default: the checkpoint's).
+        `skip_tokenizer_init`: load none; prompts are then token ids, outputs have token ids and no text."""
         self.config = EngineConfig.from_kwargs(
             model=model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, dtype=dtype, seed=seed,
-            max_model_len=max_model_len, **kwargs)
+            max_model_len=max_model_len, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init, **kwargs)
         self.engine = Engine(self.config)
 
     def get_tokenizer(self):
+        """The tokenizer; None with `skip_tokenizer_init`."""
         return self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],

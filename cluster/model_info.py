@@ -9,13 +9,18 @@ from quire.cluster.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
+# Files a tokenizer directory usually has one of (fast, SentencePiece, BPE, WordPiece, tiktoken): without
+# any, a failure to load says that no tokenizer is there.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tokenizer.tiktoken")
+
 
 @dataclass
 class ModelInfo:
     path: Path
     name: str                  # the id clients use (the directory name)
     hf_config: object
-    tokenizer: object
+    tokenizer: object          # None with skip_tokenizer_init: token-id prompts only, no text out
     dtype: str                 # resolved: float32 | float16 | bfloat16
     max_model_len: int
     vocab_size: int
@@ -23,9 +28,10 @@ class ModelInfo:
 
     @classmethod
     def load(cls, config: ModelConfig) -> ModelInfo:
-        """Read config.json, generation_config.json and the tokenizer. ValueError naming `model`
-        when the path is not a checkpoint."""
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        """Read config.json, generation_config.json and the tokenizer (none with
+        `skip_tokenizer_init`). ValueError naming `model` when the path is not a checkpoint,
+        `tokenizer` when no tokenizer loads from `config.tokenizer` or the checkpoint."""
+        from transformers import AutoConfig, GenerationConfig
 
         if config.model is None:
             from quire.cluster.default_model import default_model_dir
@@ -36,7 +42,7 @@ class ModelInfo:
         if not (path / "config.json").is_file():
             raise ValueError(f"`model`: {str(path)!r} is not a checkpoint directory (no config.json found)")
         hf_config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path)
+        tokenizer = None if config.skip_tokenizer_init else cls._load_tokenizer(config.tokenizer, path)
         eos = set()
         try:
             generation = GenerationConfig.from_pretrained(path)
@@ -46,7 +52,7 @@ class ModelInfo:
             pass
         ids = getattr(hf_config, "eos_token_id", None)
         eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if tokenizer.eos_token_id is not None:
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
 
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -63,6 +69,27 @@ class ModelInfo:
                    vocab_size=hf_config.vocab_size, eos_token_ids=eos)
 
     @staticmethod
+    def _load_tokenizer(given: str | None, model_path: Path):
+        """AutoTokenizer from `given` (a directory), else from the checkpoint; ValueError naming
+        `tokenizer`, --tokenizer and --skip-tokenizer-init when none loads (no traceback)."""
+        from transformers import AutoTokenizer
+
+        source = Path(given) if given is not None else model_path
+        remedy = ("pass --tokenizer PATH (LLM(tokenizer=...)) naming a directory with one, or "
+                  "--skip-tokenizer-init (LLM(skip_tokenizer_init=True)) to serve token-id prompts only")
+        if not source.is_dir():  # (not looked up on the Hub: quire serves local directories)
+            raise ValueError(f"`tokenizer`: {str(source)!r} is not a directory; {remedy}")
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except Exception as exc:  # noqa: BLE001 - whatever transformers raises, it is this configuration error
+            if not any((source / name).is_file() for name in TOKENIZER_FILES):
+                raise ValueError(f"`tokenizer`: no tokenizer found in {str(source)!r} (no tokenizer.json, "
+                                 f"tokenizer_config.json, tokenizer.model, ...); {remedy}") from None
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"`tokenizer`: cannot load the tokenizer in {str(source)!r} ({reason}); "
+                             f"{remedy}") from None
+
+    @staticmethod
     def _resolve_dtype(requested: str, hf_config) -> str:
         if requested != "auto":
             return requested
@@ -77,6 +104,9 @@ class ModelInfo:
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; ValueError naming `prompt` when empty or out of the vocabulary."""
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("`prompt`: text prompts need a tokenizer, and this engine was started with "
+                                 "--skip-tokenizer-init (skip_tokenizer_init=True); send token ids")
             if not prompt:
                 raise ValueError("`prompt` must not be empty")
             return self.tokenizer.encode(prompt)

@@ -6,11 +6,13 @@ parameters, raising ValueError that names the field when a value is out of range
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from quire.cluster.outputs import best_candidates
+from quire.protos.limits import SAMPLING_LIMITS
 from quire.protos.step import SamplingParams
 
 # A prompt is a string or a list of token ids, or (OpenAI's batch form) a list of them.
@@ -158,6 +160,10 @@ class ChatCompletionRequest(_GenerationBody):
         if self.max_completion_tokens is not None and self.max_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("`max_tokens` and `max_completion_tokens` disagree; send one")
+        # Chat's names for the engine's `logprobs` and `max_tokens`: refused under their own names.
+        for name, engine_name in (("top_logprobs", "logprobs"), ("max_completion_tokens", "max_tokens")):
+            if getattr(self, name) is not None:
+                dataclasses.replace(SAMPLING_LIMITS[engine_name], field=name).check(getattr(self, name))
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max(1, room_left) if max_tokens is None else max_tokens, logprobs)
 
@@ -170,9 +176,15 @@ def finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else -9999.0
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's text; `token_id:N` (vLLM's convention) when there is no tokenizer."""
+    return f"token_id:{token_id}" if tokenizer is None else tokenizer.decode([token_id])
+
+
 class CompletionLogprobs:
     """OpenAI legacy completion logprobs (tokens, token_logprobs, top_logprobs, text_offset);
-    offsets count characters of the completion text, continuing across stream chunks."""
+    offsets count characters of the completion text, continuing across stream chunks. With no
+    tokenizer, tokens read `token_id:N` and offsets stay 0 (the completion has no text)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.offset = tokenizer, 0
@@ -180,24 +192,26 @@ class CompletionLogprobs:
     def build(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, candidates in zip(token_ids, logprobs):
-            text = self.tokenizer.decode([token_id])
+            text = token_text(self.tokenizer, token_id)
             out["tokens"].append(text)
             out["token_logprobs"].append(finite(candidates.get(token_id)))
             top: dict[str, float] = {}
             for candidate, logprob in candidates.items():
-                top.setdefault(self.tokenizer.decode([candidate]), finite(logprob))
+                top.setdefault(token_text(self.tokenizer, candidate), finite(logprob))
             out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            self.offset += len(text) if self.tokenizer is not None else 0
         return out
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]], top: int) -> dict:
-    """Chat completion logprobs: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+    """Chat completion logprobs: `{"content": [{token, logprob, bytes, top_logprobs}]}`; with no
+    tokenizer a token reads `token_id:N` and its `bytes` are null (unknown)."""
 
     def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": finite(logprob),
+                "bytes": list(text.encode("utf-8")) if tokenizer is not None else None}
 
     content = []
     for token_id, candidates in zip(token_ids, logprobs):

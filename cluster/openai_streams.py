@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from quire.cluster.async_engine import EngineDeadError, interleave
+from quire.cluster.async_engine import EngineDeadError, RequestFailedError, interleave
 from quire.cluster.outputs import CompletionOutput, RequestOutput
 
 
@@ -57,7 +57,8 @@ class ChoiceStreams:
 
     async def first_outputs(self) -> None:
         """Wait for every sample's first output. Raises what the engine refused them with
-        (ValueError, QueueFullError, EngineDeadError) or ClientGone, ending all samples."""
+        (ValueError, QueueFullError, EngineDeadError, RequestFailedError) or ClientGone,
+        ending all samples."""
         self._watcher = asyncio.ensure_future(_until_disconnect(self.raw))
         try:
             for index, generator in enumerate(self.generators):
@@ -67,7 +68,8 @@ class ChoiceStreams:
             raise
 
     async def collect(self) -> list[RequestOutput]:
-        """Every sample's finished output (raises ClientGone or EngineDeadError, ending all)."""
+        """Every sample's finished output (raises ClientGone, EngineDeadError or
+        RequestFailedError, ending all)."""
         try:
             for index, generator in enumerate(self.generators):
                 while not self.latest[index].finished:
@@ -97,7 +99,7 @@ class ChoiceStreams:
                     yield sse({**payload, "usage": None} if usage_head is not None else payload)
             if usage_head is not None:
                 yield sse({**usage_head, "choices": [], "usage": self.usage()})
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:  # after the 200 went out: an error event
             yield sse({"error": {"message": str(exc), "type": "internal_server_error", "param": None, "code": 500}})
         finally:
             await self.close()

@@ -63,7 +63,8 @@ class Scheduler:
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """End a request (stop, length, abort): free its blocks and tell the workers. Idempotent."""
+        """End a request (stop, length, abort, error): free its blocks and tell the workers.
+        Idempotent. The blocks of a request ended by an error are not offered to the prefix cache."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -73,7 +74,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.cache_computed_blocks(request)  # a later request may share its prefix (a chat's next turn)
+        if status is not RequestStatus.FINISHED_ERROR:  # a failed request's KV is not trusted
+            self.kv.cache_computed_blocks(request)  # a later request may share its prefix (a chat's next turn)
         self.kv.free(request_id)
         if request.num_tokens_sent:
             self._finished_handles.append(request.handle)

@@ -9,6 +9,7 @@ prints `quire: gRPC on HOST:PORT` and then `quire: serving MODEL on http://HOST:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -52,6 +53,8 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise ValueError("`--ssl-certfile` and `--ssl-keyfile` go together")
+    if args.chat_template and engine_kwargs.get("skip_tokenizer_init"):
+        raise ValueError("`--chat-template` needs a tokenizer; it cannot go with --skip-tokenizer-init")
     tls = None
     if args.ssl_certfile:
         tls = (Path(args.ssl_keyfile).read_bytes(), Path(args.ssl_certfile).read_bytes())
@@ -59,7 +62,16 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     if args.chat_template:
         engine.tokenizer.chat_template = _chat_template(args.chat_template)
     metrics = ServerMetrics(engine.info.name)
-    async_engine = AsyncEngine(engine, max_queue_len=args.max_queue_len, metrics=metrics)
+    engine_failures: list[BaseException] = []
+
+    def on_engine_dead(error: BaseException) -> None:
+        # A failure that belongs to no request: stop serving and exit non-zero, so that a
+        # supervisor (Kubernetes, systemd, Ray) restarts the process instead of it answering
+        # 503 forever. /health says why until the server has closed.
+        engine_failures.append(error)
+        server.should_exit = True
+
+    async_engine = AsyncEngine(engine, max_queue_len=args.max_queue_len, metrics=metrics, on_dead=on_engine_dead)
     grpc_frontend: list[GrpcFrontend] = []
 
     async def start_grpc():
@@ -94,4 +106,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
         server.run()
     finally:
         async_engine.shutdown()
+    if engine_failures:
+        print(f"quire: the engine stopped ({engine_failures[0]!r}); exiting", file=sys.stderr, flush=True)
+        return 1
     return 0 if server.started else 1

@@ -8,10 +8,10 @@ depends on the number of scheduled requests, never on their lengths.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from quire.protos import worker_pb2 as pb
+from quire.protos.limits import SAMPLING_LIMITS, UINT64
 
 # In a plan's token ids: "the token sampled for this request by the step before this one".
 # The controller plans a step while the previous one runs (asynchronous scheduling), so it
@@ -53,51 +53,33 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
-    def validate(self) -> None:
-        """Raise ValueError naming the offending field."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the offending field: every number against its wire type and
+        range (`quire.protos.limits`), token ids against `vocab_size` when given."""
 
         def bad(name: str, why: str) -> None:
             raise ValueError(f"sampling params: `{name}` {why} (got {getattr(self, name)!r})")
 
-        def finite(name: str) -> None:
+        for name, limit in SAMPLING_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                bad(name, "must be a finite number")
-
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 64:
-            bad("n", "must be an integer in [1, 64]")
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            finite(name)
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            bad("top_k", "must be an integer >= -1 (-1 or 0 disables it)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            bad("seed", "must be a non-negative integer")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= 20):
-            bad("logprobs", "must be an integer in [0, 20]")
+            if name == "stop_token_ids":
+                for token_id in value:
+                    limit.check(token_id, element=True)
+            elif value is not None or name not in ("seed", "logprobs"):
+                limit.check(value)
+        if vocab_size is not None and any(t >= vocab_size for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must hold token ids < vocab_size {vocab_size}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must hold non-empty strings")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must hold non-negative integers")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
 
     def for_sample(self, index: int) -> SamplingParams:
         """The parameters of sample `index` of `n`: one sequence, and a seed offset by the index
         so that seeded samples differ (and stay reproducible)."""
-        return SamplingParams(**{**vars(self), "n": 1, "seed": None if self.seed is None else self.seed + index})
+        seed = None if self.seed is None else (self.seed + index) % (UINT64[1] + 1)  # stays a uint64
+        return SamplingParams(**{**vars(self), "n": 1, "seed": seed})
 
     @property
     def greedy(self) -> bool:
@@ -287,7 +269,8 @@ class SampledLogprobs:
 class StepResult:
     """What a rank answers for one StepPlan; only rank 0's carries tokens: `sampled_token_ids[i]`
     for `sampled_handles[i]`, one per request that reached the end of its known tokens, and
-    `logprobs` (by handle) for those of them that asked."""
+    `logprobs` (by handle) for those of them that asked. A request whose own sampling failed
+    is in `errors` instead of `sampled_handles`."""
 
     step_id: int
     rank: int = 0
@@ -295,6 +278,8 @@ class StepResult:
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: dict[int, SampledLogprobs] = field(default_factory=dict)
     forward_seconds: float = 0.0
+    # Requests that failed on their own this step (no token for them), by handle: why.
+    errors: dict[int, str] = field(default_factory=dict)
 
     def to_pb(self) -> pb.StepResult:
         return pb.StepResult(
@@ -302,6 +287,7 @@ class StepResult:
             sampled_token_ids=self.sampled_token_ids,
             logprobs=[lp.to_pb(handle) for handle, lp in self.logprobs.items()],
             forward_seconds=self.forward_seconds,
+            failed_handles=list(self.errors), failed_errors=list(self.errors.values()),
         )
 
     @classmethod
@@ -311,4 +297,5 @@ class StepResult:
             sampled_token_ids=list(msg.sampled_token_ids),
             logprobs={lp.handle: SampledLogprobs.from_pb(lp) for lp in msg.logprobs},
             forward_seconds=msg.forward_seconds,
+            errors=dict(zip(msg.failed_handles, msg.failed_errors)),
         )

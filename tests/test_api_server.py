@@ -194,6 +194,13 @@ BAD_REQUESTS = [
     ("unknown field", {"prompt": "x", "max_tokenz": 4}, 400, "max_tokenz"),
     ("logprobs out of range", {"prompt": "x", "logprobs": 99}, 400, "logprobs"),
     ("negative stop token", {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    # Values Python holds but their wire types do not (each once stopped the engine for everyone).
+    ("top_k beyond int32", {"prompt": "hello", "max_tokens": 4, "top_k": 2147483648}, 400, "top_k"),
+    ("temperature beyond float32", {"prompt": "x", "temperature": 1e39}, 400, "temperature"),
+    ("top_p underflowing float32", {"prompt": "x", "top_p": 1e-46}, 400, "top_p"),
+    ("seed beyond uint64", {"prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("max_tokens beyond uint32", {"prompt": "x", "max_tokens": 2**32}, 400, "max_tokens"),
+    ("stop token beyond the vocabulary", {"prompt": "x", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
 ]
 
 
@@ -216,6 +223,40 @@ def test_bad_requests_are_rejected_and_server_keeps_serving(idle):
     assert idle.engine.num_running == idle.engine.num_waiting == 0 and idle.engine.kv_usage == 0
     assert complete(idle, prompt=PROMPT, **GREEDY)["usage"]["completion_tokens"] == 8
     assert idle.client.get("/v1/nothing-here").json()["error"]["code"] == 404
+
+
+def test_a_request_failing_in_a_step_fails_alone(idle, monkeypatch):
+    """A request whose own sampler row fails gets an error (500, or an error event once its
+    stream started) while a request beside it completes with the tokens it gets alone."""
+    from quire.worker.sampler import Sampler
+
+    alone = complete(idle, prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True)["choices"][0]["text"]
+    real = Sampler.process_logits
+
+    def process_logits(self, logits, rows):
+        if any(row.params.top_k == 4242 for row in rows):
+            raise RuntimeError("injected failure")
+        return real(self, logits, rows)
+
+    monkeypatch.setattr(Sampler, "process_logits", process_logits)
+    poisoned = {"prompt": "poison", "max_tokens": 24, "top_k": 4242}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=idle.url, timeout=30) as client:
+            good = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                                                        "ignore_eos": True})
+            bad = client.post("/v1/completions", json=poisoned)
+            bad_stream = client.post("/v1/completions", json={**poisoned, "stream": True})
+            return await asyncio.gather(good, bad, bad_stream)
+
+    good, bad, bad_stream = asyncio.run(run())
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == alone
+    assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
+    events = [json.loads(line[6:]) for line in bad_stream.text.splitlines() if line.startswith("data: {")]
+    assert bad_stream.status_code in (200, 500) and "injected failure" in bad_stream.text, bad_stream.text
+    assert bad_stream.status_code == 500 or "error" in events[-1]
+    assert idle.client.get("/health").status_code == 200
+    assert complete(idle, prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True)["choices"][0]["text"] == alone
 
 
 def _generated(server) -> int:
@@ -304,7 +345,8 @@ def test_async_engine_contracts(cache_dir):
 
 def test_step_failure_fails_streams_and_health(cache_dir):
     inner = make_engine()
-    engine = AsyncEngine(inner)
+    deaths = []
+    engine = AsyncEngine(inner, on_dead=deaths.append)
     app_client = None
     try:
         engine.start()
@@ -333,10 +375,12 @@ def test_step_failure_fails_streams_and_health(cache_dir):
 
         asyncio.run(asyncio.wait_for(run(), 30))
         assert not engine.healthy
+        assert len(deaths) == 1 and "worker exploded" in str(deaths[0])  # `quire serve` exits on it
         from fastapi.testclient import TestClient
 
         app_client = TestClient(build_app(engine))
-        assert app_client.get("/health").status_code == 503
+        health = app_client.get("/health")
+        assert health.status_code == 503 and "worker exploded" in health.json()["reason"]
         response = app_client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
         assert response.status_code == 503 and "error" in response.json()
     finally:

@@ -173,14 +173,20 @@ class ModelRunner:
                         for i in to_sample]
                 out = self.sampler(logits, rows)
                 sampled = out.token_ids
-                result.sampled_handles = [states[i].handle for i in to_sample]
-                result.sampled_token_ids = sampled
+                for j, i in enumerate(to_sample):
+                    if out.errors[j] is not None:
+                        result.errors[states[i].handle] = out.errors[j]
+                    else:
+                        result.sampled_handles.append(states[i].handle)
+                        result.sampled_token_ids.append(sampled[j])
                 result.logprobs = {states[i].handle: SampledLogprobs(out.logprobs[j], out.top_logprobs[j])
                                    for j, i in enumerate(to_sample) if out.logprobs[j] is not None}
             if self.ctx.world_size > 1:
                 # Every rank must know the sampled tokens: the next plan may name them by placeholder.
                 shared = torch.tensor(sampled if logits is not None else [0] * len(to_sample), device=self.device)
                 sampled = self.ctx.broadcast_from_first(shared).tolist()
+            # A failed row's stand-in token too: a step already sent may name it by placeholder;
+            # that step's result for the request is ignored, the controller having ended it.
             for i, token_id in zip(to_sample, sampled):
                 states[i].last_sampled = token_id
         if self.device.type == "cuda":

@@ -43,11 +43,22 @@ class SamplingRow:
 @dataclass
 class SamplerOutput:
     """Per row: the token, its raw logprob, and the `params.logprobs` best raw logprobs
-    (best first); both logprob fields are None where the row did not ask for them."""
+    (best first); both logprob fields are None where the row did not ask for them. A row
+    that could not be sampled has an error (and token 0, a stand-in nobody may use)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
+    errors: list[str | None]
+
+    @classmethod
+    def failed(cls, error: str) -> SamplerOutput:
+        return cls([0], [None], [None], [error])
+
+    @classmethod
+    def concat(cls, parts: list[SamplerOutput]) -> SamplerOutput:
+        return cls(*([item for part in parts for item in getattr(part, name)]
+                     for name in ("token_ids", "logprobs", "top_logprobs", "errors")))
 
 
 def _grid_index(vocab: int, per_row: list[tuple[int, list[int]]], device: torch.device) -> torch.Tensor:
@@ -102,7 +113,10 @@ class Sampler:
             freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=torch.float32, device=dev)
             pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=torch.float32, device=dev)
             out = out - (freq[:, None] * counts + pres[:, None] * (counts > 0))
-        return out
+        # An extreme penalty (repetition 1e-30) overflows float32; the largest finite value
+        # keeps the order the penalty asked for without an inf that would turn softmax to NaN.
+        largest = torch.finfo(torch.float32).max
+        return out.clamp(-largest, largest)
 
     @staticmethod
     def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -112,7 +126,14 @@ class Sampler:
         n, vocab = logits.shape
         dev = logits.device
         f32 = dict(dtype=torch.float32, device=dev)
-        x = logits / torch.tensor([p.temperature for p in params], **f32)[:, None]
+        temperature = torch.tensor([p.temperature for p in params], **f32)[:, None]
+        x = logits / temperature
+        overflowed = ~torch.isfinite(x).all(dim=-1)
+        if overflowed.any():
+            # A tiny temperature scales logits past float32: scale their distance from the row's
+            # best instead (the same distribution, softmax being shift-invariant), so the best is 0.
+            shifted = logits[overflowed] - logits[overflowed].max(dim=-1, keepdim=True).values
+            x[overflowed] = shifted / temperature[overflowed]
 
         use_k = any(0 < p.top_k < vocab for p in params)
         use_p = any(p.top_p < 1.0 for p in params)
@@ -181,15 +202,31 @@ class Sampler:
         return q.clamp_min_(torch.finfo(torch.float32).tiny)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """Sample one token per row of `logits` `[len(rows), vocab]` (any device)."""
+        """Sample one token per row of `logits` `[len(rows), vocab]` (any device).
+
+        A row's failure is its own: when the batch raises, each row is sampled again on its
+        own, and a row that still fails (or whose processed logits hold no distribution) gets
+        an error in the output while the other rows get their tokens."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
         if not rows:
-            return SamplerOutput([], [], [])
+            return SamplerOutput([], [], [], [])
+        try:
+            return self._sample(logits, rows)
+        except Exception as error:  # noqa: BLE001 - attributed to its row below, or reported as that row's
+            if len(rows) == 1:
+                return SamplerOutput.failed(f"sampling failed: {type(error).__name__}: {error}")
+        return SamplerOutput.concat([self(logits[i:i + 1], [row]) for i, row in enumerate(rows)])
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         n, vocab = logits.shape
         dev = logits.device
         raw = logits.float()
         processed = self.process_logits(raw, rows)
+        # NaN anywhere, +inf, or nothing finite: no distribution to sample from (and argmax
+        # would pick an arbitrary token). Such rows fail; the others are sampled as usual.
+        invalid = (torch.isnan(processed).any(dim=-1) | torch.isposinf(processed).any(dim=-1)
+                   | ~torch.isfinite(processed).any(dim=-1)).tolist()
 
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -221,4 +258,8 @@ class Sampler:
                 want = rows[i].params.logprobs
                 logprobs[i] = chosen[j]
                 top_logprobs[i] = dict(zip(top_i[j][:want], top_v[j][:want]))
-        return SamplerOutput(token_ids, logprobs, top_logprobs)
+        errors: list[str | None] = [None] * n
+        for i in (i for i, bad in enumerate(invalid) if bad):
+            token_ids[i], logprobs[i], top_logprobs[i] = 0, None, None
+            errors[i] = "sampling failed: the logits hold no valid distribution (NaN or infinite values)"
+        return SamplerOutput(token_ids, logprobs, top_logprobs, errors)
