@@ -152,8 +152,9 @@ def test_a_killed_worker_is_replaced_and_every_request_replayed(tp_checkpoint, h
 
 
 def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(tp_checkpoint):
-    """Steps sent ahead (asynchronous scheduling) queue on the worker's device thread; one that
-    fails ends the stream with the error naming the rank, and those behind it do not run."""
+    """Steps sent ahead (asynchronous scheduling) queue on the worker's device thread; a request
+    the worker cannot run fails alone, a step that fails as a whole ends the stream with the
+    error naming the rank, and those behind it do not run."""
     from quire.cluster.executor import WorkerSetup
     from quire.cluster.grpc_executor import GrpcExecutor
     from quire.protos.step import NewRequestData, StepPlan
@@ -168,14 +169,18 @@ def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(
         greedy = SamplingParams(temperature=0, max_tokens=4)
         executor.submit(StepPlan(1, new_requests=[NewRequestData(1, "a", [5, 6, 7], greedy, [0], 0)],
                                  num_scheduled_tokens={1: 3}))
-        executor.submit(StepPlan(2, decode_handles=[99], decode_token_ids=[5]))  # a handle never sent
-        executor.submit(StepPlan(3, new_requests=[NewRequestData(3, "c", [5, 6], greedy, [1], 0)],
-                                 num_scheduled_tokens={3: 2}))
+        # A handle never sent fails that request alone: the step goes on and says why.
+        executor.submit(StepPlan(2, decode_handles=[99, 1], decode_token_ids=[5, -1]))
+        executor.submit(StepPlan(3, block_copies=[(0, 999)]))  # a block outside the pool: the whole step fails
+        executor.submit(StepPlan(4, new_requests=[NewRequestData(4, "c", [5, 6], greedy, [1], 0)],
+                                 num_scheduled_tokens={4: 2}))
         assert executor.collect().sampled_handles == [1]
-        with pytest.raises(WorkerFailure, match=r"rank 0 .*INVALID_ARGUMENT.*unknown request handle 99"):
+        second = executor.collect()
+        assert second.sampled_handles == [1] and "unknown request handle 99" in second.errors[99]
+        with pytest.raises(WorkerFailure, match=r"rank 0 .*INTERNAL.*999"):
             executor.collect()
         time.sleep(0.5)  # what the device thread would still do, it would have done by now
-        assert set(servicer.worker.runner.requests) == {1}, "step 3 ran after step 2 failed"
+        assert set(servicer.worker.runner.requests) == {1}, "step 4 ran after step 3 failed"
     finally:
         executor.close()
         server.stop(0)

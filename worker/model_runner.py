@@ -49,7 +49,9 @@ class ModelRunner:
 
     `execute` mutates the request states (new, resumed, finished requests, computed
     token counts) and this rank's KV pool. Only rank 0 samples; other ranks return an
-    empty StepResult.
+    empty StepResult. A request that cannot run (a delta that does not fit its state, its
+    row of the sampler failing) is reported in the result's `errors` and the step goes on
+    without it; only a failure of the whole batch (the forward pass, the device) raises.
     """
 
     def __init__(self, model, ctx: ParallelContext, device: torch.device, kv_pool: KVPool, backend: str,
@@ -62,60 +64,86 @@ class ModelRunner:
         self.num_kv_heads = kv_pool.caches[0][0].shape[2]
         self.requests: dict[int, RequestState] = {}  # by handle
 
-    def _apply_plan(self, plan: StepPlan) -> None:
+    def _apply_plan(self, plan: StepPlan, failed: dict[int, str]) -> None:
+        """Bring the request states up to date with the plan's deltas. A delta that does not fit
+        its request's state fails that request alone: its state is dropped and the reason goes
+        into `failed` (by handle); every rank applies the same plan to the same states, so every
+        rank drops the same requests and the batch stays the same on all."""
         for handle in plan.finished_handles:
             self.requests.pop(handle, None)
+        requests = self.requests
         for new in plan.new_requests:
-            self.requests[new.handle] = RequestState(
+            requests[new.handle] = RequestState(
                 new.handle, new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
                 list(new.block_ids), new.num_computed_tokens)
         for delta in plan.cached_requests:
-            state = self.requests.get(delta.handle)
+            state = self._state(delta.handle, "cached_requests", plan, failed)
             if state is None:
-                raise ValueError(f"step {plan.step_id}: unknown request handle {delta.handle} in cached_requests")
+                continue
             state.output_token_ids.extend(delta.new_token_ids)
             if delta.new_token_ids and delta.new_token_ids[-1] == PLACEHOLDER_TOKEN:
-                state.output_token_ids[-1] = self._last_sampled(state, plan)
+                if not self._resolve_placeholder(state, plan, failed):
+                    continue
             if delta.replace_table:
                 state.block_ids = list(delta.new_block_ids)
             else:
                 state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
-        requests = self.requests
         for handle, token_id in zip(plan.decode_handles, plan.decode_token_ids):
-            state = requests.get(handle)
+            state = self._state(handle, "decode_handles", plan, failed)
             if state is None:
-                raise ValueError(f"step {plan.step_id}: unknown request handle {handle} in decode_handles")
-            state.output_token_ids.append(token_id if token_id != PLACEHOLDER_TOKEN else self._last_sampled(state, plan))
+                continue
+            state.output_token_ids.append(token_id)
+            if token_id == PLACEHOLDER_TOKEN and not self._resolve_placeholder(state, plan, failed):
+                continue
             if state.num_computed_tokens != state.num_tokens - 1:
-                raise ValueError(f"step {plan.step_id}: decode of {state.request_id!r} with "
-                                 f"{state.num_tokens - state.num_computed_tokens} tokens not computed")
+                self._fail(state.handle, f"step {plan.step_id}: decode of {state.request_id!r} with "
+                                         f"{state.num_tokens - state.num_computed_tokens} tokens not computed", failed)
         for handle, block_id in zip(plan.decode_block_handles, plan.decode_block_ids):
-            if handle not in requests:
-                raise ValueError(f"step {plan.step_id}: unknown request handle {handle} in decode_block_handles")
-            requests[handle].block_ids.append(block_id)
+            if (state := self._state(handle, "decode_block_handles", plan, failed)) is not None:
+                state.block_ids.append(block_id)
 
-    @staticmethod
-    def _last_sampled(state: RequestState, plan: StepPlan) -> int:
+    def _state(self, handle: int, where: str, plan: StepPlan, failed: dict[int, str]) -> RequestState | None:
+        state = self.requests.get(handle)
+        if state is None and handle not in failed:
+            failed[handle] = f"step {plan.step_id}: unknown request handle {handle} in {where}"
+        return state
+
+    def _fail(self, handle: int, error: str, failed: dict[int, str]) -> None:
+        """Drop a request that cannot run (the controller ends it on hearing why)."""
+        self.requests.pop(handle, None)
+        failed.setdefault(handle, error)
+
+    def _resolve_placeholder(self, state: RequestState, plan: StepPlan, failed: dict[int, str]) -> bool:
+        """Replace the last output token, a placeholder, by the token sampled for the request
+        last step; False (failing it) when it has none."""
         if state.last_sampled is None:
-            raise ValueError(f"step {plan.step_id}: a placeholder token for {state.request_id!r}, "
-                             "which has no sampled token")
-        token_id, state.last_sampled = state.last_sampled, None
-        return token_id
+            self._fail(state.handle, f"step {plan.step_id}: a placeholder token for {state.request_id!r}, "
+                                     "which has no sampled token", failed)
+            return False
+        state.output_token_ids[-1], state.last_sampled = state.last_sampled, None
+        return True
 
-    def _prepare(self, plan: StepPlan):
-        """Flat input tensors and attention metadata for the scheduled requests, in plan order."""
+    def _prepare(self, plan: StepPlan, failed: dict[int, str]):
+        """Flat input tensors and attention metadata for the scheduled requests, in plan order
+        (those in `failed` left out, and any scheduled past its tokens or blocks failed too);
+        None when no request is left."""
         states, query_lens, token_ids = [], [], []
         for handle, num_tokens in plan.scheduled():
             state = self.requests.get(handle)
             if state is None:
-                raise ValueError(f"step {plan.step_id}: request handle {handle} scheduled but never sent")
+                failed.setdefault(handle, f"step {plan.step_id}: request handle {handle} scheduled but never sent")
+                continue
             end = state.num_computed_tokens + num_tokens
             if end > state.num_tokens or end > len(state.block_ids) * self.block_size:
-                raise ValueError(f"step {plan.step_id}: request {state.request_id!r} scheduled past its tokens or blocks")
+                self._fail(handle, f"step {plan.step_id}: request {state.request_id!r} scheduled past its tokens "
+                                   "or blocks", failed)
+                continue
             states.append(state)
             query_lens.append(num_tokens)
             token_ids.extend(state.token_slice(state.num_computed_tokens, end))
+        if not states:
+            return None
         num_reqs = len(states)
         query_lens_np = np.asarray(query_lens, dtype=np.int64)
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
@@ -155,13 +183,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
-        self._apply_plan(plan)
+        result = StepResult(step_id=plan.step_id, rank=self.ctx.rank)
+        self._apply_plan(plan, result.errors)
         if plan.moves_blocks:
             self.kv_pool.move_blocks(plan.swap_out, plan.swap_in, plan.block_copies)
-        result = StepResult(step_id=plan.step_id, rank=self.ctx.rank)
-        if not plan.num_scheduled_requests:
+        prepared = self._prepare(plan, result.errors) if plan.num_scheduled_requests else None
+        if prepared is None:
             return result
-        input_ids, positions, meta, states, seq_lens, to_sample = self._prepare(plan)
+        input_ids, positions, meta, states, seq_lens, to_sample = prepared
         hidden = self.model(input_ids, positions, meta)
         for state, seq_len in zip(states, seq_lens.tolist()):
             state.num_computed_tokens = seq_len
@@ -213,9 +242,10 @@ class ModelRunner:
                                                     list(range(next_block, next_block + n)), 0))
             plan.num_scheduled_tokens[handle] = len(prompt)
             next_block += n
-        self._apply_plan(plan)
+        failed: dict[int, str] = {}
+        self._apply_plan(plan, failed)
         try:
-            input_ids, positions, meta, _, _, _ = self._prepare(plan)
+            input_ids, positions, meta, _, _, _ = self._prepare(plan, failed)
             hidden = self.model(input_ids, positions, meta)
             logits = self.model.compute_logits(hidden)
         finally:
