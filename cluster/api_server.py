@@ -43,6 +43,10 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None,
                    type: str = "invalid_request_error", code: str | int | None = None) -> JSONResponse:
+    # A message may quote the client's input, which may hold what UTF-8 cannot (a lone surrogate
+    # from a JSON escape): such characters are sent escaped rather than failing the answer.
+    message, param = (None if text is None else text.encode("utf-8", "backslashreplace").decode()
+                      for text in (message, param))
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status)
 
 
@@ -234,7 +238,10 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
                                                  tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template's own error (e.g. roles it refuses) is the caller's
             raise APIError(400, f"`messages` cannot be rendered by the chat template: {exc}", "messages") from None
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        try:
+            prompt_ids = engine.engine.info.encode_text(text, "messages", add_special_tokens=False)
+        except ValueError as exc:
+            raise _bad_request(exc) from None
         try:
             params = body.sampling_params(room_left=engine.engine.max_model_len - len(prompt_ids))
         except ValueError as exc:

@@ -36,6 +36,15 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (a lone surrogate, which a JSON escape can carry, does not)."""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class Engine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
@@ -107,8 +116,8 @@ class Engine:
         if self.kv.blocks_for(longest) > self.kv.pool.num_blocks:
             raise ValueError(f"`max_tokens`: prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) needs "
                              f"{self.kv.blocks_for(longest)} KV blocks; the cache holds {self.kv.pool.num_blocks}")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("`cache_salt` must be a non-empty string")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt or not _is_utf8(cache_salt)):
+            raise ValueError("`cache_salt` must be a non-empty string of valid Unicode")
         if self.tokenizer is None and any(params.stop):
             raise ValueError("`stop` strings need a tokenizer, and this engine was started with --skip-tokenizer-init "
                              "(skip_tokenizer_init=True); use `stop_token_ids`")

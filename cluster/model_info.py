@@ -101,6 +101,14 @@ class ModelInfo:
         stored = stored.replace("torch.", "")
         return stored if stored in ("float16", "bfloat16") else "float16"
 
+    def encode_text(self, text: str, field: str, **kwargs) -> list[int]:
+        """The tokenizer's ids for `text`; ValueError naming `field` when it cannot encode it
+        (a lone UTF-16 surrogate from a JSON escape, say)."""
+        try:
+            return self.tokenizer.encode(text, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever the tokenizer refuses, the text is the caller's
+            raise ValueError(f"`{field}` cannot be tokenized: {type(error).__name__}: {error}") from None
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; ValueError naming `prompt` when empty or out of the vocabulary."""
         if isinstance(prompt, str):
@@ -109,7 +117,7 @@ class ModelInfo:
                                  "--skip-tokenizer-init (skip_tokenizer_init=True); send token ids")
             if not prompt:
                 raise ValueError("`prompt` must not be empty")
-            return self.tokenizer.encode(prompt)
+            return self.encode_text(prompt, "prompt")
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("`prompt` must be a non-empty string or a non-empty list of token ids")
         bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]

@@ -14,6 +14,7 @@ in `model_bound`; the engine supplies the model's numbers.
 from __future__ import annotations
 
 import math
+import reprlib
 import struct
 from dataclasses import dataclass
 
@@ -74,7 +75,16 @@ class Limit:
 
     def _refuse(self, value, why: str, element: bool):
         what = "elements" if element else ""
-        raise ValueError(f"sampling params: `{self.field}` {what + ' ' if what else ''}{why} (got {value!r})")
+        raise ValueError(f"sampling params: `{self.field}` {what + ' ' if what else ''}{why} (got {shown(value)})")
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxlist, _SHOWN.maxlong, _SHOWN.maxother = 80, 8, 60, 80
+
+
+def shown(value) -> str:
+    """`repr(value)` cut to a readable length: a refusal quotes what it refused, not megabytes of it."""
+    return _SHOWN.repr(value)
 
 
 def _number(value: float) -> str:
@@ -102,6 +112,10 @@ SAMPLING_LIMITS: dict[str, Limit] = {limit.field: limit for limit in (
     Limit("logprobs", "int32", 0, 20, note="top logprobs per token (HTTP chat: `top_logprobs`)"),
     Limit("stop_token_ids", "int32", 0, INT32[1], model_bound="< vocab_size", note="each element"),
 )}
+# How many stop strings and stop token ids one request may carry: each is checked against every
+# generated token on the controller's one thread, so an unbounded list would slow every request.
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
 # Prompt token ids travel as int32 to the workers and are bounded by the model's vocabulary.
 PROMPT_TOKEN_LIMIT = Limit("prompt", "int32", 0, INT32[1], model_bound="< vocab_size",
                            note="token ids; prompt + 1 <= max_model_len")
@@ -112,4 +126,6 @@ def limits_table() -> str:
     rows = ["| field | travels as | accepted range | note |", "|---|---|---|---|"]
     for limit in (*SAMPLING_LIMITS.values(), PROMPT_TOKEN_LIMIT):
         rows.append(f"| `{limit.field}` | {limit.wire} | {limit.range_text()} | {limit.note} |")
+    rows.append(f"| `stop` | strings | at most {MAX_STOP_STRINGS}, each non-empty | also `stop_token_ids`: "
+                f"at most {MAX_STOP_TOKEN_IDS} |")
     return "\n".join(rows)

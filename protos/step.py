@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from quire.protos import worker_pb2 as pb
-from quire.protos.limits import SAMPLING_LIMITS, UINT64
+from quire.protos.limits import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SAMPLING_LIMITS, UINT64, shown
 
 # In a plan's token ids: "the token sampled for this request by the step before this one".
 # The controller plans a step while the previous one runs (asynchronous scheduling), so it
@@ -58,7 +58,7 @@ class SamplingParams:
         range (`quire.protos.limits`), token ids against `vocab_size` when given."""
 
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"sampling params: `{name}` {why} (got {getattr(self, name)!r})")
+            raise ValueError(f"sampling params: `{name}` {why} (got {shown(getattr(self, name))})")
 
         for name, limit in SAMPLING_LIMITS.items():
             value = getattr(self, name)
@@ -71,6 +71,10 @@ class SamplingParams:
             bad("stop_token_ids", f"must hold token ids < vocab_size {vocab_size}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must hold non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"may hold at most {MAX_STOP_STRINGS} strings")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} token ids")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
