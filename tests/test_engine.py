@@ -156,7 +156,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, tiny_checkpoint):
 
 def test_a_placeholder_token_is_the_one_this_worker_sampled_last(tiny_checkpoint):
     """Asynchronous scheduling's contract on the worker: -1 in a plan stands for the token the
-    worker sampled for that request in the step before; without one it is refused."""
+    worker sampled for that request in the step before; without one that request is refused."""
     from quire.protos.step import PLACEHOLDER_TOKEN, NewRequestData, StepPlan
 
     # An engine of its own: the plans below write into blocks its scheduler does not know of.
@@ -174,8 +174,9 @@ def test_a_placeholder_token_is_the_one_this_worker_sampled_last(tiny_checkpoint
     assert explicit.sampled_token_ids == second.sampled_token_ids, "the placeholder computed the sampled token"
     unsampled = handles[0] + 2  # sent, never computed: it has no sampled token to stand in for
     runner.execute(StepPlan(4, new_requests=[NewRequestData(unsampled, "c", [5, 6, 7], greedy, [62], 2)]))
-    with pytest.raises(ValueError, match="placeholder"):
-        runner.execute(StepPlan(5, decode_handles=[unsampled], decode_token_ids=[PLACEHOLDER_TOKEN]))
+    refused = runner.execute(StepPlan(5, decode_handles=[unsampled], decode_token_ids=[PLACEHOLDER_TOKEN]))
+    assert "placeholder" in refused.errors[unsampled] and not refused.sampled_handles  # it fails alone
+    assert unsampled not in runner.requests
     runner.execute(StepPlan(6, finished_handles=[handles[1], unsampled]))
     assert not {*handles, unsampled} & set(runner.requests)
     llm.shutdown()
