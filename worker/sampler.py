@@ -225,8 +225,7 @@ class Sampler:
         processed = self.process_logits(raw, rows)
         # NaN anywhere, +inf, or nothing finite: no distribution to sample from (and argmax
         # would pick an arbitrary token). Such rows fail; the others are sampled as usual.
-        invalid = (torch.isnan(processed).any(dim=-1) | torch.isposinf(processed).any(dim=-1)
-                   | ~torch.isfinite(processed).any(dim=-1)).tolist()
+        invalid = (~((processed < float("inf")).all(dim=-1) & (processed > float("-inf")).any(dim=-1))).tolist()
 
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
