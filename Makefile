@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test protos clean
+.PHONY: install serve test fuzz protos clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fuzz tests of both frontends (tests/test_fuzz.py, part of `make test`) at length.
+fuzz: install
+	QUIRE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 protos: install
 	$(BIN)/python scripts/gen_protos.py

@@ -15,6 +15,7 @@ import logging
 import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from quire.cluster.api_server import key_matches
@@ -22,6 +23,7 @@ from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullEr
 from quire.cluster.outputs import best_candidates
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
+from quire.protos.limits import shown
 from quire.protos.step import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,49 @@ def sampling_from_pb(options: pb.SamplingOptions) -> SamplingParams:
                           ignore_eos=options.ignore_eos, **given)
 
 
+# A status message travels in a trailer, which clients refuse beyond 16 KiB: a message that
+# quotes the client's input (a huge request id or model name) is cut well below that.
+MAX_STATUS_MESSAGE = 1024
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str):
+    if len(message) > MAX_STATUS_MESSAGE:
+        message = message[:MAX_STATUS_MESSAGE - 20] + " ... (message cut)"
+    await context.abort(code, message)
+
+
+class _ParseInHandler(grpc.aio.ServerInterceptor):
+    """Parses the Generate service's request messages inside the call, so that bytes that are
+    not a valid message (truncated, corrupt, a string that is not UTF-8) are INVALID_ARGUMENT,
+    as any other bad input, instead of the UNKNOWN gRPC answers for a failed deserializer."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/") or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        async def parsed(raw: bytes, context):
+            try:
+                return parse(raw)
+            except DecodeError as error:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {error}")
+
+        if handler.unary_stream is not None:
+            async def unary_stream(raw, context):
+                request = await parsed(raw, context)
+                async for response in handler.unary_stream(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            async def unary_unary(raw, context):
+                return await handler.unary_unary(await parsed(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
+        return handler
+
+
 class GenerateServicer(generate_pb2_grpc.GenerateServicer):
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
@@ -51,16 +96,16 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         `index`). Every sample is queued and has its first output before any message goes
         out, so a refusal of any ends the call with its status and no sample left running."""
         if request.model and request.model != self.engine.model_name:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"`model` {request.model!r} is not served here; "
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"`model` {shown(request.model)} is not served here; "
                                                           f"this server serves {self.engine.model_name!r}")
         which = request.WhichOneof("prompt")
         if which is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`prompt`: set `text` or `token_ids`")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "`prompt`: set `text` or `token_ids`")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
         try:
             params = sampling_from_pb(request.sampling)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         # Samples after the first fork its prompt blocks (as the HTTP frontend's `n` does).
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
@@ -74,13 +119,13 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             async for index, output in interleave(streams, firsts):
                 yield self._message(request_id, index, output, params.logprobs, sent)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         except RequestFailedError as exc:  # its own failure in a step; the engine serves the others on
-            await context.abort(grpc.StatusCode.INTERNAL, f"the request failed: {exc}")
+            await _abort(context, grpc.StatusCode.INTERNAL, f"the request failed: {exc}")
         finally:
             # Runs on cancellation and deadline too: every unfinished sample is aborted here.
             if self._samples.get(request_id) is ids:
@@ -116,7 +161,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
     async def Abort(self, request: pb.AbortRequest, context):
         if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
         ids = [request.request_id, *self._samples.get(request.request_id, [])]
         live = any(self.engine.is_live(sample_id) for sample_id in ids)
         for sample_id in ids:
@@ -139,7 +184,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         if self.tokenizer is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                                 "Tokenize needs a tokenizer; this server was started with --skip-tokenizer-init")
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
@@ -152,7 +197,7 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self.api_key = api_key
 
         async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid API key: send metadata `authorization: Bearer <key>`")
 
         # A unary-unary refusal answers any call shape: it aborts before reading a response.
@@ -175,7 +220,7 @@ class GrpcFrontend:
         """`tls`: (private key PEM, certificate chain PEM); without it the port is plaintext."""
         self.engine = engine
         self.server = grpc.aio.server(
-            interceptors=[_ApiKeyInterceptor(api_key)] if api_key else [],
+            interceptors=[*([_ApiKeyInterceptor(api_key)] if api_key else []), _ParseInHandler()],
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes)])
         generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(engine), self.server)
