@@ -52,9 +52,12 @@ def test_generate_bad_input_is_a_clean_error(cache_env, capsys):
 
 
 def test_serve_port_zero_announces_bound_port(cache_env):
+    # Ctrl-C as a terminal delivers it: a shell's background job (CI's, say) starts with SIGINT
+    # ignored, which the server would inherit and then never exit 130 on it.
     proc = subprocess.Popen([*quire_command(), "serve", "--port", "0", "--grpc-port", "-1", "--log-level", "warning",
                              *SMALL],
-                            env=cache_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=cache_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
