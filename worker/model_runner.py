@@ -90,7 +90,8 @@ class ModelRunner:
                 state.block_ids.extend(delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
         for handle, token_id in zip(plan.decode_handles, plan.decode_token_ids):
-            state = self._state(handle, "decode_handles", plan, failed)
+            # The hot loop (every running request, every step): a plain lookup, the report only on a miss.
+            state = requests.get(handle) or self._state(handle, "decode_handles", plan, failed)
             if state is None:
                 continue
             state.output_token_ids.append(token_id)
@@ -130,9 +131,8 @@ class ModelRunner:
         None when no request is left."""
         states, query_lens, token_ids = [], [], []
         for handle, num_tokens in plan.scheduled():
-            state = self.requests.get(handle)
+            state = self._state(handle, "the scheduled requests", plan, failed)
             if state is None:
-                failed.setdefault(handle, f"step {plan.step_id}: request handle {handle} scheduled but never sent")
                 continue
             end = state.num_computed_tokens + num_tokens
             if end > state.num_tokens or end > len(state.block_ids) * self.block_size:
