@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from quire.cluster.bench_serve import parse_range
+from quire.cluster.tools.bench_serve import parse_range
 
 
 def workload(args, vocab_size):
@@ -116,11 +116,11 @@ def controller_microbench(num_running: int, steps: int) -> dict:
     schedule and serialise the plan (the goal's "scheduling + plan building"), then parse
     rank 0's answer and append its tokens. (Building that answer is the worker's work and
     is not timed.) Medians over the steps, in microseconds."""
-    from quire.cluster.block_pool import BlockPool
-    from quire.cluster.config import SchedulerConfig
-    from quire.cluster.kv_cache_manager import KVCacheManager
-    from quire.cluster.request import Request
-    from quire.cluster.scheduler import Scheduler
+    from quire.cluster.core.block_pool import BlockPool
+    from quire.cluster.core.config import SchedulerConfig
+    from quire.cluster.core.kv_cache_manager import KVCacheManager
+    from quire.cluster.core.request import Request
+    from quire.cluster.core.scheduler import Scheduler
     from quire.protos import worker_pb2 as pb
     from quire.protos.step import SamplingParams, StepResult
 
@@ -181,7 +181,7 @@ def main() -> None:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the workers' (Ray and local launchers honour it)
-    from quire.cluster.default_model import default_model_dir
+    from quire.cluster.tools.default_model import default_model_dir
     from transformers import AutoConfig
 
     model = args.model or str(default_model_dir())

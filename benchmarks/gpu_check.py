@@ -42,7 +42,7 @@ def tiny_checkpoint(directory: Path) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from quire.cluster.default_model import default_model_dir
+    from quire.cluster.tools.default_model import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(directory / "cache"))
     config = transformers.LlamaConfig(
@@ -93,7 +93,7 @@ def parity(path: Path, dtype_name: str) -> dict:
 def memory_profiled_capacity(path: Path) -> dict:
     from quire.cluster import LLM
 
-    from quire.cluster.planner import ModelShape, make_plan
+    from quire.cluster.tools.planner import ModelShape, make_plan
 
     began = time.perf_counter()
     llm = LLM(model=str(path), dtype="float16", gpu_memory_utilization=0.5)

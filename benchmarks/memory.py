@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_tiny_llama(directory: Path, max_position_embeddings: int = 8192, tokenizer_dir: Path | None = None) -> Path:
     """Save a random tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) with the default
     model's tokenizer into `directory`; returns it."""
-    from quire.cluster.default_model import default_model_dir
+    from quire.cluster.tools.default_model import default_model_dir
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or default_model_dir())

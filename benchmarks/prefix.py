@@ -29,7 +29,7 @@ import time
 import torch
 
 from quire.cluster import LLM, SamplingParams
-from quire.cluster.kv_cache_manager import KVCacheManager
+from quire.cluster.core.kv_cache_manager import KVCacheManager
 
 
 def workloads(args, repeat: int) -> dict[str, list[list[int]]]:

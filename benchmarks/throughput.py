@@ -51,7 +51,7 @@ import traceback
 
 import torch
 
-from quire.cluster.bench_serve import parse_range
+from quire.cluster.tools.bench_serve import parse_range
 
 PEERS = ("quire", "hf_generate", "hf_generate_batch")
 
@@ -456,7 +456,7 @@ def main(argv=None) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     if args.model is None:
-        from quire.cluster.default_model import default_model_dir
+        from quire.cluster.tools.default_model import default_model_dir
 
         model_path = str(default_model_dir())
     else:

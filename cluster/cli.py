@@ -99,7 +99,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from quire.cluster.serve import run_server
+    from quire.cluster.serving.serve import run_server
 
     return run_server(args, _engine_kwargs(args))
 
@@ -118,7 +118,7 @@ def parse_bandwidth(text: str) -> float:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from quire.cluster.planner import ModelShape, format_plan, make_plan
+    from quire.cluster.tools.planner import ModelShape, format_plan, make_plan
 
     memory, bandwidth = GPUS[args.gpu] if args.gpu else (None, None)
     plan = make_plan(
@@ -133,7 +133,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from quire.cluster.llm import LLM
+    from quire.cluster.serving.llm import LLM
     from quire.protos.step import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quire", description="quire: a paged-attention LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from quire.cluster.serve import add_serve_args
+    from quire.cluster.serving.serve import add_serve_args
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP and the gRPC server")
     add_serve_args(serve)
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_worker_args(worker)
     worker.set_defaults(func=lambda args: server.run_from_args(args) or 0, default_log_level="warning")
 
-    from quire.cluster import bench_serve
+    from quire.cluster.tools import bench_serve
 
     bench = commands.add_parser("bench", help="benchmarks against a running server")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

@@ -48,7 +48,7 @@ TINY_CONFIGS = {
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The embedded default model's tokenizer, built once per session in a temp cache."""
-    from quire.cluster.default_model import default_model_dir
+    from quire.cluster.tools.default_model import default_model_dir
 
     return default_model_dir(tmp_path_factory.mktemp("quire-cache"))
 

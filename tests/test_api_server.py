@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (quire.cluster.api_server) and its AsyncEngine, over loopback HTTP.
+"""The OpenAI-compatible server (quire.cluster.serving.api_server) and its AsyncEngine, over loopback HTTP.
 
 One in-process uvicorn server (port 0, background thread) serves the embedded default model
 with a small KV cache for the whole module; every wait is bounded.
@@ -15,10 +15,10 @@ import httpx
 import pytest
 import uvicorn
 
-from quire.cluster.api_server import build_app
-from quire.cluster.async_engine import AsyncEngine, EngineDeadError
-from quire.cluster.config import EngineConfig
-from quire.cluster.engine import Engine
+from quire.cluster.serving.api_server import build_app
+from quire.cluster.serving.async_engine import AsyncEngine, EngineDeadError
+from quire.cluster.core.config import EngineConfig
+from quire.cluster.core.engine import Engine
 from quire.protos.step import SamplingParams
 
 MAX_MODEL_LEN = 512

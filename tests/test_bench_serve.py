@@ -1,4 +1,4 @@
-"""The online serving benchmark (quire.cluster.bench_serve) against a real `quire serve` on loopback.
+"""The online serving benchmark (quire.cluster.tools.bench_serve) against a real `quire serve` on loopback.
 
 One small server per module, started with `--api-key secret`: the benchmark runs over HTTP
 and gRPC with the right key, and a wrong key must turn into counted failures, not a crash."""
@@ -10,7 +10,7 @@ import math
 import os
 
 import pytest
-from quire.cluster import bench_report, bench_serve
+from quire.cluster.tools import bench_report, bench_serve
 from quire.cluster.cli import build_parser
 from serve_process import ServeProcess
 

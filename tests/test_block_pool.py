@@ -4,9 +4,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quire.cluster.block_pool import BlockPool
-from quire.cluster.kv_cache_manager import KVCacheManager
-from quire.cluster.request import Request
+from quire.cluster.core.block_pool import BlockPool
+from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.request import Request
 from quire.protos.step import SamplingParams
 
 H = [bytes([i]) * 16 for i in range(8)]  # stand-in content hashes

@@ -1,4 +1,4 @@
-"""Tests for the embedded default checkpoint (quire.cluster.default_model)."""
+"""Tests for the embedded default checkpoint (quire.cluster.tools.default_model)."""
 
 import pathlib
 
@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quire.cluster import default_model
-from quire.cluster.default_model import CHECKPOINT_NAME, REQUIRED_FILES, default_model_dir
+from quire.cluster.tools import default_model
+from quire.cluster.tools.default_model import CHECKPOINT_NAME, REQUIRED_FILES, default_model_dir
 
 MULTIBYTE = "héllo wörld — 你好 🙂"
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import ast
 import os
 import re
 import shlex
@@ -407,11 +408,12 @@ def excluded(relative: str, rules) -> bool:
 
 
 def pyproject_readme_and_package_dirs() -> tuple[str, list[str]]:
-    """`project.readme` and the folders of `[tool.setuptools.package-dir]` (no tomllib on Python 3.10)."""
+    """`project.readme` (no tomllib on Python 3.10) and the package folders setup.py ships (`TOP_LEVEL`)."""
     text = (ROOT / "pyproject.toml").read_text()
     readme = re.search(r'^readme\s*=\s*"([^"]+)"', text, re.MULTILINE).group(1)
-    table = re.search(r"^\[tool\.setuptools\.package-dir\]\n(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL).group(1)
-    folders = re.findall(r'^"[^"]+"\s*=\s*"([^"]+)"', table, re.MULTILINE)
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    folders = next(ast.literal_eval(node.value) for node in setup.body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TOP_LEVEL")
     assert folders
     return readme, folders
 
@@ -423,7 +425,7 @@ def test_dockerignore_sits_where_buildkit_reads_it_and_keeps_what_pip_install_ne
     assert ignore.is_file() and not (DOCKERFILE.parent / ".dockerignore").exists()
     rules = dockerignore_rules(ignore)
     readme, package_dirs = pyproject_readme_and_package_dirs()
-    needed = ["pyproject.toml", readme]
+    needed = ["pyproject.toml", "setup.py", readme]
     for folder in package_dirs:
         needed += [str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*")
                    if p.is_file() and "__pycache__" not in p.parts]

@@ -1,4 +1,4 @@
-"""Tests for quire.cluster.detokenizer.IncrementalDetokenizer.
+"""Tests for quire.cluster.core.detokenizer.IncrementalDetokenizer.
 
 The tokenizer is a tiny byte-level BPE trained here on fixed text, so the tests
 need no network; its small vocabulary splits emoji, CJK and accented characters
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quire.cluster.detokenizer import IncrementalDetokenizer
+from quire.cluster.core.detokenizer import IncrementalDetokenizer
 
 FFFD = "\ufffd"
 WORDS = [

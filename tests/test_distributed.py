@@ -13,8 +13,8 @@ import torch
 import transformers
 
 from quire.cluster import LLM, SamplingParams
-from quire.cluster.executor import WorkerFailure
-from quire.cluster.worker_launcher import LocalWorkerLauncher
+from quire.cluster.executor.base import WorkerFailure
+from quire.cluster.executor.local_launcher import LocalWorkerLauncher
 
 PROMPTS = [[(13 * i + 3 * j) % 2000 + 3 for j in range(2 + 9 * i)] for i in range(6)]
 NEW_TOKENS = 12
@@ -102,7 +102,7 @@ def test_killed_worker_fails_requests_fast(tp_checkpoint):
 
 @pytest.mark.slow
 def test_idle_server_turns_unhealthy_when_a_worker_dies(tp_checkpoint):
-    from quire.cluster.async_engine import AsyncEngine
+    from quire.cluster.serving.async_engine import AsyncEngine
 
     with llm_on_local_workers(tp_checkpoint, 2, num_kv_blocks=16) as (llm, launcher):
         server_engine = AsyncEngine(llm.engine)
@@ -118,7 +118,7 @@ def test_idle_server_turns_unhealthy_when_a_worker_dies(tp_checkpoint):
 
 
 def test_too_few_gpus_is_an_error_not_a_silent_cpu_fallback(ray_session, monkeypatch):
-    from quire.cluster.ray_launcher import RayWorkerGroup
+    from quire.cluster.executor.ray_launcher import RayWorkerGroup
 
     monkeypatch.setattr(ray_session, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
     with pytest.raises(RuntimeError, match="has 2 GPUs; tensor_parallel_size=4 needs 4"):
@@ -155,8 +155,8 @@ def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(
     """Steps sent ahead (asynchronous scheduling) queue on the worker's device thread; a request
     the worker cannot run fails alone, a step that fails as a whole ends the stream with the
     error naming the rank, and those behind it do not run."""
-    from quire.cluster.executor import WorkerSetup
-    from quire.cluster.grpc_executor import GrpcExecutor
+    from quire.cluster.executor.base import WorkerSetup
+    from quire.cluster.executor.grpc_executor import GrpcExecutor
     from quire.protos.step import NewRequestData, StepPlan
     from quire.worker.server import start_server
 
@@ -187,7 +187,7 @@ def test_a_failed_step_ends_the_stream_and_the_steps_queued_behind_it_never_run(
 
 
 def test_cores_are_partitioned_between_ranks_leaving_one_to_the_controller():
-    from quire.cluster.worker_launcher import partition_cores
+    from quire.cluster.executor.local_launcher import partition_cores
     from quire.worker.server import bind_to_cores, parse_cores
 
     assert partition_cores(range(2), 1) == [[1]]

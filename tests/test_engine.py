@@ -3,7 +3,7 @@ served and no block leaks; stops; seeds; streaming text never splits a character
 import pytest
 
 from quire.cluster import LLM, SamplingParams
-from quire.cluster.request import RequestStatus
+from quire.cluster.core.request import RequestStatus
 
 
 @pytest.fixture(scope="module")

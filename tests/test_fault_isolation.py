@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from quire.cluster import LLM, SamplingParams
-from quire.cluster.detokenizer import IncrementalDetokenizer
+from quire.cluster.core.detokenizer import IncrementalDetokenizer
 from quire.worker.sampler import Sampler
 
 # A valid value the injected fault below treats as poison: it stands for any value that

@@ -35,11 +35,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from quire.cluster.api_server import build_app
-from quire.cluster.async_engine import AsyncEngine
-from quire.cluster.config import EngineConfig
-from quire.cluster.engine import Engine
-from quire.cluster.grpc_server import GrpcFrontend
+from quire.cluster.serving.api_server import build_app
+from quire.cluster.serving.async_engine import AsyncEngine
+from quire.cluster.core.config import EngineConfig
+from quire.cluster.core.engine import Engine
+from quire.cluster.serving.grpc_server import GrpcFrontend
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
 

@@ -14,7 +14,7 @@ sys.meta_path.insert(0, Block())
 import quire.cluster, quire.worker.worker, quire.kernels, quire.protos.worker_pb2_grpc
 from quire.cluster import LLM, SamplingParams
 from quire.cluster.cli import main
-import quire.cluster.planner, quire.cluster.bench_serve
+import quire.cluster.tools.planner, quire.cluster.tools.bench_serve
 assert main(["plan", "--model", "llama-3-70b", "-tp", "4", "--gpu", "a100-80gb"]) == 0
 llm = LLM(model=sys.argv[1], num_kv_blocks=8)
 print(llm.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids)

@@ -12,9 +12,10 @@ def test_wheel_maps_top_level_folders_into_the_quire_package(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("quire-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ["quire/cluster/engine.py", "quire/cluster/scheduler.py", "quire/worker/model_runner.py",
+    for module in ["quire/cluster/core/engine.py", "quire/cluster/core/scheduler.py", "quire/worker/model_runner.py",
                    "quire/worker/models/llama.py", "quire/kernels/attention_ref.py", "quire/protos/worker_pb2.py",
-                   "quire/protos/worker.proto"]:
+                   "quire/protos/worker.proto", "quire/cluster/executor/inproc.py",
+                   "quire/cluster/serving/async_engine.py", "quire/cluster/tools/planner.py"]:
         assert module in names, f"{module} missing from the wheel"
     assert not any(n.startswith(("worker/", "cluster/", "tests/", "quire/__init__.py")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -7,7 +7,7 @@ import torch
 
 from quire.cluster import LLM
 from quire.cluster.cli import main
-from quire.cluster.planner import ModelShape, make_plan
+from quire.cluster.tools.planner import ModelShape, make_plan
 from quire.worker.loader import load_model
 from quire.worker.parallel import ParallelContext
 

@@ -1,9 +1,9 @@
 """Scheduler: token budget, max_num_seqs, chunked catch-up, recompute preemption, incremental plans."""
-from quire.cluster.block_pool import BlockPool
-from quire.cluster.config import SchedulerConfig
-from quire.cluster.kv_cache_manager import KVCacheManager
-from quire.cluster.request import Request, RequestStatus
-from quire.cluster.scheduler import Scheduler
+from quire.cluster.core.block_pool import BlockPool
+from quire.cluster.core.config import SchedulerConfig
+from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.request import Request, RequestStatus
+from quire.cluster.core.scheduler import Scheduler
 from quire.protos.step import PLACEHOLDER_TOKEN, SamplingParams, StepResult
 
 

@@ -16,11 +16,11 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quire.cluster.block_pool import BlockPool
-from quire.cluster.config import SchedulerConfig
-from quire.cluster.kv_cache_manager import KVCacheManager
-from quire.cluster.request import Request, RequestStatus
-from quire.cluster.scheduler import Scheduler
+from quire.cluster.core.block_pool import BlockPool
+from quire.cluster.core.config import SchedulerConfig
+from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.request import Request, RequestStatus
+from quire.cluster.core.scheduler import Scheduler
 from quire.protos.step import PLACEHOLDER_TOKEN, SamplingParams, StepPlan, StepResult
 
 PREFIXES = [[], [7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 13, 14, 15, 16, 17, 18, 19]]

@@ -18,12 +18,12 @@ import pytest
 import uvicorn
 
 from quire.cluster.cli import main
-from quire.cluster.config import EngineConfig, ModelConfig
-from quire.cluster.detokenizer import IncrementalDetokenizer
-from quire.cluster.engine import Engine
-from quire.cluster.llm import LLM
-from quire.cluster.model_info import ModelInfo
-from quire.cluster.openai_protocol import CompletionLogprobs, chat_logprobs
+from quire.cluster.core.config import EngineConfig, ModelConfig
+from quire.cluster.core.detokenizer import IncrementalDetokenizer
+from quire.cluster.core.engine import Engine
+from quire.cluster.serving.llm import LLM
+from quire.cluster.core.model_info import ModelInfo
+from quire.cluster.serving.openai_protocol import CompletionLogprobs, chat_logprobs
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
 from quire.protos.step import SamplingParams
@@ -159,9 +159,9 @@ def test_logprob_helpers_without_tokenizer():
 @pytest.fixture(scope="module")
 def server(bare_checkpoint):
     """HTTP (uvicorn, port 0, a background thread) and gRPC over one engine with no tokenizer."""
-    from quire.cluster.api_server import build_app
-    from quire.cluster.async_engine import AsyncEngine
-    from quire.cluster.grpc_server import GrpcFrontend
+    from quire.cluster.serving.api_server import build_app
+    from quire.cluster.serving.async_engine import AsyncEngine
+    from quire.cluster.serving.grpc_server import GrpcFrontend
 
     engine = AsyncEngine(Engine(EngineConfig.from_kwargs(model=str(bare_checkpoint), skip_tokenizer_init=True,
                                                          **SMALL)))

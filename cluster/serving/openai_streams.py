@@ -12,8 +12,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from quire.cluster.async_engine import EngineDeadError, RequestFailedError, interleave
-from quire.cluster.outputs import CompletionOutput, RequestOutput
+from quire.cluster.serving.async_engine import EngineDeadError, RequestFailedError, interleave
+from quire.cluster.core.outputs import CompletionOutput, RequestOutput
 
 
 class ClientGone(Exception):

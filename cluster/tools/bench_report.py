@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quire.cluster.bench_serve import RequestResult
+    from quire.cluster.tools.bench_serve import RequestResult
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 

@@ -102,30 +102,3 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         self._call("Shutdown", pb.ShutdownRequest())
-
-
-class InprocExecutor(Executor):
-    """One rank in this process. Messages still cross a serialisation boundary each way."""
-
-    _methods = {
-        "LoadModel": ("load_model", pb.LoadModelRequest, pb.LoadModelResponse),
-        "ProfileMemory": ("profile_memory", pb.ProfileMemoryRequest, pb.ProfileMemoryResponse),
-        "AllocateKVCache": ("allocate_kv_cache", pb.AllocateKVCacheRequest, pb.AllocateKVCacheResponse),
-        "ExecuteStep": ("execute_step", pb.StepPlan, pb.StepResult),
-        "Health": ("health", pb.HealthRequest, pb.HealthResponse),
-        "Shutdown": ("shutdown", pb.ShutdownRequest, pb.ShutdownResponse),
-    }
-
-    def __init__(self):
-        from quire.worker.worker import Worker  # the one place the controller may import the worker
-
-        super().__init__()
-        self.worker = Worker()
-        self.bytes_sent = 0
-
-    def _call_all(self, method: str, requests: list) -> list:
-        handler, request_cls, response_cls = self._methods[method]
-        wire = requests[0].SerializeToString()
-        self.bytes_sent += len(wire)
-        response = getattr(self.worker, handler)(request_cls.FromString(wire))
-        return [response_cls.FromString(response.SerializeToString())]

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 
-from quire.cluster.worker_launcher import cores_per_rank, default_num_threads, free_port
+from quire.cluster.executor.local_launcher import cores_per_rank, default_num_threads, free_port
 
 logger = logging.getLogger(__name__)
 

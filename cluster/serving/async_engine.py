@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from quire.cluster.engine import Engine
-from quire.cluster.metrics import ServerMetrics
-from quire.cluster.outputs import CompletionOutput, RequestOutput
+from quire.cluster.core.engine import Engine
+from quire.cluster.serving.metrics import ServerMetrics
+from quire.cluster.core.outputs import CompletionOutput, RequestOutput
 from quire.protos.step import SamplingParams
 
 logger = logging.getLogger(__name__)

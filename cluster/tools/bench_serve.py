@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quire.cluster.bench_report import (
+from quire.cluster.tools.bench_report import (
     format_table,
     plot,
     rate_label,

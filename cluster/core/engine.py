@@ -11,15 +11,15 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from quire.cluster.block_pool import BlockPool
-from quire.cluster.config import EngineConfig
-from quire.cluster.detokenizer import IncrementalDetokenizer
-from quire.cluster.executor import Executor, WorkerFailure, WorkerSetup
-from quire.cluster.kv_cache_manager import KVCacheManager
-from quire.cluster.model_info import ModelInfo
-from quire.cluster.outputs import CompletionOutput, RequestOutput
-from quire.cluster.request import Request, RequestStatus
-from quire.cluster.scheduler import Scheduler
+from quire.cluster.core.block_pool import BlockPool
+from quire.cluster.core.config import EngineConfig
+from quire.cluster.core.detokenizer import IncrementalDetokenizer
+from quire.cluster.executor.base import Executor, WorkerFailure, WorkerSetup
+from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.model_info import ModelInfo
+from quire.cluster.core.outputs import CompletionOutput, RequestOutput
+from quire.cluster.core.request import Request, RequestStatus
+from quire.cluster.core.scheduler import Scheduler
 from quire.protos.step import NewRequestData, SamplingParams, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Engine:
                                if executor is None and not config.parallel.worker_addresses else 0)
         self.num_worker_restarts = 0
         if executor is None:
-            from quire.cluster.launch import create_executor
+            from quire.cluster.executor.launch import create_executor
 
             executor, dist_init_method = create_executor(config.parallel)
         self.executor = executor
@@ -234,7 +234,7 @@ class Engine:
     def _restart_workers(self) -> None:
         from dataclasses import replace
 
-        from quire.cluster.launch import create_executor
+        from quire.cluster.executor.launch import create_executor
 
         self.executor.shutdown()  # whatever is left of the old workers
         self.executor, dist_init_method = create_executor(self.config.parallel)

@@ -18,9 +18,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from quire.cluster.api_server import key_matches
-from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError, interleave
-from quire.cluster.outputs import best_candidates
+from quire.cluster.serving.auth import key_matches
+from quire.cluster.serving.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError, interleave
+from quire.cluster.core.outputs import best_candidates
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
 from quire.protos.limits import shown

@@ -11,7 +11,7 @@ import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
-from quire.cluster.outputs import best_candidates
+from quire.cluster.core.outputs import best_candidates
 from quire.protos.limits import SAMPLING_LIMITS
 from quire.protos.step import SamplingParams
 

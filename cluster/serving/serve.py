@@ -44,12 +44,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     import uvicorn
-    from quire.cluster.api_server import build_app
-    from quire.cluster.async_engine import AsyncEngine
-    from quire.cluster.config import EngineConfig
-    from quire.cluster.engine import Engine
-    from quire.cluster.grpc_server import GrpcFrontend
-    from quire.cluster.metrics import ServerMetrics
+    from quire.cluster.serving.api_server import build_app
+    from quire.cluster.serving.async_engine import AsyncEngine
+    from quire.cluster.core.config import EngineConfig
+    from quire.cluster.core.engine import Engine
+    from quire.cluster.serving.grpc_server import GrpcFrontend
+    from quire.cluster.serving.metrics import ServerMetrics
 
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise ValueError("`--ssl-certfile` and `--ssl-keyfile` go together")

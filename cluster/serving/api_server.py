@@ -10,7 +10,6 @@ it reaches the engine, or by `Engine.add_request`, which queues nothing when it 
 """
 from __future__ import annotations
 
-import hmac
 import re
 import time
 import uuid
@@ -18,15 +17,16 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from quire.cluster.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
-from quire.cluster.metrics import CONTENT_TYPE, ServerMetrics
-from quire.cluster.openai_protocol import (
+from quire.cluster.serving.auth import key_matches
+from quire.cluster.serving.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
+from quire.cluster.serving.metrics import CONTENT_TYPE, ServerMetrics
+from quire.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionLogprobs,
     CompletionRequest,
     chat_logprobs,
 )
-from quire.cluster.openai_streams import ChoiceStreams, ClientGone
+from quire.cluster.serving.openai_streams import ChoiceStreams, ClientGone
 from quire.protos.step import SamplingParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,11 +58,6 @@ def _param_of(message: str) -> str | None:
 
 def _bad_request(error: ValueError) -> APIError:
     return APIError(400, str(error), _param_of(str(error)))
-
-
-def key_matches(given: str | None, api_key: str) -> bool:
-    """Whether an `Authorization` value is `Bearer <api_key>` (compared in constant time)."""
-    return given is not None and hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
 
 def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMetrics | None = None,

@@ -28,9 +28,9 @@ from __future__ import annotations
 import bisect
 import logging
 
-from quire.cluster.config import SchedulerConfig
-from quire.cluster.kv_cache_manager import KVCacheManager
-from quire.cluster.request import Request, RequestStatus
+from quire.cluster.core.config import SchedulerConfig
+from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.request import Request, RequestStatus
 from quire.protos.step import PLACEHOLDER_TOKEN, CachedRequestData, NewRequestData, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)

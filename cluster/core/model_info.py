@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from quire.cluster.config import ModelConfig
+from quire.cluster.core.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ModelInfo:
         from transformers import AutoConfig, GenerationConfig
 
         if config.model is None:
-            from quire.cluster.default_model import default_model_dir
+            from quire.cluster.tools.default_model import default_model_dir
 
             path = default_model_dir()
         else:

@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from quire.cluster.executor import Executor, WorkerFailure
+from quire.cluster.executor.base import Executor, WorkerFailure
 from quire.protos import worker_pb2 as pb
 from quire.protos import GRPC_OPTIONS, worker_pb2_grpc
 from quire.protos.step import StepPlan, StepResult

@@ -6,7 +6,7 @@ import hashlib
 import os
 import struct
 
-from quire.cluster.block_pool import BlockPool
+from quire.cluster.core.block_pool import BlockPool
 
 
 class KVCacheManager:

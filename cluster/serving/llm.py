@@ -11,9 +11,9 @@ import time
 
 from tqdm import tqdm
 
-from quire.cluster.config import EngineConfig
-from quire.cluster.engine import Engine
-from quire.cluster.outputs import RequestOutput
+from quire.cluster.core.config import EngineConfig
+from quire.cluster.core.engine import Engine
+from quire.cluster.core.outputs import RequestOutput
 from quire.protos.step import SamplingParams
 
 
