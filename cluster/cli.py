@@ -5,18 +5,26 @@
     quire generate --prompt TEXT [--prompt TEXT ...] [--max-tokens 32] offline generation
                    (or --prompt-token-ids 1,15,27: with --skip-tokenizer-init, the only kind)
     quire plan --model llama-3-70b -tp 4 --gpu a100-80gb                will it fit, how many at once
+    quire worker --rank 0 --world-size 2 [--listen HOST:PORT] ...       one rank, for --executor workers
+    quire bench serve [--base-url URL] [--request-rates 1,inf] ...      benchmark a running server
 
 Without `--model` the embedded default checkpoint is used (built on first use under
 $QUIRE_CACHE_DIR). `serve` prints `quire: serving MODEL on http://HOST:PORT` once the
 socket is bound (the real port when `--port 0`).
+
+Only `serve` and `generate` load the engine; `plan`, `bench` and `--help` import neither torch
+nor the worker, and `worker` hands over to `python -m quire.worker.server` (the controller
+never imports the worker: tests/test_import_rules.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import re
 import sys
+from typing import NoReturn
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -160,6 +168,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> NoReturn:
+    """Become `python -m quire.worker.server ARGS`, the process `LocalWorkerLauncher` starts.
+    Exec, not import: the worker pulls in torch, and the controller stays free of it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "quire.worker.server", *args.worker_args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quire", description="quire: a paged-attention LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=_plan, log_level=None, default_log_level="warning")
 
-    from quire.worker import server
-
-    worker = commands.add_parser("worker", help="run one tensor-parallel worker (gRPC) for a controller")
-    server.add_worker_args(worker)
-    worker.set_defaults(func=lambda args: server.run_from_args(args) or 0, default_log_level="warning")
+    # Every argument (--help and --log-level too) goes unparsed to the worker's own parser: no
+    # option is known here ("\0" never starts an argument), so REMAINDER takes them all.
+    worker = commands.add_parser("worker", help="run one tensor-parallel worker (gRPC) for a controller",
+                                 add_help=False, prefix_chars="\0")
+    worker.add_argument("worker_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    worker.set_defaults(func=_worker, log_level=None, default_log_level="warning")
 
     from quire.cluster.tools import bench_serve
 

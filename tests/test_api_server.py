@@ -19,6 +19,8 @@ from quire.cluster.serving.api_server import build_app
 from quire.cluster.serving.async_engine import AsyncEngine, EngineDeadError
 from quire.cluster.core.config import EngineConfig
 from quire.cluster.core.engine import Engine
+from quire.cluster.core.outputs import OutputAccumulator
+from quire.cluster.tools.default_model import default_model_dir
 from quire.protos.step import SamplingParams
 
 MAX_MODEL_LEN = 512
@@ -38,14 +40,14 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
 @pytest.fixture(scope="module")
 def cache_dir(tokenizer_dir):
     # conftest's session fixture builds the default model into a temp cache once; point
-    # QUIRE_CACHE_DIR there so model=None resolves to it (restored after the module).
+    # QUIRE_CACHE_DIR there so default_model_dir() finds it (restored after the module).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
         yield tokenizer_dir.parent
 
 
 def make_engine() -> Engine:
-    return Engine(EngineConfig.from_kwargs(model=None, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN))
+    return Engine(EngineConfig.from_kwargs(model=str(default_model_dir()), num_kv_blocks=64, max_model_len=MAX_MODEL_LEN))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def server(cache_dir):
 def idle(server):
     """Every test starts and ends with an idle engine holding no KV blocks."""
     yield server
-    wait_for(lambda: server.engine.num_running == 0 and server.engine.num_waiting == 0, what="engine idle")
-    wait_for(lambda: server.engine.kv_usage == 0, what="KV blocks freed")
+    wait_for(lambda: server.engine.stats().num_running == server.engine.stats().num_waiting == 0, what="engine idle")
+    wait_for(lambda: server.engine.stats().kv_usage == 0, what="KV blocks freed")
 
 
 def complete(server, **body) -> dict:
@@ -96,14 +98,14 @@ def stream_events(server, **body) -> list:
 def test_models_and_health(idle):
     models = idle.client.get("/v1/models").json()
     assert models["object"] == "list"
-    assert [m["id"] for m in models["data"]] == [idle.engine.model_name] == ["default-llama-v1"]
+    assert [m["id"] for m in models["data"]] == [idle.engine.model.name] == ["default-llama-v1"]
     health = idle.client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 def test_completion_and_stream_agree(idle):
-    tokenizer = idle.engine.engine.tokenizer
-    body = complete(idle, model=idle.engine.model_name, prompt=PROMPT, **GREEDY)
+    tokenizer = idle.engine.model.tokenizer
+    body = complete(idle, model=idle.engine.model.name, prompt=PROMPT, **GREEDY)
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     assert choice["finish_reason"] == "length" and choice["index"] == 0 and choice["text"]
@@ -124,7 +126,7 @@ def test_completion_and_stream_agree(idle):
 
 
 def test_token_id_and_list_of_one_prompts(idle):
-    ids = idle.engine.engine.tokenizer.encode(PROMPT)
+    ids = idle.engine.model.tokenizer.encode(PROMPT)
     expected = complete(idle, prompt=PROMPT, **GREEDY)["choices"][0]["text"]
     for prompt in (ids, [ids], [PROMPT]):
         body = complete(idle, prompt=prompt, **GREEDY)
@@ -220,7 +222,8 @@ def test_bad_requests_are_rejected_and_server_keeps_serving(idle):
             else:
                 assert error["param"] == field and field in error["message"], (what, error)
     assert idle.client.get("/health").status_code == 200
-    assert idle.engine.num_running == idle.engine.num_waiting == 0 and idle.engine.kv_usage == 0
+    stats = idle.engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.kv_usage == 0
     assert complete(idle, prompt=PROMPT, **GREEDY)["usage"]["completion_tokens"] == 8
     assert idle.client.get("/v1/nothing-here").json()["error"]["code"] == 404
 
@@ -273,7 +276,7 @@ def test_stream_disconnect_aborts_request(idle):
         # (Abandoning httpx's line iterator already closes the unread connection, so the
         # server may be aborting by now; leaving the block closes it in any case.)
     # The server must abort the request, not run it to max_tokens.
-    wait_for(lambda: idle.engine.num_running == 0 and idle.engine.kv_usage == 0, 10, "abort after disconnect")
+    wait_for(lambda: idle.engine.stats().num_running == 0 and idle.engine.stats().kv_usage == 0, 10, "abort after disconnect")
     assert _generated(idle) - before < LONG
 
 
@@ -282,7 +285,7 @@ def test_non_stream_disconnect_aborts_request(idle):
     with pytest.raises(httpx.ReadTimeout):
         idle.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": LONG, "temperature": 0,
                                                   "ignore_eos": True}, timeout=0.5)
-    wait_for(lambda: idle.engine.num_running == 0 and idle.engine.kv_usage == 0, 10, "abort after disconnect")
+    wait_for(lambda: idle.engine.stats().num_running == 0 and idle.engine.stats().kv_usage == 0, 10, "abort after disconnect")
     assert _generated(idle) - before < LONG
 
 
@@ -298,8 +301,12 @@ def test_async_engine_contracts(cache_dir):
                 raise AssertionError("no output for a rejected request")
         outputs = [o async for o in engine.generate(PROMPT, SamplingParams(**GREEDY))]
         assert [o.finished for o in outputs] == [False] * 7 + [True]
-        assert [len(o.outputs[0].token_ids) for o in outputs] == list(range(1, 9))  # snapshots, not aliases
-        assert "".join(o.outputs[0].delta_text for o in outputs) == outputs[-1].outputs[0].text
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [1] * 8  # deltas: each step's new token
+        whole = OutputAccumulator()
+        for output in outputs:
+            whole.add(output)
+        completion = whole.result().outputs[0]
+        assert completion.text == engine.model.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
         # An external abort ends the stream with finish_reason "abort".
         stream = engine.generate(PROMPT, SamplingParams(max_tokens=LONG, ignore_eos=True), request_id="r1")
@@ -327,7 +334,8 @@ def test_async_engine_contracts(cache_dir):
 
     try:
         before = asyncio.run(asyncio.wait_for(run(), 30))
-        wait_for(lambda: engine.num_running == 0 and engine.kv_usage == 0, 10, "abort of a cancelled consumer")
+        wait_for(lambda: engine.stats().num_running == 0 and engine.stats().kv_usage == 0, 10,
+                 "abort of a cancelled consumer")
         assert engine.engine.stats.generated_tokens - before < LONG
         assert engine.healthy
     finally:

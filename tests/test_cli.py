@@ -101,3 +101,19 @@ def test_parse_bytes_and_serve_arguments():
         "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
     assert (args.grpc_port, args.api_key, args.tensor_parallel_size, args.max_queue_len) == (9090, "k", 4, 100)
     assert (args.gpu_memory_utilization, args.ssl_certfile, args.ssl_keyfile) == (0.85, "c.pem", "k.pem")
+
+
+def test_worker_arguments_pass_through_unparsed():
+    argv = ["--rank", "1", "--world-size", "2", "--help", "--log-level", "debug", "--", "-x"]
+    assert build_parser().parse_args(["worker", *argv]).worker_args == argv
+
+
+def test_worker_help_is_the_workers_own():
+    # `quire worker` execs `python -m quire.worker.server`, so this is the worker's parser speaking.
+    result = subprocess.run([*quire_command(), "worker", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: quire worker")
+    for option in ("--rank", "--world-size", "--listen", "--dist-init", "--cpu-cores", "--log-level"):
+        assert option in result.stdout
+    result = subprocess.run([*quire_command(), "worker", "--rank", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "quire worker: error:" in result.stderr and "--world-size" in result.stderr

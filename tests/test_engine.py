@@ -3,6 +3,7 @@ served and no block leaks; stops; seeds; streaming text never splits a character
 import pytest
 
 from quire.cluster import LLM, SamplingParams
+from quire.cluster.core.outputs import OutputAccumulator
 from quire.cluster.core.request import RequestStatus
 
 
@@ -11,11 +12,21 @@ def llm(tiny_checkpoint):
     return LLM(model=str(tiny_checkpoint("llama-gqa4")), dtype="float32", num_kv_blocks=64, max_model_len=128)
 
 
-def drain(engine):
-    outputs = []
+def drain(engine, earlier=()):
+    """Step until idle; each request's deltas (`earlier` ones first) folded into its whole
+    output, in the order requests finished."""
+    received, finished = {}, []
+
+    def fold(deltas):
+        for delta in deltas:
+            received.setdefault(delta.request_id, OutputAccumulator()).add(delta)
+            if delta.finished:
+                finished.append(received.pop(delta.request_id).result())
+
+    fold(earlier)
     while engine.has_unfinished():
-        outputs.extend(engine.step())
-    return outputs
+        fold(engine.step())
+    return finished
 
 
 @pytest.mark.parametrize("prompt, params, field", [
@@ -33,10 +44,10 @@ def drain(engine):
 def test_bad_input_names_the_field_and_harms_nobody(llm, prompt, params, field):
     engine = llm.engine
     good = engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    engine.step()  # the good request is running when the bad one arrives
+    first = engine.step()  # the good request is running when the bad one arrives
     with pytest.raises(ValueError, match=f"`{field}`"):
         engine.add_request(prompt, params if isinstance(params, SamplingParams) else SamplingParams(**params))
-    outputs = [o for o in drain(engine) if o.request_id == good]
+    outputs = [o for o in drain(engine, first) if o.request_id == good]
     assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 6
     engine.kv.check_integrity()
     assert engine.kv.num_used_blocks == 0 and not engine.scheduler.requests
@@ -131,7 +142,7 @@ def test_streamed_text_never_holds_a_broken_character(llm):
     for token in target:
         request.output_token_ids.append(token)
         out = engine._process_token(request, token)
-        deltas.append(out.outputs[0].delta_text)
+        deltas.append(out.text)
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tokenizer.decode(target)
     assert request.status is RequestStatus.FINISHED_LENGTH and detok.output_text == tokenizer.decode(target)

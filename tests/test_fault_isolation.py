@@ -8,6 +8,7 @@ import pytest
 
 from quire.cluster import LLM, SamplingParams
 from quire.cluster.core.detokenizer import IncrementalDetokenizer
+from quire.cluster.core.outputs import OutputAccumulator
 from quire.worker.sampler import Sampler
 
 # A valid value the injected fault below treats as poison: it stands for any value that
@@ -26,14 +27,13 @@ def llm(request, tiny_checkpoint):
 
 
 def drain(engine) -> dict:
-    """Step until idle, checking the block manager after every step; the final output of each request."""
-    finals = {}
+    """Step until idle, checking the block manager after every step; each request's deltas folded whole."""
+    received = {}
     while engine.has_unfinished():
-        for output in engine.step():
-            if output.finished:
-                finals[output.request_id] = output
+        for delta in engine.step():
+            received.setdefault(delta.request_id, OutputAccumulator()).add(delta)
         engine.scheduler.check_integrity()
-    return finals
+    return {request_id: accumulator.result() for request_id, accumulator in received.items()}
 
 
 def assert_idle(engine) -> None:

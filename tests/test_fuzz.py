@@ -39,6 +39,7 @@ from quire.cluster.serving.api_server import build_app
 from quire.cluster.serving.async_engine import AsyncEngine
 from quire.cluster.core.config import EngineConfig
 from quire.cluster.core.engine import Engine
+from quire.cluster.tools.default_model import default_model_dir
 from quire.cluster.serving.grpc_server import GrpcFrontend
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
@@ -289,9 +290,9 @@ def server(tokenizer_dir):
     stats = {name: dict(examples=0, statuses=Counter(), failures=0, engine_deaths=0, leaked_blocks=0)
              for name in ("/v1/completions", "/v1/chat/completions", "grpc", "grpc_bytes")}
     with pytest.MonkeyPatch.context() as mp:
-        # conftest built the embedded default model in a temp cache; model=None resolves to it.
+        # conftest built the embedded default model in a temp cache; default_model_dir() finds it.
         mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
-        engine = AsyncEngine(Engine(EngineConfig.from_kwargs(model=None, num_kv_blocks=64, max_model_len=128)))
+        engine = AsyncEngine(Engine(EngineConfig.from_kwargs(model=str(default_model_dir()), num_kv_blocks=64, max_model_len=128)))
         frontends: list[GrpcFrontend] = []
 
         async def start_grpc():  # on uvicorn's event loop, as `quire serve` does
@@ -313,7 +314,7 @@ def server(tokenizer_dir):
                     grpc.insecure_channel(f"127.0.0.1:{frontends[0].port}") as channel:
                 yield Server(http=http, channel=channel, stub=generate_pb2_grpc.GenerateStub(channel),
                              health=health_pb2_grpc.HealthStub(channel), engine=engine, stats=stats,
-                             vocab=engine.engine.info.vocab_size, culprit=None)
+                             vocab=engine.model.vocab_size, culprit=None)
         finally:
             uv.should_exit = True
             thread.join(15)
@@ -346,8 +347,9 @@ def check_example(server, frontend: str, status: str, problem: str | None, what:
     problems = [problem] if problem else []
 
     def idle() -> bool:  # by the snapshots the engine loop publishes, with no command left for it
-        return not engine.healthy or (engine.num_running == engine.num_waiting == engine.kv_usage == 0
-                                      and not engine._commands)
+        stats = engine.stats()
+        return not stats.healthy or (stats.num_running == stats.num_waiting == 0 == stats.kv_usage
+                                     and not engine._commands)
 
     drained = wait_for(idle, 30)
     if not engine.healthy:

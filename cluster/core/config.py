@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 @dataclass
 class ModelConfig:
-    model: str | None = None        # checkpoint directory; None → the embedded default model
+    model: str | None = None        # checkpoint directory (`LLM` and `quire serve` default to the built-in model)
     tokenizer: str | None = None    # defaults to the model directory
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, no text out
     dtype: str = "auto"             # auto | float32 | float16 | bfloat16

@@ -18,6 +18,7 @@ from quire.cluster.executor.base import Executor, WorkerFailure, WorkerSetup
 from quire.cluster.core.kv_cache_manager import KVCacheManager
 from quire.cluster.core.model_info import ModelInfo
 from quire.cluster.core.outputs import CompletionOutput, RequestOutput
+from quire.cluster.core.parallel_sampling import ParentRequest
 from quire.cluster.core.request import Request, RequestStatus
 from quire.cluster.core.scheduler import Scheduler
 from quire.protos.step import NewRequestData, SamplingParams, StepPlan
@@ -89,6 +90,8 @@ class Engine:
                                  cpu_pool=BlockPool(num_cpu_blocks) if num_cpu_blocks else None)
         self.scheduler = Scheduler(config.scheduler, self.kv, preemption_mode=config.cache.preemption_mode)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.parents: dict[str, ParentRequest] = {}              # by the caller's request id
+        self._samples: dict[str, tuple[ParentRequest, int]] = {}  # live sample id → its parent and index
         self.stats = EngineStats()
         logger.info("engine ready in %.1fs: %d KV blocks x %d tokens = %d tokens; %.1f requests of max_model_len=%d fit",
                     time.perf_counter() - started, num_blocks, self.block_size, num_blocks * self.block_size,
@@ -96,17 +99,18 @@ class Engine:
 
     # -- admission ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-                    priority: int = 0, cache_salt: str | None = None, fork_of: str | None = None) -> str:
-        """Validate and queue a request; raises ValueError naming the bad field, queuing nothing.
+                    priority: int = 0, cache_salt: str | None = None) -> str:
+        """Validate and queue a request with its `params.n` samples; raises ValueError naming
+        the bad field, queuing nothing. Returns the request id (`step` reports under it).
 
-        `cache_salt`: only requests with the same salt share cached prefixes. `fork_of`: the id
-        of a live request with the same prompt (a sibling sample of parallel sampling); this
-        one then shares its prompt's KV blocks instead of computing them again."""
+        `cache_salt`: only requests with the same salt share cached prefixes. The samples
+        after the first fork its prompt's KV blocks instead of computing them again."""
         params = params or SamplingParams()
         params.validate(vocab_size=self.info.vocab_size)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"`request_id` {request_id!r} is already in use")
+        parent = ParentRequest(request_id or uuid.uuid4().hex, params)
+        for taken in (parent.request_id, *parent.sample_ids):
+            if taken in self.parents or taken in self._samples:
+                raise ValueError(f"`request_id` {taken!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.info.encode(prompt)
         if len(token_ids) + 1 > self.max_model_len:
@@ -122,16 +126,20 @@ class Engine:
             raise ValueError("`stop` strings need a tokenizer, and this engine was started with --skip-tokenizer-init "
                              "(skip_tokenizer_init=True); use `stop_token_ids`")
         self._check_encodable(token_ids, params)
-        request = Request(request_id, token_ids, params, prompt=prompt_text, priority=priority, cache_salt=cache_salt,
-                          max_num_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len))
-        leader = self.scheduler.requests.get(fork_of) if fork_of is not None else None
-        if leader is not None and leader.prompt_token_ids == token_ids and leader.cache_salt == cache_salt:
-            request.fork_of = leader
-        self.detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
-        self.scheduler.add_request(request)
+        leader = None
+        for index, sample_id in enumerate(parent.sample_ids):
+            sample_params = parent.sample_params(index)
+            request = Request(sample_id, token_ids, sample_params, prompt=prompt_text, priority=priority,
+                              cache_salt=cache_salt,
+                              max_num_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len))
+            request.fork_of, leader = leader, leader or request
+            self.detokenizers[sample_id] = IncrementalDetokenizer(
+                self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+            self._samples[sample_id] = (parent, index)
+            self.scheduler.add_request(request)
+        self.parents[parent.request_id] = parent
         self.stats.prompt_tokens += len(token_ids)
-        return request_id
+        return parent.request_id
 
     @staticmethod
     def _check_encodable(token_ids: list[int], params: SamplingParams) -> None:
@@ -143,12 +151,21 @@ class Engine:
             raise ValueError(f"`sampling_params`: the request cannot be encoded for the workers ({error})") from None
 
     def abort(self, request_id: str) -> bool:
-        """Finish a request as aborted and free its blocks. Returns whether it was live."""
-        self.detokenizers.pop(request_id, None)
-        if self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED) is None:
+        """Finish a request's unfinished samples as aborted and free their blocks. Returns
+        whether the request was live."""
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
             return False
-        self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+        for sample_id in parent.live_sample_ids:
+            self._end_sample(sample_id, RequestStatus.FINISHED_ABORTED)
         return True
+
+    def _end_sample(self, sample_id: str, status: RequestStatus) -> None:
+        """Finish one sample (freeing its blocks) and forget it; its parent's bookkeeping is the caller's."""
+        self.detokenizers.pop(sample_id, None)
+        self._samples.pop(sample_id, None)
+        self.scheduler.finish_request(sample_id, status)
+        self.stats.finished[status.value] = self.stats.finished.get(status.value, 0) + 1
 
     def has_unfinished(self) -> bool:
         """Whether `step` has work: live requests, or a step in flight to collect (one planned
@@ -185,25 +202,41 @@ class Engine:
             return []
         self.stats.execute_seconds += time.perf_counter() - executing
         self.stats.forward_seconds += result.forward_seconds
-        outputs = []
+        outputs: dict[str, RequestOutput] = {}  # by parent: one output per request and step
         updated = self.scheduler.update_from_output(plan, result)
         self.stats.generated_tokens += len(updated)
         for request in updated:
+            if request.request_id not in self._samples:
+                continue  # a sibling failed earlier in this loop, ending the whole request
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
             try:
-                outputs.append(self._process_token(request, request.output_token_ids[-1]))
+                self._emit(outputs, request, self._process_token(request, request.output_token_ids[-1]))
             except Exception as error:  # noqa: BLE001 - its detokenisation or stop check: its own failure
                 logger.exception("request %s failed processing its output", request.request_id)
-                outputs.append(self._fail(request, f"processing its output failed: {type(error).__name__}: {error}"))
+                self._fail(outputs, request, f"processing its output failed: {type(error).__name__}: {error}",
+                           undelivered=request.output_token_ids[-1:])
         for handle, error in result.errors.items():
             request = self.scheduler.by_handle.get(handle)
             if request is not None:  # (else it ended while the step ran)
                 logger.warning("request %s failed in step %d: %s", request.request_id, plan.step_id, error)
-                outputs.append(self._fail(request, error))
+                self._fail(outputs, request, error)
         self.stats.num_steps += 1
         self.stats.step_seconds += time.perf_counter() - started
-        return outputs
+        return list(outputs.values())
+
+    def _emit(self, outputs: dict[str, RequestOutput], request: Request, completion: CompletionOutput) -> None:
+        """Add a sample's delta to its request's output of this step; a finished sample is
+        forgotten, and the request's output is final once all of its samples are."""
+        parent, index = self._samples[request.request_id]
+        completion.index = index
+        output = self._output_of(outputs, parent, request)
+        output.outputs.append(completion)
+        if completion.finish_reason is not None:
+            del self._samples[request.request_id]
+            if parent.finish_sample(request.request_id):
+                output.finished = True
+                self.parents.pop(parent.request_id, None)
 
     def check_workers(self) -> None:
         """Recover from a worker death the executor noticed while no step ran (raises
@@ -227,7 +260,7 @@ class Engine:
                 logger.exception("restarting the workers failed")
                 failure = WorkerFailure(f"{failure}; restarting the workers failed: {error}")
         self.failure = failure
-        for request_id in list(self.scheduler.requests):
+        for request_id in list(self.parents):
             self.abort(request_id)
         raise failure
 
@@ -250,15 +283,30 @@ class Engine:
         self.scheduler.forget_worker_state()
         self.num_worker_restarts += 1
 
-    def _fail(self, request: Request, error: str) -> RequestOutput:
-        """End a request that failed on its own, freeing its blocks (the workers drop it with the
-        next plan); its final output carries the error. The other requests go on."""
-        self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
-        self.detokenizers.pop(request.request_id, None)
-        self.stats.finished["error"] = self.stats.finished.get("error", 0) + 1
-        completion = CompletionOutput(index=0, text="", token_ids=list(request.output_token_ids), finish_reason="error")
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], True,
-                             error=error)
+    @staticmethod
+    def _output_of(outputs: dict[str, RequestOutput], parent: ParentRequest, request: Request) -> RequestOutput:
+        """This step's output of `parent` (created on its first sample's news)."""
+        output = outputs.get(parent.request_id)
+        if output is None:
+            output = outputs[parent.request_id] = RequestOutput(parent.request_id, request.prompt,
+                                                                request.prompt_token_ids, [])
+        return output
+
+    def _fail(self, outputs: dict[str, RequestOutput], request: Request, error: str,
+              undelivered: list[int] = ()) -> None:
+        """End the request a sample failed on its own, with all its samples, freeing their
+        blocks (the workers drop them with the next plan); its final output carries the
+        error, and the sample's `undelivered` token ids (those whose processing failed).
+        The other requests go on."""
+        parent, index = self._samples[request.request_id]
+        output = self._output_of(outputs, parent, request)
+        output.outputs.append(CompletionOutput(index=index, text="", token_ids=list(undelivered), finish_reason="error"))
+        output.finished, output.error = True, error
+        self.parents.pop(parent.request_id, None)
+        for sample_id in parent.live_sample_ids:
+            parent.finish_sample(sample_id)
+            status = RequestStatus.FINISHED_ERROR if sample_id == request.request_id else RequestStatus.FINISHED_ABORTED
+            self._end_sample(sample_id, status)
 
     def _stop_reason(self, request: Request, token_id: int, stop_string: str | None):
         params = request.sampling_params
@@ -272,7 +320,10 @@ class Engine:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
-    def _process_token(self, request: Request, token_id: int) -> RequestOutput:
+    def _process_token(self, request: Request, token_id: int) -> CompletionOutput:
+        """Detokenise a sample's new token and check its stops, finishing it (freeing its
+        blocks) when one is met. Returns the sample's delta, its index still to be set.
+        Costs the same whatever the sample's length: nothing here copies its sequence."""
         detok = self.detokenizers[request.request_id]
         stop_string = detok.append([token_id])
         status, stop_reason = self._stop_reason(request, token_id, stop_string)
@@ -281,13 +332,10 @@ class Engine:
             self.scheduler.finish_request(request.request_id, status)
             self.detokenizers.pop(request.request_id)
             self.stats.finished[status.value] = self.stats.finished.get(status.value, 0) + 1
-        completion = CompletionOutput(
-            # Copies: an output outlives the step, the request's lists keep growing.
-            index=0, text=detok.output_text, token_ids=list(request.output_token_ids),
+        return CompletionOutput(
+            index=0, text=detok.take_delta(finished), token_ids=[token_id],
             finish_reason=status.value if finished else None, stop_reason=stop_reason,
-            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
-            delta_text=detok.take_delta(finished), delta_token_ids=[token_id])
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished)
+            logprobs=request.output_logprobs[-1:] if request.sampling_params.logprobs is not None else None)
 
     @property
     def kv_usage(self) -> float:

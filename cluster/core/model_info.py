@@ -33,12 +33,9 @@ class ModelInfo:
         `tokenizer` when no tokenizer loads from `config.tokenizer` or the checkpoint."""
         from transformers import AutoConfig, GenerationConfig
 
-        if config.model is None:
-            from quire.cluster.tools.default_model import default_model_dir
-
-            path = default_model_dir()
-        else:
-            path = Path(config.model)
+        if config.model is None:  # the entry points (`LLM`, `quire serve`) put the default model here
+            raise ValueError("`model`: no checkpoint directory given")
+        path = Path(config.model)
         if not (path / "config.json").is_file():
             raise ValueError(f"`model`: {str(path)!r} is not a checkpoint directory (no config.json found)")
         hf_config = AutoConfig.from_pretrained(path)

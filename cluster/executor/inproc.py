@@ -18,7 +18,7 @@ class InprocExecutor(Executor):
     }
 
     def __init__(self):
-        from quire.worker.worker import Worker  # the one place the controller may import the worker
+        from quire.worker.worker import Worker  # the controller imports the worker only here (and in the Ray actor)
 
         super().__init__()
         self.worker = Worker()

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP frontend over an `AsyncEngine`: `/v1/completions`,
+"""OpenAI-compatible HTTP frontend over an `EngineClient`: `/v1/completions`,
 `/v1/chat/completions` (streaming or not, `n` parallel samples), `/v1/models`,
 `/health` and `/metrics`.
 
@@ -6,7 +6,7 @@ Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: a 
 request is a 400 whose message and `param` name the field; an unknown model a 404; a
 missing or wrong API key a 401; a body over `max_request_bytes` a 413; a full queue a
 429; a dead engine a 503. A bad request never affects the others: it is refused before
-it reaches the engine, or by `Engine.add_request`, which queues nothing when it raises.
+it reaches the engine, or by the engine's admission, which queues nothing when it refuses.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from quire.cluster.serving.auth import key_matches
-from quire.cluster.serving.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
+from quire.cluster.serving.engine_client import EngineClient, EngineDeadError, QueueFullError, RequestFailedError
 from quire.cluster.serving.metrics import CONTENT_TYPE, ServerMetrics
 from quire.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
@@ -26,7 +26,7 @@ from quire.cluster.serving.openai_protocol import (
     CompletionRequest,
     chat_logprobs,
 )
-from quire.cluster.serving.openai_streams import ChoiceStreams, ClientGone
+from quire.cluster.serving.openai_streams import ClientGone, ResponseStream
 from quire.protos.step import SamplingParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -60,7 +60,7 @@ def _bad_request(error: ValueError) -> APIError:
     return APIError(400, str(error), _param_of(str(error)))
 
 
-def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMetrics | None = None,
+def build_app(engine: EngineClient, api_key: str | None = None, metrics: ServerMetrics | None = None,
               max_request_bytes: int = MAX_REQUEST_BYTES, on_startup=None, on_shutdown=None) -> FastAPI:
     """The HTTP app. Its lifespan starts the engine loop (and runs `on_startup`/`on_shutdown`
     coroutines, e.g. the gRPC server sharing this event loop); the caller owns engine shutdown."""
@@ -79,8 +79,8 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
 
     app = FastAPI(title="quire", lifespan=lifespan)
     app.state.engine = engine
-    tokenizer = engine.engine.tokenizer
-    model_name = engine.model_name
+    served = engine.model
+    tokenizer, model_name = served.tokenizer, served.name
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -128,11 +128,14 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
 
     @app.get("/health")
     async def health():
-        state = {"num_running": engine.num_running, "num_waiting": engine.num_waiting, "kv_usage": engine.kv_usage}
-        failure = engine.failure
-        if failure is None:
+        stats = engine.stats()
+        state = {"num_running": stats.num_running, "num_waiting": stats.num_waiting, "kv_usage": stats.kv_usage}
+        if stats.replicas:
+            state["replicas"] = [{"num_running": r.num_running, "num_waiting": r.num_waiting, "kv_usage": r.kv_usage,
+                                  "healthy": r.healthy} for r in stats.replicas]
+        if stats.failure is None:
             return {"status": "ok", **state}
-        return JSONResponse({"status": "unhealthy", "reason": failure, **state}, 503)
+        return JSONResponse({"status": "unhealthy", "reason": stats.failure, **state}, 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -144,7 +147,7 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "quire",
-            "max_model_len": engine.engine.max_model_len}]}
+            "max_model_len": served.max_model_len}]}
 
     def check_model(requested: str | None) -> None:
         if requested is not None and requested != model_name:
@@ -154,18 +157,13 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         if failure is not None:
             raise APIError(503, failure, type="service_unavailable")
 
-    async def start(prompt, params: SamplingParams, body, request_id: str, raw: Request) -> ChoiceStreams:
-        """Queue the n samples (all but the first fork the first's prompt blocks) and wait for
-        each one's first output (so that every refusal surfaces before a response starts);
-        ends them all on any refusal or a disconnect."""
-        n = body.n
-        ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
-        choices = ChoiceStreams([engine.generate(prompt, p, i, cache_salt=body.cache_salt,
-                                                 fork_of=ids[0] if index else None)
-                                 for index, (p, i) in enumerate(zip((params.for_sample(k) for k in range(n)), ids))],
-                                raw)
+    async def start(prompt, params: SamplingParams, body, request_id: str, raw: Request) -> ResponseStream:
+        """Queue the request (its `n` samples are the engine's) and wait for its first output,
+        so that every refusal surfaces before a response starts; ends it on a refusal or a
+        disconnect."""
+        response = ResponseStream(engine.generate(prompt, params, request_id, cache_salt=body.cache_salt), raw)
         try:
-            await choices.first_outputs()
+            await response.first_output()
         except ValueError as exc:
             raise _bad_request(exc) from None
         except QueueFullError as exc:
@@ -176,19 +174,19 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
             raise APIError(500, f"the request failed: {exc}", type="internal_server_error", code=500) from None
         except ClientGone:
             raise APIError(499, "the client disconnected", code=499) from None  # nobody reads this
-        return choices
+        return response
 
-    async def respond(choices: ChoiceStreams, body, render_chunk, render_final, usage_head: dict):
+    async def respond(response: ResponseStream, body, render_chunk, render_final, usage_head: dict):
         if body.stream:  # from here on Starlette cancels the body iterator on disconnect
-            return StreamingResponse(choices.sse(render_chunk, usage_head if body.include_usage else None),
+            return StreamingResponse(response.sse(render_chunk, usage_head if body.include_usage else None, body.n),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            finals = await choices.collect()
+            final = await response.collect()
         except ClientGone:
             return Response(status_code=499)  # nobody reads this
         except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc), type="internal_server_error", code=500) from None
-        return render_final(finals, choices.usage())
+        return render_final(final.outputs, response.usage(body.n))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
@@ -198,27 +196,27 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         except ValueError as exc:
             raise _bad_request(exc) from None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = await start(prompt, params, body, request_id, raw)
+        response = await start(prompt, params, body, request_id, raw)
         builders = [CompletionLogprobs(tokenizer) if params.logprobs is not None else None for _ in range(body.n)]
         head = {"id": request_id, "object": "text_completion", "created": created, "model": model_name}
 
-        def chunk(index, completion, new_logprobs):
+        def chunk(delta):
             logprobs = None
-            if builders[index] is not None:
-                logprobs = builders[index].build(completion.delta_token_ids, new_logprobs)
-            if not (completion.delta_text or completion.finish_reason or logprobs):
+            if builders[delta.index] is not None:
+                logprobs = builders[delta.index].build(delta.token_ids, delta.logprobs or [])
+            if not (delta.text or delta.finish_reason or logprobs):
                 return None
-            return {**head, "choices": [{"index": index, "text": completion.delta_text, "logprobs": logprobs,
-                                         "finish_reason": completion.finish_reason}]}
+            return {**head, "choices": [{"index": delta.index, "text": delta.text, "logprobs": logprobs,
+                                         "finish_reason": delta.finish_reason}]}
 
-        def final(outputs, usage):
+        def final(completions, usage):
             return {**head, "usage": usage, "choices": [
-                {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                  "logprobs": CompletionLogprobs(tokenizer).build(c.token_ids, c.logprobs or [])
                  if params.logprobs is not None else None}
-                for i, c in enumerate(o.outputs[0] for o in outputs)]}
+                for c in completions]}
 
-        return await respond(choices, body, chunk, final, head)
+        return await respond(response, body, chunk, final, head)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
@@ -234,39 +232,39 @@ def build_app(engine: AsyncEngine, api_key: str | None = None, metrics: ServerMe
         except Exception as exc:  # noqa: BLE001 - a template's own error (e.g. roles it refuses) is the caller's
             raise APIError(400, f"`messages` cannot be rendered by the chat template: {exc}", "messages") from None
         try:
-            prompt_ids = engine.engine.info.encode_text(text, "messages", add_special_tokens=False)
+            prompt_ids = served.encode_text(text, "messages", add_special_tokens=False)
         except ValueError as exc:
             raise _bad_request(exc) from None
         try:
-            params = body.sampling_params(room_left=engine.engine.max_model_len - len(prompt_ids))
+            params = body.sampling_params(room_left=served.max_model_len - len(prompt_ids))
         except ValueError as exc:
             raise _bad_request(exc) from None
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = await start(prompt_ids, params, body, request_id, raw)
+        response = await start(prompt_ids, params, body, request_id, raw)
         head = {"id": request_id, "created": created, "model": model_name}
         started = [False] * body.n
         top = body.top_logprobs or 0
 
-        def chunk(index, completion, new_logprobs):
-            delta = {}
+        def chunk(completion):
+            index, delta = completion.index, {}
             if not started[index]:
                 started[index], delta = True, {"role": "assistant", "content": ""}
-            if completion.delta_text:
-                delta["content"] = delta.get("content", "") + completion.delta_text
-            logprobs = chat_logprobs(tokenizer, completion.delta_token_ids, new_logprobs, top) \
+            if completion.text:
+                delta["content"] = delta.get("content", "") + completion.text
+            logprobs = chat_logprobs(tokenizer, completion.token_ids, completion.logprobs or [], top) \
                 if body.logprobs else None
             if not (delta or completion.finish_reason or logprobs):
                 return None
             return {**head, "object": "chat.completion.chunk", "choices": [
                 {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": completion.finish_reason}]}
 
-        def final(outputs, usage):
+        def final(completions, usage):
             return {**head, "object": "chat.completion", "usage": usage, "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c.text},
+                {"index": c.index, "message": {"role": "assistant", "content": c.text},
                  "logprobs": chat_logprobs(tokenizer, c.token_ids, c.logprobs or [], top) if body.logprobs else None,
                  "finish_reason": c.finish_reason}
-                for i, c in enumerate(o.outputs[0] for o in outputs)]}
+                for c in completions]}
 
-        return await respond(choices, body, chunk, final, {**head, "object": "chat.completion.chunk"})
+        return await respond(response, body, chunk, final, {**head, "object": "chat.completion.chunk"})
 
     return app

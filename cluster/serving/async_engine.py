@@ -2,69 +2,42 @@
 
 The `Engine` is not thread-safe, so exactly one thread (the engine loop) ever touches it.
 Callers on any asyncio loop talk to it through a command queue (add / abort) and get
-each request's outputs back on an `asyncio.Queue` filled with `loop.call_soon_threadsafe`.
+each request's deltas back on an `asyncio.Queue` filled with `loop.call_soon_threadsafe`.
 The loop drains commands, then steps while there is work, and sleeps on a condition
 variable when there is none.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from quire.cluster.core.engine import Engine
-from quire.cluster.serving.metrics import ServerMetrics
 from quire.cluster.core.outputs import CompletionOutput, RequestOutput
+from quire.cluster.serving.engine_client import (
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+    ServedModel,
+    StatsSnapshot,
+)
 from quire.protos.step import SamplingParams
+
+if TYPE_CHECKING:  # metrics need prometheus-client, which an image without the HTTP server lacks
+    from quire.cluster.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
-
-async def interleave(streams: list[AsyncIterator[RequestOutput]],
-                     firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(index, output) of several requests' output streams as the outputs come, each
-    stream's in order: first `firsts` (each stream's first output, already taken), then the
-    rest of every unfinished stream. Closing it cancels the reads in progress; the streams
-    themselves are the caller's to close."""
-    for index, output in enumerate(firsts):
-        yield index, output
-    pending = {asyncio.ensure_future(streams[i].__anext__()): i for i, output in enumerate(firsts) if not output.finished}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                index = pending.pop(task)
-                output = task.result()
-                yield index, output
-                if not output.finished:
-                    pending[asyncio.ensure_future(streams[index].__anext__())] = index
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestFailedError"]
 
 # How often an idle engine loop looks for a worker death the executor's health watch found.
 WORKER_CHECK_SECONDS = 0.5
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed or was shut down; the request cannot complete."""
-
-
-class QueueFullError(RuntimeError):
-    """The queue of waiting requests is at `max_queue_len`: try again later."""
-
-
-class RequestFailedError(RuntimeError):
-    """The request failed on its own inside a step (the engine serves the others on)."""
 
 
 @dataclass
@@ -74,8 +47,9 @@ class _Stream:
     arrival: float = 0.0  # time.monotonic() when the caller asked
     first_token: float | None = None
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    last: CompletionOutput | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    num_tokens: dict[int, int] = field(default_factory=dict)    # per sample index, so far
+    finished: set[int] = field(default_factory=set)             # sample indexes that have finished
 
     def put(self, item: RequestOutput | BaseException) -> bool:
         """Hand an item to the consumer's loop; False when that loop is gone."""
@@ -87,17 +61,15 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Owns an `Engine` and runs it in one daemon thread.
+    """Owns an `Engine`, runs it in one daemon thread, and implements `EngineClient`.
 
-    Contracts: `generate` yields every output of its request in order and ends after the
-    finished one; a bad request raises ValueError (from `Engine.add_request`), and a request
-    arriving while `max_queue_len` (> 0) requests wait raises QueueFullError, both before any
-    output; a request that fails on its own in a step raises RequestFailedError and nobody
-    else notices; a consumer that stops iterating aborts its request, freeing its KV blocks;
-    if a step raises (a failure that belongs to no request), every in-flight stream raises
-    `EngineDeadError`, `healthy` turns False for good, `failure` says why and `on_dead` is
-    called once (from the loop thread), so a server can exit for its supervisor to restart it.
-    With `metrics`, the loop thread records every request's tokens and latencies there.
+    Contracts (beyond `EngineClient`'s): a bad request raises ValueError (from
+    `Engine.add_request`), and a request arriving while `max_queue_len` (> 0) requests wait
+    raises QueueFullError, both before any output; if a step raises (a failure that belongs
+    to no request), every in-flight stream raises `EngineDeadError`, `healthy` turns False
+    for good, `failure` says why and `on_dead` is called once (from the loop thread), so a
+    server can exit for its supervisor to restart it. With `metrics`, the loop thread
+    records every request's tokens and latencies there.
     """
 
     def __init__(self, engine: Engine, max_queue_len: int = 0, metrics: ServerMetrics | None = None,
@@ -115,10 +87,14 @@ class AsyncEngine:
         self._stopping = False
         self._closed = False
         self._error: BaseException | None = None
-        # Snapshots published by the loop thread, so readers never touch the engine.
-        self.num_running = 0
-        self.num_waiting = 0
-        self.kv_usage = 0.0
+        self._pausing = False
+        info = engine.info
+        self.model = ServedModel(
+            name=info.name, tokenizer=info.tokenizer, max_model_len=engine.max_model_len, vocab_size=info.vocab_size,
+            eos_token_ids=frozenset(info.eos_token_ids), block_size=engine.block_size,
+            num_kv_blocks=engine.kv.pool.num_blocks, tensor_parallel_size=engine.executor.world_size, encoder=info)
+        # Published by the loop thread after every step, so readers never touch the engine.
+        self._load = (0, 0, 0.0)  # running, waiting, KV usage
 
     @property
     def healthy(self) -> bool:
@@ -134,21 +110,37 @@ class AsyncEngine:
         worker_failure = getattr(self.engine.executor, "failure", None)
         if worker_failure is not None:
             return f"a worker is down: {worker_failure}"
-        if self._stopping or self._thread is None or not self._thread.is_alive():
+        if self._stopping or self._pausing or self._thread is None or not self._thread.is_alive():
             return "the engine is not running"
         return None
 
-    @property
-    def model_name(self) -> str:
-        return self.engine.info.name
+    def stats(self) -> StatsSnapshot:
+        running, waiting, kv_usage = self._load
+        return StatsSnapshot(running, waiting, kv_usage, self.failure, self.max_queue_len)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine loop thread (idempotent)."""
+        """Start the engine loop thread, or resume it after `pause` (idempotent)."""
+        if self._thread is not None and self._pausing:
+            self._thread.join()
         with self._cond:
-            if self._thread is None:
+            if self._stopping:
+                return
+            self._pausing = False
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="quire-engine-loop", daemon=True)
                 self._thread.start()
+
+    def pause(self, timeout: float | None = None) -> None:
+        """Let the loop thread end once the engine has nothing left to do (every request
+        finished or aborted, no step in flight), keeping the engine open; `start` resumes.
+        For a caller, such as `LLM`, that wants no thread touching the engine between calls.
+        Requests still live when it is called run to their end first."""
+        with self._cond:
+            self._pausing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop, end every open stream with EngineDeadError, release the engine."""
@@ -172,16 +164,16 @@ class AsyncEngine:
         or be admitted right after)."""
         return request_id in self._streams
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       cache_salt: str | None = None, fork_of: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs (ValueError first if the engine rejects it).
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
+                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its deltas (ValueError first if the engine rejects it).
         Closing or cancelling the iteration before the finished output aborts the request.
-        `cache_salt` and `fork_of` are `Engine.add_request`'s."""
+        `cache_salt` and `priority` are `Engine.add_request`'s."""
         if not self.healthy:
-            raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})")
+            raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})") from self._error
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival=time.monotonic())
-        self._submit(("add", request_id, prompt, params, stream, cache_salt, fork_of))
+        self._submit(("add", request_id, prompt, params, stream, cache_salt, priority))
         done = False
         try:
             while True:
@@ -215,11 +207,13 @@ class AsyncEngine:
             with self._cond:
                 # After a failure the engine's state is suspect: never step it again.
                 while not (self._commands or self._stopping or (self._error is None and engine.has_unfinished())
-                           or self._worker_died()):
+                           or self._worker_died() or self._pausing):
                     self._cond.wait(WORKER_CHECK_SECONDS)
                 commands, self._commands = self._commands, deque()
                 if self._stopping:
                     break
+                if self._pausing and not commands and (self._error is not None or not engine.has_unfinished()):
+                    return
             try:
                 if self._worker_died():
                     engine.check_workers()  # restarts the workers while idle too (or raises)
@@ -245,9 +239,9 @@ class AsyncEngine:
     def _handle(self, command: tuple) -> None:
         kind, request_id = command[0], command[1]
         if kind == "add":
-            _, _, prompt, params, stream, cache_salt, fork_of = command
+            _, _, prompt, params, stream, cache_salt, priority = command
             if self._error is not None:
-                stream.put(EngineDeadError(f"the engine failed earlier: {self._error!r}"))
+                stream.put(self._dead(f"the engine failed earlier: {self._error!r}"))
                 return
             waiting = len(self.engine.scheduler.waiting)
             if self.max_queue_len and waiting >= self.max_queue_len:
@@ -256,7 +250,8 @@ class AsyncEngine:
                                           "retry later"))
                 return
             try:
-                self.engine.add_request(prompt, params, request_id=request_id, cache_salt=cache_salt, fork_of=fork_of)
+                self.engine.add_request(prompt, params, request_id=request_id, priority=priority,
+                                        cache_salt=cache_salt)
             except ValueError as exc:
                 self._record_rejection("invalid")
                 stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
@@ -265,8 +260,9 @@ class AsyncEngine:
                 logger.exception("add_request(%s) failed", request_id)
                 stream.put(RuntimeError(f"could not add the request: {exc!r}"))
                 return
-            request = self.engine.scheduler.requests[request_id]
-            stream.prompt, stream.prompt_token_ids = request.prompt, list(request.prompt_token_ids)
+            request = self.engine.scheduler.requests[self.engine.parents[request_id].sample_ids[0]]
+            stream.prompt, stream.prompt_token_ids = request.prompt, request.prompt_token_ids
+            stream.num_tokens = dict.fromkeys(range(params.n), 0)
             self._streams[request_id] = stream
             if self.metrics is not None:
                 self.metrics.on_admitted(len(request.prompt_token_ids))
@@ -275,39 +271,43 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None)
             if self._error is None:
                 self.engine.abort(request_id)
-            if stream is not None:
-                self._record_finish(stream, "abort", len(stream.last.token_ids) if stream.last else 0)
-            if stream is not None and notify:
-                last = stream.last or CompletionOutput(index=0, text="", token_ids=[])
-                final = dataclasses.replace(last, finish_reason="abort", delta_text="", delta_token_ids=[])
-                stream.put(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids, [final], True))
+            if stream is None:
+                return
+            running = [index for index in stream.num_tokens if index not in stream.finished]
+            for index in running:
+                self._record_finish(stream, "abort", stream.num_tokens[index])
+            if notify:
+                final = [CompletionOutput(index=index, text="", token_ids=[], finish_reason="abort")
+                         for index in running]
+                stream.put(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids, final, True))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand each request's delta to its stream (deltas are fresh objects: no copy needed)."""
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
-            # Engine outputs alias the request's live lists; snapshot them before another
-            # thread reads them while this one keeps appending.
-            completion = output.outputs[0]
-            completion = dataclasses.replace(
-                completion, token_ids=list(completion.token_ids),
-                logprobs=None if completion.logprobs is None else list(completion.logprobs))
-            output = dataclasses.replace(output, outputs=[completion])
-            stream.last = completion
-            if stream.first_token is None and completion.token_ids:
+            new_tokens = 0
+            for completion in output.outputs:
+                new_tokens += len(completion.token_ids)
+                stream.num_tokens[completion.index] += len(completion.token_ids)
+                if completion.finish_reason is not None:
+                    stream.finished.add(completion.index)
+                    self._record_finish(stream, completion.finish_reason, stream.num_tokens[completion.index])
+            if stream.first_token is None and new_tokens:
                 stream.first_token = time.monotonic()
                 if self.metrics is not None:
                     self.metrics.on_first_token(stream.first_token - stream.arrival)
             if self.metrics is not None:
-                self.metrics.on_tokens(len(completion.delta_token_ids))
+                self.metrics.on_tokens(new_tokens)
             if output.finished:
                 del self._streams[output.request_id]
-                self._record_finish(stream, completion.finish_reason or "stop", len(completion.token_ids))
             if not stream.put(output) and not output.finished:  # the consumer's loop is gone
                 self._streams.pop(output.request_id, None)
                 self.engine.abort(output.request_id)
-                self._record_finish(stream, "abort", len(completion.token_ids))
+                for index in stream.num_tokens:
+                    if index not in stream.finished:
+                        self._record_finish(stream, "abort", stream.num_tokens[index])
 
     def _record_rejection(self, reason: str) -> None:
         if self.metrics is not None:
@@ -319,16 +319,21 @@ class AsyncEngine:
             self.metrics.on_finished(finish_reason, num_output_tokens, now - stream.arrival,
                                      None if stream.first_token is None else stream.first_token - stream.arrival)
 
+    def _dead(self, message: str) -> EngineDeadError:
+        """An EngineDeadError whose `__cause__` is the engine's own failure (None after a shutdown)."""
+        error = EngineDeadError(message)
+        error.__cause__ = self._error
+        return error
+
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream.put(EngineDeadError(str(error)))
+            stream.put(self._dead(str(error)))
 
     def _publish(self) -> None:
         scheduler = self.engine.scheduler
-        self.num_running, self.num_waiting = len(scheduler.running), len(scheduler.waiting)
-        self.kv_usage = self.engine.kv_usage
+        self._load = running, waiting, kv_usage = len(scheduler.running), len(scheduler.waiting), self.engine.kv_usage
         if self.metrics is not None:
             kv = self.engine.kv
-            self.metrics.publish_load(self.num_running, self.num_waiting, self.kv_usage, scheduler.num_preemptions,
+            self.metrics.publish_load(running, waiting, kv_usage, scheduler.num_preemptions,
                                       kv.num_query_tokens, kv.num_hit_tokens, self.engine.num_worker_restarts)

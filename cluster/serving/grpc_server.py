@@ -1,4 +1,4 @@
-"""The gRPC frontend: `quire.v1.Generate` over an `AsyncEngine`, with the standard
+"""The gRPC frontend: `quire.v1.Generate` over an `EngineClient`, with the standard
 `grpc.health.v1` service (NOT_SERVING while the engine or any worker is down) and server
 reflection beside it, all on one asyncio server that shares the HTTP server's loop.
 
@@ -19,8 +19,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from quire.cluster.serving.auth import key_matches
-from quire.cluster.serving.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError, interleave
-from quire.cluster.core.outputs import best_candidates
+from quire.cluster.core.outputs import CompletionOutput, best_candidates
+from quire.cluster.serving.engine_client import EngineClient, EngineDeadError, QueueFullError, RequestFailedError
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
 from quire.protos.limits import shown
@@ -86,18 +86,17 @@ class _ParseInHandler(grpc.aio.ServerInterceptor):
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServicer):
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
-        self.tokenizer = engine.engine.tokenizer
-        self._samples: dict[str, list[str]] = {}  # request id → its samples' engine ids, while n > 1 streams
+        self.model = engine.model
+        self.tokenizer = self.model.tokenizer
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        """Streams every sample's outputs (n of them, interleaved, each message naming its
-        `index`). Every sample is queued and has its first output before any message goes
-        out, so a refusal of any ends the call with its status and no sample left running."""
-        if request.model and request.model != self.engine.model_name:
+        """Streams every sample's deltas (n of them, interleaved as they come, each message
+        naming its `index`). A refusal ends the call with its status before any message."""
+        if request.model and request.model != self.model.name:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"`model` {shown(request.model)} is not served here; "
-                                                          f"this server serves {self.engine.model_name!r}")
+                                                          f"this server serves {self.model.name!r}")
         which = request.WhichOneof("prompt")
         if which is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "`prompt`: set `text` or `token_ids`")
@@ -107,17 +106,12 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         except ValueError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        # Samples after the first fork its prompt blocks (as the HTTP frontend's `n` does).
-        ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
-        streams = [self.engine.generate(prompt, params.for_sample(i), sample_id, cache_salt=request.cache_salt or None,
-                                        fork_of=ids[0] if i else None) for i, sample_id in enumerate(ids)]
-        if params.n > 1:
-            self._samples.setdefault(request_id, ids)  # (a second call with a live id is refused below)
-        sent = [0] * params.n
+        stream = self.engine.generate(prompt, params, request_id, cache_salt=request.cache_salt or None)
+        sent = [0] * params.n  # tokens sent per sample, for its usage
         try:
-            firsts = [await stream.__anext__() for stream in streams]
-            async for index, output in interleave(streams, firsts):
-                yield self._message(request_id, index, output, params.logprobs, sent)
+            async for output in stream:
+                for completion in output.outputs:
+                    yield self._message(request_id, completion, output.prompt_token_ids, params.logprobs, sent)
         except ValueError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
@@ -127,27 +121,23 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         except RequestFailedError as exc:  # its own failure in a step; the engine serves the others on
             await _abort(context, grpc.StatusCode.INTERNAL, f"the request failed: {exc}")
         finally:
-            # Runs on cancellation and deadline too: every unfinished sample is aborted here.
-            if self._samples.get(request_id) is ids:
-                del self._samples[request_id]
-            for stream in streams:
-                await stream.aclose()
+            await stream.aclose()  # runs on cancellation and deadline too: an unfinished request is aborted
 
-    def _message(self, request_id: str, index: int, output, logprobs: int | None, sent: list[int]) -> pb.GenerateResponse:
-        """Sample `index`'s new tokens since its last message (`sent[index]` counts those sent; updated)."""
-        completion = output.outputs[0]
-        message = pb.GenerateResponse(request_id=request_id, token_ids=completion.delta_token_ids,
-                                      text=completion.delta_text, index=index)
-        if logprobs is not None and completion.delta_token_ids:
-            for token_id, candidates in zip(completion.delta_token_ids, completion.logprobs[sent[index]:]):
+    def _message(self, request_id: str, completion: CompletionOutput, prompt_token_ids: list[int],
+                 logprobs: int | None, sent: list[int]) -> pb.GenerateResponse:
+        """One sample's delta as a message (`sent[index]` counts the tokens it has sent; updated)."""
+        message = pb.GenerateResponse(request_id=request_id, token_ids=completion.token_ids, text=completion.text,
+                                      index=completion.index)
+        if logprobs is not None and completion.token_ids:
+            for token_id, candidates in zip(completion.token_ids, completion.logprobs):
                 message.logprobs.append(self._logprobs(token_id, candidates, logprobs))
-        sent[index] = len(completion.token_ids)
-        if output.finished:
-            message.finish_reason = completion.finish_reason or ""
+        sent[completion.index] += len(completion.token_ids)
+        if completion.finish_reason is not None:
+            message.finish_reason = completion.finish_reason
             if isinstance(completion.stop_reason, str):
                 message.stop_reason = completion.stop_reason
-            message.usage.prompt_tokens = len(output.prompt_token_ids)
-            message.usage.completion_tokens = len(completion.token_ids)
+            message.usage.prompt_tokens = len(prompt_token_ids)
+            message.usage.completion_tokens = sent[completion.index]
         return message
 
     def _logprobs(self, token_id: int, candidates: dict[int, float], top: int) -> pb.GeneratedTokenLogprobs:
@@ -162,25 +152,22 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
     async def Abort(self, request: pb.AbortRequest, context):
         if not request.request_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "`request_id` must be set")
-        ids = [request.request_id, *self._samples.get(request.request_id, [])]
-        live = any(self.engine.is_live(sample_id) for sample_id in ids)
-        for sample_id in ids:
-            self.engine.abort(sample_id)
+        live = self.engine.is_live(request.request_id)
+        self.engine.abort(request.request_id)
         return pb.AbortResponse(aborted=live)
 
     async def GetModelInfo(self, request, context):
-        engine = self.engine.engine
+        model = self.model
         return pb.GetModelInfoResponse(
-            model=self.engine.model_name, max_model_len=engine.max_model_len, vocab_size=engine.info.vocab_size,
-            eos_token_ids=sorted(engine.info.eos_token_ids),
-            tensor_parallel_size=engine.executor.world_size, block_size=engine.block_size,
-            num_kv_blocks=engine.kv.pool.num_blocks)
+            model=model.name, max_model_len=model.max_model_len, vocab_size=model.vocab_size,
+            eos_token_ids=sorted(model.eos_token_ids), tensor_parallel_size=model.tensor_parallel_size,
+            block_size=model.block_size, num_kv_blocks=model.num_kv_blocks)
 
     async def GetServerInfo(self, request, context):
+        stats = self.engine.stats()
         return pb.GetServerInfoResponse(
-            num_running=self.engine.num_running, num_waiting=self.engine.num_waiting,
-            kv_cache_usage=self.engine.kv_usage, max_queue_len=self.engine.max_queue_len,
-            healthy=self.engine.healthy)
+            num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_usage,
+            max_queue_len=stats.max_queue_len, healthy=stats.healthy)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         if self.tokenizer is None:
@@ -215,7 +202,7 @@ class GrpcFrontend:
     """The asyncio gRPC server: Generate, health and reflection. `start()` and `stop()`
     must run on the event loop that serves it (the HTTP server's, under `quire serve`)."""
 
-    def __init__(self, engine: AsyncEngine, address: str, api_key: str | None = None,
+    def __init__(self, engine: EngineClient, address: str, api_key: str | None = None,
                  tls: tuple[bytes, bytes] | None = None, max_message_bytes: int = 32 << 20):
         """`tls`: (private key PEM, certificate chain PEM); without it the port is plaintext."""
         self.engine = engine

@@ -3,17 +3,23 @@
     from quire.cluster import LLM, SamplingParams
     llm = LLM(model="path/to/checkpoint")
     outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+
+`LLM` is a synchronous caller of the `EngineClient` contract, like the HTTP and gRPC
+frontends are asynchronous ones: it builds an engine, then uses only the client.
 """
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import time
 
 from tqdm import tqdm
 
 from quire.cluster.core.config import EngineConfig
 from quire.cluster.core.engine import Engine
-from quire.cluster.core.outputs import RequestOutput
+from quire.cluster.core.outputs import OutputAccumulator, RequestOutput
+from quire.cluster.serving.async_engine import AsyncEngine
+from quire.cluster.serving.engine_client import EngineClient, EngineDeadError
+from quire.cluster.tools.default_model import default_model_dir
 from quire.protos.step import SamplingParams
 
 
@@ -23,70 +29,78 @@ class LLM:
                  dtype: str = "auto", seed: int = 0, max_model_len: int | None = None, tokenizer: str | None = None,
                  skip_tokenizer_init: bool = False, **kwargs):
         """`tokenizer`: a tokenizer directory, for a checkpoint without one (default: the checkpoint's).
-        `skip_tokenizer_init`: load none; prompts are then token ids, outputs have token ids and no text."""
+        `skip_tokenizer_init`: load none; prompts are then token ids, outputs have token ids and no text.
+        Without `model`, the built-in default model (built locally on first use)."""
+        if model is None:
+            model = str(default_model_dir())
         self.config = EngineConfig.from_kwargs(
             model=model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, dtype=dtype, seed=seed,
             max_model_len=max_model_len, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init, **kwargs)
+        # The engine behind the client, for inspection between `generate` calls (no thread
+        # touches it then: the client's loop runs only while a call does).
         self.engine = Engine(self.config)
+        self._async_engine = AsyncEngine(self.engine)
+        self.client: EngineClient = self._async_engine
+        self._loop = asyncio.new_event_loop()
 
     def get_tokenizer(self):
         """The tokenizer; None with `skip_tokenizer_init`."""
-        return self.engine.tokenizer
+        return self.client.model.tokenizer
 
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
         """Generate for every prompt (a string or a list of token ids); outputs in prompt order,
-        each with `n` completions (its sampling params' `n`: the samples share the prompt's KV
+        each with its `n` completions in index order (the samples share the prompt's KV
         blocks). Only prompts with the same `cache_salt` share cached prefixes.
 
-        Every prompt is validated before any is queued: a bad one raises ValueError and
-        nothing runs."""
+        A prompt the engine refuses raises its ValueError (naming the field), and every other
+        prompt of the call is aborted, freeing its blocks."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"`sampling_params` has {len(params)} entries for {len(prompts)} prompts")
-        groups: list[list[str]] = []  # per prompt, the request ids of its samples
+        self._async_engine.start()
+        generating = self._loop.create_task(self._generate_all(prompts, params, cache_salt, use_tqdm))
         try:
-            for prompt, p in zip(prompts, params):
-                first = self.engine.add_request(prompt, p.for_sample(0), cache_salt=cache_salt)
-                groups.append([first])
-                for index in range(1, p.n):
-                    groups[-1].append(self.engine.add_request(prompt, p.for_sample(index), f"{first}-{index}",
-                                                              cache_salt=cache_salt, fork_of=first))
-        except Exception:
-            for request_id in (i for group in groups for i in group):
-                self.engine.abort(request_id)
+            return self._loop.run_until_complete(generating)
+        except BaseException as error:  # e.g. Ctrl-C, which leaves the task pending: end it, aborting every request
+            generating.cancel()
+            self._loop.run_until_complete(asyncio.gather(generating, return_exceptions=True))
+            if isinstance(error, EngineDeadError) and isinstance(error.__cause__, Exception):
+                raise error.__cause__ from None  # offline callers get the engine's own failure (e.g. WorkerFailure)
             raise
-        finals = self._run([i for group in groups for i in group], use_tqdm)
-        outputs = []
-        for group in groups:
-            first = finals[group[0]]
-            completions = [dataclasses.replace(finals[i].outputs[0], index=k) for k, i in enumerate(group)]
-            outputs.append(dataclasses.replace(first, outputs=completions))
-        return outputs
-
-    def _run(self, ids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
-        finals: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
-        started, generated = time.perf_counter(), 0
-        try:
-            while self.engine.has_unfinished():
-                for output in self.engine.step():
-                    generated += 1
-                    if output.finished:
-                        finals[output.request_id] = output
-                        bar.update(1)
-                elapsed = time.perf_counter() - started
-                bar.set_postfix_str(f"{generated / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
         finally:
+            self._async_engine.pause()  # no thread touches the engine between calls
+
+    async def _generate_all(self, prompts: list, params: list[SamplingParams], cache_salt: str | None,
+                            use_tqdm: bool) -> list[RequestOutput]:
+        accumulators = [OutputAccumulator() for _ in prompts]
+        bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        started, generated = time.perf_counter(), 0
+
+        async def run(index: int) -> None:
+            nonlocal generated
+            async for delta in self.client.generate(prompts[index], params[index], cache_salt=cache_salt):
+                accumulators[index].add(delta)
+                generated += sum(len(completion.token_ids) for completion in delta.outputs)
+                if delta.finished:
+                    bar.update(1)
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix_str(f"{generated / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+
+        tasks = [asyncio.ensure_future(run(index)) for index in range(len(prompts))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # a refusal or an interrupt: the others end too (closing a stream aborts its request)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
-            for request_id in ids:
-                if request_id not in finals:
-                    self.engine.abort(request_id)
-        return finals
+        return [accumulator.result() for accumulator in accumulators]
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self._async_engine.shutdown()
+        self._loop.close()

@@ -70,7 +70,7 @@ class _GenerationBody(BaseModel):
             max_tokens=16 if max_tokens is None else max_tokens, stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, **given)
+            skip_special_tokens=self.skip_special_tokens, n=self.n, **given)
 
     @property
     def include_usage(self) -> bool:

@@ -1,9 +1,10 @@
-"""The `n` output streams behind one OpenAI-style HTTP request, and the client's connection.
+"""One OpenAI-style HTTP request's engine stream, and the client's connection.
 
-`ChoiceStreams` owns the engine generators of one request's samples: it waits for their
-first outputs (where refusals surface), then either collects them or merges them into
-one server-sent-event stream. Whatever way it ends (finished, refused, a disconnect, a
-dead engine), every unfinished sample is aborted, so no KV block outlives its client.
+`ResponseStream` owns the engine stream of one request (all `n` samples): it waits for
+its first output (where refusals surface), then either collects it whole or turns it into
+a server-sent-event stream, one chunk per sample's delta. Whatever way it ends (finished,
+refused, a disconnect, a dead engine), the request is aborted unless it finished, so no KV
+block outlives its client.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from quire.cluster.serving.async_engine import EngineDeadError, RequestFailedError, interleave
-from quire.cluster.core.outputs import CompletionOutput, RequestOutput
+from quire.cluster.core.outputs import CompletionOutput, OutputAccumulator, RequestOutput
+from quire.cluster.serving.engine_client import EngineDeadError, RequestFailedError
 
 
 class ClientGone(Exception):
@@ -45,60 +46,65 @@ async def _unless_disconnected(awaitable, watcher: asyncio.Future):
     return task.result()
 
 
-# render(choice index, its newest output, logprobs of its new tokens) → an SSE payload, or None to skip
-RenderChunk = Callable[[int, CompletionOutput, list], "dict | None"]
+# render(a sample's delta) → an SSE payload, or None to skip
+RenderChunk = Callable[[CompletionOutput], "dict | None"]
 
 
-class ChoiceStreams:
-    def __init__(self, generators: list[AsyncIterator[RequestOutput]], raw: Request):
-        self.generators, self.raw = generators, raw
-        self.latest: list[RequestOutput | None] = [None] * len(generators)
+class ResponseStream:
+    def __init__(self, stream: AsyncIterator[RequestOutput], raw: Request):
+        self.stream, self.raw = stream, raw
+        self.received = OutputAccumulator()
+        self._first: RequestOutput | None = None
         self._watcher: asyncio.Future | None = None
 
-    async def first_outputs(self) -> None:
-        """Wait for every sample's first output. Raises what the engine refused them with
+    async def first_output(self) -> None:
+        """Wait for the request's first output. Raises what the engine refused it with
         (ValueError, QueueFullError, EngineDeadError, RequestFailedError) or ClientGone,
-        ending all samples."""
+        ending the request."""
         self._watcher = asyncio.ensure_future(_until_disconnect(self.raw))
         try:
-            for index, generator in enumerate(self.generators):
-                self.latest[index] = await _unless_disconnected(generator.__anext__(), self._watcher)
+            self._first = await _unless_disconnected(self.stream.__anext__(), self._watcher)
         except BaseException:
             await self.close()
             raise
 
-    async def collect(self) -> list[RequestOutput]:
-        """Every sample's finished output (raises ClientGone, EngineDeadError or
-        RequestFailedError, ending all)."""
+    async def collect(self) -> RequestOutput:
+        """The whole request, samples in index order (raises ClientGone, EngineDeadError or
+        RequestFailedError, ending it)."""
         try:
-            for index, generator in enumerate(self.generators):
-                while not self.latest[index].finished:
-                    self.latest[index] = await _unless_disconnected(generator.__anext__(), self._watcher)
-            return list(self.latest)
+            output = self._first
+            self.received.add(output)
+            while not output.finished:
+                output = await _unless_disconnected(self.stream.__anext__(), self._watcher)
+                self.received.add(output)
+            return self.received.result()
         finally:
             await self.close()
 
-    def usage(self) -> dict:
-        prompt = len(self.latest[0].prompt_token_ids)
-        completion = sum(len(output.outputs[0].token_ids) for output in self.latest)
+    def usage(self, num_samples: int) -> dict:
+        prompt = len(self._first.prompt_token_ids)
+        completion = sum(self.received.num_tokens(index) for index in range(num_samples))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def sse(self, render: RenderChunk, usage_head: dict | None) -> AsyncIterator[str]:
+    async def sse(self, render: RenderChunk, usage_head: dict | None, num_samples: int) -> AsyncIterator[str]:
         """The SSE body: chunks as `render` shapes them, a usage chunk (`usage_head` plus
         `choices: []` and `usage`) when asked for, then `[DONE]`. Closing it (the client left)
-        aborts every unfinished sample."""
+        aborts the request."""
         if self._watcher is not None:
             self._watcher.cancel()  # Starlette watches the connection of a streaming response itself
         try:
-            async for index, output in interleave(self.generators, list(self.latest)):
-                self.latest[index] = output
-                completion = output.outputs[0]
-                new = len(completion.delta_token_ids)
-                payload = render(index, completion, (completion.logprobs or [])[-new:] if new else [])
-                if payload is not None:
-                    yield sse({**payload, "usage": None} if usage_head is not None else payload)
+            output = self._first
+            while True:
+                self.received.add(output)
+                for completion in output.outputs:
+                    payload = render(completion)
+                    if payload is not None:
+                        yield sse({**payload, "usage": None} if usage_head is not None else payload)
+                if output.finished:
+                    break
+                output = await self.stream.__anext__()
             if usage_head is not None:
-                yield sse({**usage_head, "choices": [], "usage": self.usage()})
+                yield sse({**usage_head, "choices": [], "usage": self.usage(num_samples)})
         except (EngineDeadError, RequestFailedError) as exc:  # after the 200 went out: an error event
             yield sse({"error": {"message": str(exc), "type": "internal_server_error", "param": None, "code": 500}})
         finally:
@@ -106,8 +112,7 @@ class ChoiceStreams:
         yield sse("[DONE]")
 
     async def close(self) -> None:
-        """End every sample: a no-op for finished ones, an abort for the others."""
+        """End the request: a no-op once it finished, an abort before."""
         if self._watcher is not None:
             self._watcher.cancel()
-        for generator in self.generators:
-            await generator.aclose()
+        await self.stream.aclose()

@@ -58,6 +58,10 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     tls = None
     if args.ssl_certfile:
         tls = (Path(args.ssl_keyfile).read_bytes(), Path(args.ssl_certfile).read_bytes())
+    if engine_kwargs.get("model") is None:
+        from quire.cluster.tools.default_model import default_model_dir
+
+        engine_kwargs = {**engine_kwargs, "model": str(default_model_dir())}
     engine = Engine(EngineConfig.from_kwargs(**engine_kwargs))
     if args.chat_template:
         engine.tokenizer.chat_template = _chat_template(args.chat_template)
@@ -96,7 +100,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
             await super().startup(sockets)
             if self.started:  # sockets are bound now, so the port is known even for --port 0
                 port = self.servers[0].sockets[0].getsockname()[1]
-                print(f"quire: serving {async_engine.model_name} on {scheme}://{_bracketed(args.host)}:{port}",
+                print(f"quire: serving {async_engine.model.name} on {scheme}://{_bracketed(args.host)}:{port}",
                       flush=True)
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
