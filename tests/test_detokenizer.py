@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from quire.cluster.core import detokenizer
 from quire.cluster.core.detokenizer import IncrementalDetokenizer
 
 FFFD = "\ufffd"
@@ -200,6 +201,13 @@ def test_holdback_released_when_stop_does_not_complete(tok):
 vocab_ids = st.integers(min_value=0, max_value=319)
 
 
+@pytest.fixture(params=[1024, 1], ids=["retire-1024-chars", "retire-every-char"])
+def retire(request, monkeypatch):
+    """Sent text leaves the live window in chunks of this many characters; at 1 every delta
+    retires what it can, so the properties below also cover text split between chunks."""
+    monkeypatch.setattr(detokenizer, "_RETIRE_CHARS", request.param)
+
+
 @settings(
     max_examples=50,
     derandomize=True,
@@ -212,7 +220,7 @@ vocab_ids = st.integers(min_value=0, max_value=319)
     chunks=st.integers(1, 4),
     skip=st.booleans(),
 )
-def test_property_matches_one_shot_decode(tok, prompt, ids, chunks, skip):
+def test_property_matches_one_shot_decode(tok, retire, prompt, ids, chunks, skip):
     d, deltas, matched = stream(tok, ids, chunks, prompt=prompt, stop=[], skip=skip)
     full = tok.decode(ids, skip_special_tokens=skip)
     assert matched is None
@@ -233,7 +241,7 @@ def test_property_matches_one_shot_decode(tok, prompt, ids, chunks, skip):
     chunks=st.integers(1, 4),
     include=st.booleans(),
 )
-def test_property_stop_cut_at_first_occurrence(tok, words, data, chunks, include):
+def test_property_stop_cut_at_first_occurrence(tok, retire, words, data, chunks, include):
     text = " ".join(words)
     ids = tok.encode(text)
     start = data.draw(st.integers(0, len(text) - 1))

@@ -14,6 +14,8 @@ _REPLACEMENT = "\ufffd"
 # Prompt tokens decoded as context in front of the output, so a token's leading
 # space or merge behaviour is what it would be in context (vLLM uses 5 as well).
 _PROMPT_CONTEXT_TOKENS = 5
+# Sent text is retired from the live window in chunks at least this long (amortising the copy).
+_RETIRE_CHARS = 1024
 
 
 class IncrementalDetokenizer:
@@ -43,8 +45,11 @@ class IncrementalDetokenizer:
     * With ``tokenizer=None`` (an engine started with skip_tokenizer_init) there is no
       text: :attr:`output_text` and every delta are empty, and stop strings are refused.
 
-    Cost caveat: while every new token still ends inside a malformed UTF-8
-    sequence (only seen with garbage output) the pending window keeps growing.
+    Cost: a token costs the same at any output length. Only a window of the text is
+    kept live (what is unsent, and enough sent text before it for a stop string to
+    span); older text moves to a list of chunks that only :attr:`output_text` joins.
+    Caveat: while every new token still ends inside a malformed UTF-8 sequence (only
+    seen with garbage output) the pending window keeps growing.
     """
 
     def __init__(
@@ -76,14 +81,18 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text: str | None = None  # decode(ids[prefix:read]), cached
+        # The text is `_done` chunks then the live window `_text`, which starts at character
+        # `_base` of the whole; positions (`_sent`, stop matches) count from the start of the whole.
+        self._done: list[str] = []
+        self._base = 0
         self._text = ""
-        self._sent = 0  # characters of _text already returned by take_delta
+        self._sent = 0  # characters already returned by take_delta
         self.matched_stop: str | None = None
 
     @property
     def output_text(self) -> str:
-        """The output text so far, cut at a stop string when one matched."""
-        return self._text
+        """The output text so far, cut at a stop string when one matched (joined on each call)."""
+        return "".join(self._done) + self._text
 
     def append(self, token_ids: Sequence[int]) -> str | None:
         """Feed newly generated token ids; update :attr:`output_text`.
@@ -95,7 +104,7 @@ class IncrementalDetokenizer:
             return self.matched_stop
         if self._tokenizer is None:
             return None  # no text, so no stop string
-        len_before = len(self._text)
+        len_before = self._length
         for token_id in token_ids:
             self._ids.append(token_id)
             self._advance(final=False)
@@ -110,16 +119,31 @@ class IncrementalDetokenizer:
         """
         if finished:
             if self.matched_stop is None:
-                len_before = len(self._text)
+                len_before = self._length
                 self._advance(final=True)
                 # Flushed text may complete a stop string; it must still be cut.
                 self._find_stop(len_before)
-            end = len(self._text)
+            end = self._length
         else:
-            end = len(self._text) - self._holdback()
-        delta = self._text[self._sent : end]
+            end = self._length - self._holdback()
+        delta = self._text[self._sent - self._base : end - self._base]
         self._sent = max(self._sent, end)
+        self._retire_sent_text()
         return delta
+
+    @property
+    def _length(self) -> int:
+        return self._base + len(self._text)
+
+    def _retire_sent_text(self) -> None:
+        """Move sent text no stop string can reach any more out of the live window, in
+        chunks of at least _RETIRE_CHARS, so appending to the window never copies a long string."""
+        keep_from = self._sent - self._max_stop_len
+        cut = keep_from - self._base
+        if cut >= _RETIRE_CHARS:
+            self._done.append(self._text[:cut])
+            self._text = self._text[cut:]
+            self._base += cut
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
@@ -147,8 +171,8 @@ class IncrementalDetokenizer:
         if not self._stops:
             return None
         # A new match must end in the new text, so it starts at most
-        # max_stop_len - 1 characters before it.
-        start = max(0, len_before - self._max_stop_len + 1)
+        # max_stop_len - 1 characters before it (still in the window: see _retire_sent_text).
+        start = max(0, len_before - self._max_stop_len + 1 - self._base)
         best: tuple[int, int, str] | None = None
         for stop in self._stops:
             pos = self._text.find(stop, start)
@@ -160,7 +184,7 @@ class IncrementalDetokenizer:
                 best = cand if best is None else min(best, cand)
         if best is None:
             return None
-        end, pos, stop = best
+        end, pos, stop = best  # (in the window)
         self._text = self._text[: end if self._include_stop else pos]
         self.matched_stop = stop
         return stop
@@ -170,7 +194,7 @@ class IncrementalDetokenizer:
         if self.matched_stop is not None:
             return 0  # no more text can come
         text = self._text
-        for k in range(min(self._max_stop_len - 1, len(text) - self._sent), 0, -1):
+        for k in range(min(self._max_stop_len - 1, self._length - self._sent), 0, -1):
             tail = text[-k:]
             if any(stop.startswith(tail) for stop in self._stops):
                 return k
