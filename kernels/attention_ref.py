@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quire.kernels.backend import AttentionBackend, AttentionPlan
+
 
 def write_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -115,3 +117,23 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         attn = attn.view(n, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
         out.index_copy_(0, g.rows, attn.reshape(n * q_len, num_heads, head_dim).to(out.dtype))
     return out
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """The `AttentionBackend` of the functions above: runs anywhere torch does (the CPU backend)."""
+
+    name = "torch"
+
+    def plan(self, block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int], *,
+             block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan:
+        return AttentionPlan(block_tables, seq_lens, query_start_loc,
+                             RefAttentionPlan(block_tables, seq_lens, query_start_loc, block_size))
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+               scale: float) -> torch.Tensor:
+        return paged_attention_ref(query, k_cache, v_cache, plan.block_tables, plan.seq_lens, plan.query_start_loc,
+                                   scale, plan.kernel_plan)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quire.kernels.backend import AttentionBackend, AttentionPlan
+
 MIN_SPLIT_LEN = 256
 MAX_SPLITS = 16
 BLOCK_N = 32  # context positions per inner iteration
@@ -243,3 +245,24 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             out, m_part, l_part, acc_part, out.stride(0), out.stride(1), num_tokens, NUM_HEADS=num_heads,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
     return out
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """The `AttentionBackend` of the kernels above: CUDA caches (or Triton's interpreter on the CPU)."""
+
+    name = "triton"
+
+    def plan(self, block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int], *,
+             block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan:
+        # Any block size works: the kernel reads it from the cache's shape.
+        kernel_plan = TritonAttentionPlan.build(seq_lens, query_start_loc, num_heads // num_kv_heads, num_kv_heads,
+                                                block_tables.device)
+        return AttentionPlan(block_tables, seq_lens, query_start_loc, kernel_plan)
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+               scale: float) -> torch.Tensor:
+        return paged_attention(query, k_cache, v_cache, plan.block_tables, plan.kernel_plan, scale)

@@ -8,7 +8,7 @@ depends on the number of scheduled requests, never on their lengths.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from quire.protos import worker_pb2 as pb
 from quire.protos.limits import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SAMPLING_LIMITS, UINT64, shown
@@ -17,6 +17,37 @@ from quire.protos.limits import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SAMPLING_L
 # The controller plans a step while the previous one runs (asynchronous scheduling), so it
 # does not know that token yet; the workers do.
 PLACEHOLDER_TOKEN = -1
+
+# Sampling numbers that may be unset (None): only a set value is checked against its limit.
+_OPTIONAL_NUMBERS = ("seed", "logprobs")
+
+
+class TokenSequence:
+    """A request's tokens as two lists, the prompt then the outputs, read without joining them.
+
+    A mixin for the controller's `Request` and the worker's `RequestState`, which hold
+    `prompt_token_ids` and `output_token_ids`; it adds no field and no state."""
+
+    __slots__ = ()
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids (prompt then output) at positions `start..end-1`, without joining the lists."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len:end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
+
+    def tokens_from(self, start: int) -> list[int]:
+        """All token ids (prompt then output) from index `start` on."""
+        return self.token_slice(start, self.num_tokens)
 
 
 @dataclass
@@ -65,7 +96,7 @@ class SamplingParams:
             if name == "stop_token_ids":
                 for token_id in value:
                     limit.check(token_id, element=True)
-            elif value is not None or name not in ("seed", "logprobs"):
+            elif value is not None or name not in _OPTIONAL_NUMBERS:
                 limit.check(value)
         if vocab_size is not None and any(t >= vocab_size for t in self.stop_token_ids):
             bad("stop_token_ids", f"must hold token ids < vocab_size {vocab_size}")
@@ -90,6 +121,51 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     def to_pb(self) -> pb.SamplingParams:
+        """What the workers are sent: the `SamplingSpec` of these params."""
+        return SamplingSpec.from_params(self).to_pb()
+
+    @classmethod
+    def from_pb(cls, msg: pb.SamplingParams) -> SamplingParams:
+        """Params with the wire's sampling fields and defaults for the rest (workers read a
+        `SamplingSpec` instead; this shows what a value becomes on its way)."""
+        return cls(**vars(SamplingSpec.from_pb(msg)))
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Exactly what a worker reads to sample a request's tokens: the part of `SamplingParams`
+    that travels in `quire.v1.SamplingParams`. Stopping, detokenizing and `n` stay with the
+    controller. Fields mean what they mean in SamplingParams; `greedy` likewise."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_params(cls, params: SamplingParams) -> SamplingSpec:
+        """The spec of (already validated) user-facing params."""
+        return cls(**{name: getattr(params, name) for name in _SPEC_FIELDS})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field outside its limit (`quire.protos.limits`), in
+        the order and with the message `SamplingParams.validate` would give."""
+        for name, limit in SAMPLING_LIMITS.items():
+            if name in _SPEC_FIELDS:
+                value = getattr(self, name)
+                if value is not None or name not in _OPTIONAL_NUMBERS:
+                    limit.check(value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_pb(self) -> pb.SamplingParams:
         return pb.SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             has_seed=self.seed is not None, seed=self.seed or 0,
@@ -99,34 +175,47 @@ class SamplingParams:
         )
 
     @classmethod
-    def from_pb(cls, msg: pb.SamplingParams) -> SamplingParams:
-        """The worker-side view: only the fields that affect sampling survive the wire."""
-        return cls(
+    def from_pb(cls, msg: pb.SamplingParams) -> SamplingSpec:
+        """The spec a message carries; ValueError when a value is outside its limit (the wire is
+        the worker's trust boundary: it refuses what the controller would have)."""
+        spec = cls(
             temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
             seed=msg.seed if msg.has_seed else None,
             presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
             repetition_penalty=msg.repetition_penalty,
             logprobs=None if msg.logprobs < 0 else msg.logprobs,
         )
+        spec.validate()
+        return spec
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(SamplingSpec))
 
 
 @dataclass
 class NewRequestData:
     """A request the workers have not seen: sent in full once. `handle` names it on the
-    wire from then on (a small integer, so deltas stay a few bytes)."""
+    wire from then on (a small integer, so deltas stay a few bytes). `sampling_spec` is
+    all the workers learn of the request's sampling parameters."""
 
     handle: int
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_spec: SamplingSpec
     block_ids: list[int]
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Callers holding the user's SamplingParams may pass them: only their spec is kept,
+        # so a plan compares equal to itself after the wire.
+        if isinstance(self.sampling_spec, SamplingParams):
+            self.sampling_spec = SamplingSpec.from_params(self.sampling_spec)
+
     def to_pb(self) -> pb.NewRequest:
         return pb.NewRequest(
             handle=self.handle, request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-            sampling_params=self.sampling_params.to_pb(), block_ids=self.block_ids,
+            sampling_params=self.sampling_spec.to_pb(), block_ids=self.block_ids,
             num_computed_tokens=self.num_computed_tokens, output_token_ids=self.output_token_ids,
         )
 
@@ -134,7 +223,7 @@ class NewRequestData:
     def from_pb(cls, msg: pb.NewRequest) -> NewRequestData:
         return cls(
             handle=msg.handle, request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids),
-            sampling_params=SamplingParams.from_pb(msg.sampling_params), block_ids=list(msg.block_ids),
+            sampling_spec=SamplingSpec.from_pb(msg.sampling_params), block_ids=list(msg.block_ids),
             num_computed_tokens=msg.num_computed_tokens, output_token_ids=list(msg.output_token_ids),
         )
 

@@ -34,6 +34,7 @@ class SimulatedWorker:
         self.kv = [[None] * block_size for _ in range(num_blocks)]
         self.cpu = [[None] * block_size for _ in range(num_cpu_blocks)]
         self.requests: dict[int, dict] = {}
+        self.max_tokens: dict[int, int] = {}  # by handle, set by the test: the wire does not carry it
 
     def resolve(self, state: dict, token: int) -> int:
         if token != PLACEHOLDER_TOKEN:
@@ -48,7 +49,7 @@ class SimulatedWorker:
         for new in plan.new_requests:
             self.requests[new.handle] = {"tokens": new.prompt_token_ids + new.output_token_ids,
                                          "table": list(new.block_ids), "computed": new.num_computed_tokens,
-                                         "last": None, "limit": len(new.prompt_token_ids) + new.sampling_params.max_tokens}
+                                         "last": None, "limit": len(new.prompt_token_ids) + self.max_tokens[new.handle]}
             assert PLACEHOLDER_TOKEN not in self.requests[new.handle]["tokens"]
         for delta in plan.cached_requests:
             state = self.requests[delta.handle]
@@ -144,6 +145,7 @@ def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, bud
                                   arrival_time=float(len(arrived)))
                 request.fork_of = leader
                 scheduler.add_request(request)
+                worker.max_tokens[request.handle] = max_tokens
                 arrived.append(request)
                 leader = leader or request
         elif event[0] == "abort":

@@ -2,7 +2,8 @@
 
 `AttentionMetadata` is built once per step by the ModelRunner and passed down the
 model; layers never keep step state. Each `Attention` layer writes the step's K/V into
-its slots of this rank's KV pool, then attends over the paged context.
+its slots of this rank's KV pool, then attends over the paged context, both through the
+worker's one `AttentionBackend` that the metadata carries.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quire.kernels.attention_ref import paged_attention_ref, write_kv_ref
+from quire.kernels.backend import AttentionBackend, AttentionPlan
 
 
 @dataclass
@@ -21,20 +22,19 @@ class AttentionMetadata:
     slot_mapping: `[num_tokens]` flat KV slot of each token. block_tables:
     `[num_reqs, max_blocks]` physical block ids (padded with 0). seq_lens[i]: tokens
     of context of request i after this step; query_start_loc: prefix sums of query
-    lengths (`num_reqs + 1` entries). Host lists are kept for the torch backend,
-    which loops over prefill chunks.
+    lengths (`num_reqs + 1` entries). `backend` is the worker's attention backend (chosen
+    once, at setup); `plan` is its layer-independent plan for the step, built once by the
+    runner and shared by every layer.
     """
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: list[int]
     query_start_loc: list[int]
-    backend: str = "torch"
+    backend: AttentionBackend
     # K/V tensors per layer, set by the runner for the step: [num_blocks, block_size, kv_heads, head_dim].
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    # The backend's layer-independent plan for the step (a RefAttentionPlan or a
-    # TritonAttentionPlan), built once by the runner and shared by every layer.
-    plan: object | None = None
+    plan: AttentionPlan | None = None
 
 
 class Attention(nn.Module):
@@ -53,13 +53,6 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = meta.kv_caches[self.layer_index]
-        if meta.backend == "triton":
-            from quire.kernels import triton_attention
-
-            triton_attention.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = triton_attention.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.plan, self.scale)
-        else:
-            write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                      meta.query_start_loc, self.scale, meta.plan)
+        meta.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = meta.backend.attend(q, k_cache, v_cache, meta.plan, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,28 +1,48 @@
-"""This rank's shard of the paged KV cache, and its CPU swap pool."""
+"""This rank's shard of the paged KV cache, its CPU swap pool, and the geometry that sizes them."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one rank's KV cache looks like, as the model states it (`kv_cache_spec()`): one K and
+    one V per layer for `num_kv_heads` (this rank's share) heads of `head_size` values in `dtype`."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+
+    def bytes_per_block(self, block_size: int) -> int:
+        """K and V bytes of one block of `block_size` tokens across all layers on this rank."""
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_size * torch.finfo(self.dtype).bits // 8
+
+
 class KVPool:
     """One K and one V tensor per layer, each `[num_blocks, block_size, kv_heads, head_dim]`,
-    where `kv_heads` is this rank's share of the KV heads. Block ids are the controller's:
-    block `b` of every layer belongs to the same request. `num_cpu_blocks` blocks of the
-    same shape in host memory (pinned on CUDA) hold swapped-out requests."""
+    where `kv_heads` is this rank's share of the KV heads (the `spec`'s geometry). Block ids
+    are the controller's: block `b` of every layer belongs to the same request.
+    `num_cpu_blocks` blocks of the same shape in host memory (pinned on CUDA) hold
+    swapped-out requests."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, num_cpu_blocks: int = 0):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, device: torch.device,
+                 num_cpu_blocks: int = 0):
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_size)
+        dtype = spec.dtype
+        self.spec = spec
         self.num_blocks, self.block_size, self.num_cpu_blocks = num_blocks, block_size, num_cpu_blocks
         self.caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
+            for _ in range(spec.num_layers)
         ]
         pin = device.type == "cuda"
         cpu_shape = (num_cpu_blocks, *shape[1:])
         self.cpu_caches = [
             (torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin), torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin))
-            for _ in range(num_layers if num_cpu_blocks else 0)
+            for _ in range(spec.num_layers if num_cpu_blocks else 0)
         ]
 
     @staticmethod
@@ -46,8 +66,3 @@ class KVPool:
         self._move(self.caches, self.cpu_caches, swap_out)
         self._move(self.cpu_caches, self.caches, swap_in)
         self._move(self.caches, self.caches, copies)
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """K and V bytes of one block across all layers on this rank."""
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8

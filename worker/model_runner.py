@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quire.protos.step import PLACEHOLDER_TOKEN, NewRequestData, SampledLogprobs, SamplingParams, StepPlan, StepResult
-from quire.kernels.attention_ref import RefAttentionPlan
+from quire.kernels.backend import AttentionBackend
+from quire.protos.step import (PLACEHOLDER_TOKEN, NewRequestData, SampledLogprobs, SamplingSpec, StepPlan, StepResult,
+                               TokenSequence)
 from quire.worker.attention import AttentionMetadata
 from quire.worker.kv_pool import KVPool
 from quire.worker.parallel import ParallelContext
@@ -19,29 +20,17 @@ SCRATCH_HANDLE = 2**64 - 1  # and downwards: handles of the runner's own scratch
 
 
 @dataclass
-class RequestState:
+class RequestState(TokenSequence):
     """What a worker remembers of a request between steps; the controller's plan deltas keep it current."""
 
     handle: int
     request_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingSpec
     block_ids: list[int]
     num_computed_tokens: int
     last_sampled: int | None = None  # what a PLACEHOLDER_TOKEN in the next plan stands for
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len:end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
 
 
 class ModelRunner:
@@ -52,16 +41,20 @@ class ModelRunner:
     empty StepResult. A request that cannot run (a delta that does not fit its state, its
     row of the sampler failing) is reported in the result's `errors` and the step goes on
     without it; only a failure of the whole batch (the forward pass, the device) raises.
+
+    `attention` is the worker's attention backend, chosen once at setup; every step's
+    metadata hands it to the layers. `backend` is its name ("torch", "triton").
     """
 
-    def __init__(self, model, ctx: ParallelContext, device: torch.device, kv_pool: KVPool, backend: str,
-                 sampler: Sampler):
+    def __init__(self, model, ctx: ParallelContext, device: torch.device, kv_pool: KVPool,
+                 attention: AttentionBackend, sampler: Sampler):
         self.model, self.ctx, self.device = model, ctx, device
-        self.kv_pool, self.backend, self.sampler = kv_pool, backend, sampler
+        self.kv_pool, self.attention, self.sampler = kv_pool, attention, sampler
+        self.backend = attention.name
         self.block_size = kv_pool.block_size
-        # This rank's heads, for the attention plan: query heads split evenly, KV heads as the pool holds them.
+        # This rank's heads, for the attention plan: query heads split evenly, KV heads as the pool's spec states.
         self.num_heads = model.config.num_attention_heads // ctx.world_size
-        self.num_kv_heads = kv_pool.caches[0][0].shape[2]
+        self.num_kv_heads = kv_pool.spec.num_kv_heads
         self.requests: dict[int, RequestState] = {}  # by handle
 
     def _apply_plan(self, plan: StepPlan, failed: dict[int, str]) -> None:
@@ -74,7 +67,7 @@ class ModelRunner:
         requests = self.requests
         for new in plan.new_requests:
             requests[new.handle] = RequestState(
-                new.handle, new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                new.handle, new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_spec,
                 list(new.block_ids), new.num_computed_tokens)
         for delta in plan.cached_requests:
             state = self._state(delta.handle, "cached_requests", plan, failed)
@@ -163,22 +156,16 @@ class ModelRunner:
             block_tables=torch.from_numpy(block_tables).to(self.device),
             seq_lens=seq_lens.tolist(),
             query_start_loc=query_start_loc.tolist(),
-            backend=self.backend,
+            backend=self.attention,
             kv_caches=self.kv_pool.caches,
         )
-        meta.plan = self._attention_plan(meta)
+        meta.plan = self.attention.plan(meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                        block_size=self.block_size, num_heads=self.num_heads,
+                                        num_kv_heads=self.num_kv_heads)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         # A request samples when this step computes its last known token.
         to_sample = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
         return input_ids, torch.from_numpy(positions).to(self.device), meta, states, seq_lens, to_sample
-
-    def _attention_plan(self, meta: AttentionMetadata):
-        if self.backend == "triton":
-            from quire.kernels.triton_attention import TritonAttentionPlan
-
-            return TritonAttentionPlan.build(meta.seq_lens, meta.query_start_loc,
-                                             self.num_heads // self.num_kv_heads, self.num_kv_heads, self.device)
-        return RefAttentionPlan(meta.block_tables, meta.seq_lens, meta.query_start_loc, self.block_size)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -238,7 +225,7 @@ class ModelRunner:
             # Handles from the top of the range never meet the controller's.
             handle = SCRATCH_HANDLE - i
             plan.new_requests.append(NewRequestData(handle, f"__logits_{i}", prompt + [0],
-                                                    SamplingParams(temperature=0),
+                                                    SamplingSpec(temperature=0),
                                                     list(range(next_block, next_block + n)), 0))
             plan.num_scheduled_tokens[handle] = len(prompt)
             next_block += n

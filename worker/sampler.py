@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quire.protos.step import SamplingParams
+from quire.protos.step import SamplingSpec
 
 _MASK64 = (1 << 64) - 1
 
@@ -35,7 +35,10 @@ def row_seed(seed: int, step: int) -> int:
 
 @dataclass
 class SamplingRow:
-    params: SamplingParams
+    """One row of a batch: its request's sampling spec (anything with SamplingSpec's fields and
+    `greedy`; a SamplingParams serves too) and its tokens so far, for penalties and seeds."""
+
+    params: SamplingSpec
     prompt_token_ids: list[int]
     output_token_ids: list[int]
 
@@ -119,7 +122,7 @@ class Sampler:
         return out.clamp(-largest, largest)
 
     @staticmethod
-    def apply_warpers(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def apply_warpers(logits: torch.Tensor, params: list[SamplingSpec]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p with `params[i]` on row i, each as
         transformers' `*LogitsWarper` (min_tokens_to_keep=1, applied only when enabled):
         filtered entries become -inf. Rows must not be greedy. Returns a new tensor."""

@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from quire.kernels import select_attention_backend
+from quire.kernels.backend import AttentionBackend, select_backend
 from quire.protos import worker_pb2 as pb
-from quire.protos.step import StepPlan
-from quire.worker.kv_pool import KVPool
+from quire.protos.step import NewRequestData, SamplingSpec, StepPlan
+from quire.worker.kv_pool import KVCacheSpec, KVPool
 from quire.worker.loader import load_model, parse_dtype
 from quire.worker.model_runner import ModelRunner
 from quire.worker.parallel import ParallelContext
@@ -41,9 +41,13 @@ class Worker:
         self.model = None
         self.runner: ModelRunner | None = None
         self.ctx = ParallelContext()
+        # Set by load_model: what this rank's KV cache looks like, and the attention backend for it.
+        self.kv_spec: KVCacheSpec | None = None
+        self.attention: AttentionBackend | None = None
 
     def load_model(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
-        """Join the TP group and load this rank's weight shard. Mutates: model, context."""
+        """Join the TP group, load this rank's weight shard, and choose the attention backend for
+        a cache on this device. Mutates: model, context, kv_spec, attention."""
         self.device = self.device or default_device(request.rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -52,9 +56,9 @@ class Worker:
         self.seed = request.seed
         self.model = load_model(request.model_path, self.ctx, self.dtype, self.device, request.max_model_len)
         config = self.model.config
-        attn = self.model.model.layers[0].self_attn
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads, self.head_dim = attn.qkv_proj.num_kv_heads, attn.head_dim
+        self.kv_spec = self.model.kv_cache_spec()
+        # One choice per worker: its KV cache lives on self.device for good.
+        self.attention = select_backend(self.device)
         weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         logger.info("rank %d loaded %s (%.1f MiB of weights) on %s", self.ctx.rank, request.model_path,
                     weight_bytes / 2**20, self.device)
@@ -63,8 +67,7 @@ class Worker:
     def profile_memory(self, request: pb.ProfileMemoryRequest) -> pb.ProfileMemoryResponse:
         """How many KV blocks fit: an explicit byte budget, or on CUDA the share of device
         memory left after the weights and the activation peak of a full-budget step."""
-        per_block = KVPool.bytes_per_block(self.num_layers, request.block_size, self.num_kv_heads, self.head_dim,
-                                           self.dtype)
+        per_block = self.kv_spec.bytes_per_block(request.block_size)
         budget = request.kv_cache_memory_bytes or (DEFAULT_CPU_KV_CACHE_BYTES if self.device.type != "cuda" else 0)
         if budget > 0:
             return pb.ProfileMemoryResponse(num_blocks=budget // per_block, bytes_per_block=per_block)
@@ -79,15 +82,11 @@ class Worker:
                                         total_memory_bytes=total, peak_activation_bytes=peak)
 
     def _dummy_step(self, block_size: int, num_tokens: int) -> None:
-        from quire.protos.step import NewRequestData, SamplingParams
-
         num_blocks = -(-num_tokens // block_size)
-        pool = KVPool(self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim, self.dtype,
-                      self.device)
-        runner = ModelRunner(self.model, self.ctx, self.device, pool, select_attention_backend(self.device.type),
-                             Sampler(0))
+        pool = KVPool(self.kv_spec, num_blocks, block_size, self.device)
+        runner = ModelRunner(self.model, self.ctx, self.device, pool, self.attention, Sampler(0))
         plan = StepPlan(step_id=0, new_requests=[NewRequestData(1, "__profile", [0] * num_tokens,
-                                                                SamplingParams(temperature=0),
+                                                                SamplingSpec(temperature=0),
                                                                 list(range(num_blocks)), 0)],
                         num_scheduled_tokens={1: num_tokens})
         runner.execute(plan)
@@ -95,15 +94,12 @@ class Worker:
 
     def allocate_kv_cache(self, request: pb.AllocateKVCacheRequest) -> pb.AllocateKVCacheResponse:
         """Allocate this rank's KV pool and the runner that uses it. Drops any request state."""
-        per_block = KVPool.bytes_per_block(self.num_layers, request.block_size, self.num_kv_heads, self.head_dim,
-                                           self.dtype)
+        per_block = self.kv_spec.bytes_per_block(request.block_size)
         num_cpu_blocks = request.swap_space_bytes // per_block
-        pool = KVPool(self.num_layers, request.num_blocks, request.block_size, self.num_kv_heads, self.head_dim,
-                      self.dtype, self.device, num_cpu_blocks=num_cpu_blocks)
-        backend = select_attention_backend(self.device.type)
-        self.runner = ModelRunner(self.model, self.ctx, self.device, pool, backend, Sampler(self.seed))
+        pool = KVPool(self.kv_spec, request.num_blocks, request.block_size, self.device, num_cpu_blocks=num_cpu_blocks)
+        self.runner = ModelRunner(self.model, self.ctx, self.device, pool, self.attention, Sampler(self.seed))
         logger.info("rank %d: KV pool of %d blocks x %d tokens (+%d CPU swap blocks), %s attention", self.ctx.rank,
-                    request.num_blocks, request.block_size, num_cpu_blocks, backend)
+                    request.num_blocks, request.block_size, num_cpu_blocks, self.attention.name)
         return pb.AllocateKVCacheResponse(num_cpu_blocks=num_cpu_blocks)
 
     def execute_step(self, plan: pb.StepPlan) -> pb.StepResult:

@@ -5,7 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from quire.protos.step import SamplingParams
+from quire.protos.step import SamplingParams, TokenSequence
 
 
 class RequestStatus(enum.Enum):
@@ -24,7 +24,7 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(eq=False)  # an entity: queues find and remove it by identity, not by comparing fields
-class Request:
+class Request(TokenSequence):
     """Token-level state. Every token of the request lives here (prompt and outputs), so a
     request can be replayed on fresh workers; the workers hold only a cache of it.
 
@@ -62,23 +62,6 @@ class Request:
             self.max_num_tokens = len(self.prompt_token_ids) + self.sampling_params.max_tokens
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def sort_key(self) -> tuple[int, float]:
         """Ascending order of service: higher priority (lower value) first, then earlier arrival."""
         return (self.priority, self.arrival_time)
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """Token ids (prompt then output) at positions `start..end-1`, without joining the lists."""
-        prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len:end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - prompt_len]
-
-    def tokens_from(self, start: int) -> list[int]:
-        """All token ids (prompt then output) from index `start` on."""
-        return self.token_slice(start, self.num_tokens)

@@ -31,7 +31,8 @@ import logging
 from quire.cluster.core.config import SchedulerConfig
 from quire.cluster.core.kv_cache_manager import KVCacheManager
 from quire.cluster.core.request import Request, RequestStatus
-from quire.protos.step import PLACEHOLDER_TOKEN, CachedRequestData, NewRequestData, StepPlan, StepResult
+from quire.protos.step import (PLACEHOLDER_TOKEN, CachedRequestData, NewRequestData, SamplingSpec, StepPlan,
+                               StepResult)
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,9 @@ class Scheduler:
         num_tokens = request.num_tokens + request.num_pending_tokens
         if request.num_tokens_sent == 0:
             plan.new_requests.append(NewRequestData(
-                request.handle, request.request_id, request.prompt_token_ids, request.sampling_params, list(table),
-                request.num_computed_tokens, list(request.output_token_ids)))
+                request.handle, request.request_id, request.prompt_token_ids,
+                SamplingSpec.from_params(request.sampling_params), list(table), request.num_computed_tokens,
+                list(request.output_token_ids)))
         else:
             new_tokens = request.tokens_from(request.num_tokens_sent) + [PLACEHOLDER_TOKEN] * request.num_pending_tokens
             plan.cached_requests.append(CachedRequestData(

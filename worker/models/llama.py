@@ -12,6 +12,7 @@ from torch import nn
 
 from quire.worker.attention import Attention, AttentionMetadata
 from quire.worker.embedding import ParallelLMHead, VocabParallelEmbedding
+from quire.worker.kv_pool import KVCacheSpec
 from quire.worker.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from quire.worker.parallel import ParallelContext
 from quire.worker.rotary import RotaryEmbedding
@@ -123,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
         architecture = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
         qkv_bias = architecture == "Qwen2ForCausalLM" or getattr(config, "attention_bias", False)
         self.config = config
+        self.dtype = dtype  # of the weights, the activations and the KV cache
         self.model = LlamaModel(config, ctx, dtype, qkv_bias, max_position)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -135,6 +137,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """This rank's KV-cache geometry: every layer caches K and V for its share of the KV heads
+        (`num_key_value_heads / tp`, at least one: replicated when tp exceeds them)."""
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.qkv_proj.num_kv_heads,
+                           head_size=attn.head_dim, dtype=self.dtype)
 
     def load_weights(self, tensors) -> None:
         """Load from `(checkpoint_name, source)` pairs; `source` is sliced lazily, so each

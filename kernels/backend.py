@@ -1,0 +1,103 @@
+"""The attention backend contract a worker drives each step, and the choice of backend.
+
+A worker chooses one `AttentionBackend` when it sets up (`select_backend`) and hands it
+to its layers through the step's metadata; nothing here is global or mutable. Per step
+the worker asks the backend for a plan once (`plan`), then every layer writes its K/V
+(`write_kv`) and attends (`attend`) with that plan. Two implementations: the pure-torch
+reference (`attention_ref.TorchAttentionBackend`, the CPU backend) and the Triton kernels
+(`triton_attention.TritonAttentionBackend`).
+
+Layouts (one layer, one rank), shared by both: caches `[num_blocks, block_size,
+num_kv_heads, head_dim]`; queries and outputs `[num_tokens, num_heads, head_dim]`; K/V to
+write `[num_tokens, num_kv_heads, head_dim]`. `num_heads` is a multiple of `num_kv_heads`.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+BACKENDS = ("torch", "triton")
+OVERRIDE_ENV = "QUIRE_ATTENTION_BACKEND"
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The layer-independent part of one step's attention, built once by `AttentionBackend.plan`
+    and shared by every layer; valid while the step's block tables and lengths are unchanged.
+
+    block_tables: `[num_reqs, max_blocks]` physical block ids on the cache's device (padding
+    entries are never read past `seq_lens`); seq_lens[i]: context tokens of request i once
+    this step's K/V are written; query_start_loc: prefix sums of the query lengths
+    (`num_reqs + 1` entries, host lists). `kernel_plan` is the backend's own precomputation
+    (a RefAttentionPlan, a TritonAttentionPlan); only the backend that built it reads it.
+    """
+
+    block_tables: torch.Tensor
+    seq_lens: list[int]
+    query_start_loc: list[int]
+    kernel_plan: object
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a ragged batch. Implementations keep no per-step state, so one
+    instance serves every step and layer of a worker."""
+
+    name: ClassVar[str]  # as `QUIRE_ATTENTION_BACKEND` names it
+
+    @abstractmethod
+    def plan(self, block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int], *,
+             block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan:
+        """The step's plan for this rank's `num_heads` query heads over `num_kv_heads` KV heads
+        in blocks of `block_size` tokens (arguments as `AttentionPlan` describes them)."""
+
+    @abstractmethod
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Write token t's `key[t]`/`value[t]` into flat slot `slot_mapping[t]`
+        (`block * block_size + offset`), in place, cast to the cache dtype; slots are distinct."""
+
+    @abstractmethod
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+               scale: float) -> torch.Tensor:
+        """Each query row's attention over its request's paged context, causally: request i's
+        queries sit at positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1`. Query head h
+        uses KV head `h // (num_heads // num_kv_heads)`. Returns a new tensor in the query's
+        dtype and shape. `plan` must come from this backend's `plan`."""
+
+
+def select_backend(device: torch.device | str, override: str | None = None) -> AttentionBackend:
+    """The backend for a KV cache on `device`: Triton when it is on CUDA (and the Triton kernels
+    import), torch otherwise. `override` ("torch" or "triton") forces one; None reads
+    `QUIRE_ATTENTION_BACKEND` from the environment (empty: no override). ValueError for an
+    unknown name, RuntimeError when Triton is forced but unavailable."""
+    device_type = torch.device(device).type
+    chosen = (os.environ.get(OVERRIDE_ENV, "") if override is None else override).strip().lower()
+    if chosen and chosen not in BACKENDS:
+        raise ValueError(f"{OVERRIDE_ENV} must be one of {BACKENDS}, got {chosen!r}")
+    if not chosen:
+        # Only a CUDA cache tries Triton: on the CPU its import (and the interpreter) is never paid for.
+        chosen = "triton" if device_type == "cuda" and _triton_backend() is not None else "torch"
+    if chosen == "triton":
+        backend = _triton_backend()
+        if backend is None:
+            raise RuntimeError(
+                f"{OVERRIDE_ENV}=triton, but quire's Triton paged-attention kernels are not "
+                "built into this version; use the torch backend"
+            )
+        return backend
+    from quire.kernels.attention_ref import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+def _triton_backend() -> AttentionBackend | None:
+    """A Triton backend, or None when Triton (or its kernels module) cannot be imported."""
+    try:
+        from quire.kernels.triton_attention import TritonAttentionBackend
+    except ImportError:
+        return None
+    return TritonAttentionBackend()
