@@ -17,7 +17,16 @@ decode step for 256 running requests: scheduling and serialising the plan, then 
 the answer and appending its tokens (median and quickest of `--repeats` runs); and the
 plan's bytes per request.
 
+Also with no model (`controller_cost.py`: a stub executor in place of the workers, answering every plan at
+once with a token from a fixed set of ordinary word tokens, and logprobs): the
+controller's cost per generated token once each request already has `--histories`
+output tokens (100 and 4,000 by default, 32 requests, each asking for 5 logprobs), in
+the `Engine` and through the `AsyncEngine` to consumers accumulating their outputs as a
+frontend would, and the same at 256 running decodes (`controller_token_cost`). Flat in
+the history means nothing per token is proportional to what came before it.
+
     python benchmarks/dispatch.py --num-requests 64 --out dispatch.json
+    python benchmarks/dispatch.py --controller-only --out controller.json   # no model, no Ray: a minute or two
 """
 from __future__ import annotations
 
@@ -29,8 +38,10 @@ import statistics
 import time
 
 import torch
+from controller_cost import _cluster, controller_report, token_cost_report
 
-from quire.cluster.tools.bench_serve import parse_range
+
+parse_range = _cluster("tools", "bench_serve").parse_range
 
 
 def workload(args, vocab_size):
@@ -111,58 +122,6 @@ def rpc_round_trip_us(llm, calls: int = 200) -> float:
     return 1e6 * statistics.median(times)
 
 
-def controller_microbench(num_running: int, steps: int) -> dict:
-    """The controller's side of a decode step for `num_running` requests, with no model:
-    schedule and serialise the plan (the goal's "scheduling + plan building"), then parse
-    rank 0's answer and append its tokens. (Building that answer is the worker's work and
-    is not timed.) Medians over the steps, in microseconds."""
-    from quire.cluster.core.block_pool import BlockPool
-    from quire.cluster.core.config import SchedulerConfig
-    from quire.cluster.core.kv_cache_manager import KVCacheManager
-    from quire.cluster.core.request import Request
-    from quire.cluster.core.scheduler import Scheduler
-    from quire.protos import worker_pb2 as pb
-    from quire.protos.step import SamplingParams, StepResult
-
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=num_running, max_num_batched_tokens=1 << 20),
-                          KVCacheManager(BlockPool(num_running * 40), 16))
-    for i in range(num_running):
-        # Staggered lengths spread block-boundary crossings over the steps, as in real traffic.
-        scheduler.add_request(Request(f"request-{i}", [5] * (100 + i % 16),
-                                      SamplingParams(temperature=0, max_tokens=10**6)))
-    planning, answering, sizes = [], [], []
-    for step in range(steps + 1):
-        began = time.perf_counter()
-        plan = scheduler.schedule()
-        wire = plan.to_pb().SerializeToString()
-        planned = time.perf_counter()
-        handles = [handle for handle, _ in plan.scheduled()]
-        answer = StepResult(plan.step_id, sampled_handles=handles, sampled_token_ids=[7] * len(handles))
-        answer_wire = answer.to_pb().SerializeToString()
-        answered = time.perf_counter()
-        scheduler.update_from_output(plan, StepResult.from_pb(pb.StepResult.FromString(answer_wire)))
-        if step:  # step 0 is the prefill
-            planning.append(planned - began)
-            answering.append(time.perf_counter() - answered)
-            sizes.append(len(wire))
-    return {"schedule_and_plan_us": 1e6 * statistics.median(planning),
-            "parse_and_append_us": 1e6 * statistics.median(answering),
-            "plan_bytes": statistics.median(sizes)}
-
-
-def controller_report(num_running: int, steps: int, repeats: int) -> dict:
-    """`controller_microbench` repeated (the machine's speed drifts between runs): the median
-    run and the quickest, whose figures are the closest to the code's own cost."""
-    runs = [controller_microbench(num_running, steps) for _ in range(repeats)]
-    totals = [run["schedule_and_plan_us"] + run["parse_and_append_us"] for run in runs]
-    plan_bytes = runs[0]["plan_bytes"]
-    return {"running_requests": num_running, "repeats": repeats,
-            "schedule_and_plan_us_median": statistics.median(run["schedule_and_plan_us"] for run in runs),
-            "schedule_and_plan_us_best": min(run["schedule_and_plan_us"] for run in runs),
-            "with_parse_and_append_us_median": statistics.median(totals), "with_parse_and_append_us_best": min(totals),
-            "runs": runs, "plan_bytes": plan_bytes, "plan_bytes_per_request": plan_bytes / num_running}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -175,13 +134,42 @@ def main() -> None:
                         help="CPU threads of every rank's forward pass, in process and in the workers "
                              "(default: torch's in process; the cores split between ranks in workers)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--controller-only", action="store_true",
+                        help="only the figures that need no model and no Ray: the controller's cost per step at "
+                             "256 running requests, and per generated token (`controller_token_cost`)")
+    parser.add_argument("--token-requests", type=int, default=32, help="running requests of the per-token figures")
+    parser.add_argument("--histories", type=lambda text: [int(h) for h in text.split(",")], default=[100, 4000],
+                        help="output tokens each request already has when a per-token window opens (comma-separated)")
+    parser.add_argument("--measure-tokens", type=int, default=200, help="steps (tokens per request) of each window")
+    parser.add_argument("--wide-requests", type=int, default=256, help="running requests of the wide per-token figure")
+    parser.add_argument("--wide-history", type=int, default=100)
     args = parser.parse_args()
+    if args.controller_only:
+        ticks_before = cpu_ticks()
+        load_before = os.getloadavg()
+        began = time.perf_counter()
+        controller = controller_report(256, 200, args.repeats)
+        print(json.dumps({"controller_256": controller}), flush=True)
+        report = {"config": vars(args), "controller_256": controller, **token_cost_report(args)}
+        ticks_after = cpu_ticks()
+        report["machine"] = {
+            "cpu_cores": len(os.sched_getaffinity(0)), "seconds": time.perf_counter() - began,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "cpu_steal_share": (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
+            if ticks_before and ticks_after and ticks_after[1] > ticks_before[1] else None,
+            "engine_module": _cluster("core", "engine").__file__}
+        text = json.dumps(report, indent=2)
+        if args.out:
+            with open(args.out, "w") as handle:
+                handle.write(text)
+        print(text)
+        return
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the workers' (Ray and local launchers honour it)
-    from quire.cluster.tools.default_model import default_model_dir
+    default_model_dir = _cluster("tools", "default_model").default_model_dir
     from transformers import AutoConfig
 
     model = args.model or str(default_model_dir())
@@ -189,6 +177,8 @@ def main() -> None:
     # Before Ray starts: its daemons share this machine's cores.
     controller = controller_report(256, 200, args.repeats)
     print(json.dumps({"controller_256": controller}), flush=True)
+    token_cost = token_cost_report(args)
+    print(json.dumps({"history_growth": token_cost["history_growth"]}), flush=True)
     import ray
 
     transports = [("inproc", dict(executor="inproc")),
@@ -239,7 +229,7 @@ def main() -> None:
             results[-1].update(throughput_vs_inproc=statistics.median(ratios[name]), paired_ratios=ratios[name])
     report = {"config": {k: v for k, v in vars(args).items()}, "results": results,
               "identical_tokens": {n: t == tokens["inproc"] for n, t in tokens.items()},
-              "controller_256": controller,
+              "controller_256": controller, **token_cost,
               "machine": {"torch_threads": torch.get_num_threads(), "cpu_cores": len(os.sched_getaffinity(0))}}
     text = json.dumps(report, indent=2)
     if args.out:
