@@ -335,7 +335,8 @@ class Engine:
         return CompletionOutput(
             index=0, text=detok.take_delta(finished), token_ids=[token_id],
             finish_reason=status.value if finished else None, stop_reason=stop_reason,
-            logprobs=request.output_logprobs[-1:] if request.sampling_params.logprobs is not None else None)
+            logprobs=None if request.sampling_params.logprobs is None
+            else [request.latest_logprobs] if request.latest_logprobs is not None else [])
 
     @property
     def kv_usage(self) -> float:

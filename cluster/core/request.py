@@ -42,7 +42,9 @@ class Request(TokenSequence):
     priority: int = 0              # lower runs first and is preempted last
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # The newest output token's logprobs ({token: logprob}, sampled first); the engine hands them
+    # on with the token, so older ones are not kept: a long generation holds no growing list.
+    latest_logprobs: dict[int, float] | None = None
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_tokens_sent: int = 0

@@ -271,9 +271,9 @@ class Scheduler:
         return True
 
     def update_from_output(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Append each sampled token (and its logprobs) to its request, for those still alive
-        (a request preempted meanwhile takes its token too: it was sampled from the right
-        context). Returns the updated requests, whose last output token is the new one, for
+        """Append each sampled token to its request (its logprobs become the request's
+        `latest_logprobs`), for those still alive (a request preempted meanwhile takes its
+        token too: it was sampled from the right context). Returns the updated requests, whose last output token is the new one, for
         the engine's stop checks; requests that finished or were aborted meanwhile are skipped."""
         updated = []
         by_handle, logprobs = self.by_handle, result.logprobs
@@ -286,9 +286,8 @@ class Scheduler:
                                    "which awaits no token")
             request.num_pending_tokens -= 1
             request.output_token_ids.append(token_id)
-            if logprobs and handle in logprobs:
-                sampled = logprobs[handle]
-                request.output_logprobs.append({token_id: sampled.logprob, **sampled.top_logprobs})
+            sampled = logprobs.get(handle) if logprobs else None
+            request.latest_logprobs = None if sampled is None else {token_id: sampled.logprob, **sampled.top_logprobs}
             updated.append(request)
         return updated
 
