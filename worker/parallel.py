@@ -21,15 +21,25 @@ class ParallelContext:
 
     @classmethod
     def initialize(cls, rank: int, world_size: int, init_method: str, device: torch.device) -> ParallelContext:
-        """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU); identity for one rank."""
+        """Join the tensor-parallel group (NCCL on CUDA, gloo on CPU); identity for one rank.
+
+        The group is ready on return: NCCL's communicator and buffers are created now (bound
+        to `device`, and warmed by one tiny all-reduce), not lazily at the first collective,
+        so memory profiling, which runs next, sees them as used memory. Collective on all ranks."""
         if world_size == 1:
             return cls()
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        cuda = device.type == "cuda"
         if not dist.is_initialized():
-            # Bounded, so a rank whose peer died fails instead of waiting forever.
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                    timeout=timedelta(seconds=120))
-        return cls(rank=rank, world_size=world_size, group=dist.group.WORLD)
+            # Bounded, so a rank whose peer died fails instead of waiting forever. device_id makes
+            # NCCL set its communicator up eagerly, on this rank's device.
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=120),
+                                    **({"device_id": _indexed(device)} if cuda else {}))
+        context = cls(rank=rank, world_size=world_size, group=dist.group.WORLD)
+        context.all_reduce(torch.zeros(1, device=device))
+        if cuda:
+            torch.cuda.synchronize(device)
+        return context
 
     def shard_range(self, size: int) -> tuple[int, int]:
         """This rank's `[start, end)` of a dimension of `size` split evenly (size % world_size == 0)."""
@@ -58,3 +68,8 @@ class ParallelContext:
         if self.world_size > 1:
             dist.broadcast(tensor, src=0, group=self.group)
         return tensor
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index: a bare "cuda" means the current device (NCCL needs the index)."""
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())

@@ -13,9 +13,10 @@ import torch
 
 from quire.kernels.backend import AttentionBackend, select_backend
 from quire.protos import worker_pb2 as pb
-from quire.protos.step import NewRequestData, SamplingSpec, StepPlan
+from quire.protos.step import StepPlan
 from quire.worker.kv_pool import KVCacheSpec, KVPool
 from quire.worker.loader import load_model, parse_dtype
+from quire.worker.memory_profile import dummy_request_lengths, dummy_step_plan, kv_cache_budget
 from quire.worker.model_runner import ModelRunner
 from quire.worker.parallel import ParallelContext
 from quire.worker.sampler import Sampler
@@ -43,6 +44,7 @@ class Worker:
         self.ctx = ParallelContext()
         # Set by load_model: what this rank's KV cache looks like, and the attention backend for it.
         self.kv_spec: KVCacheSpec | None = None
+        self.max_model_len = 0  # set by load_model
         self.attention: AttentionBackend | None = None
 
     def load_model(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
@@ -54,6 +56,7 @@ class Worker:
         self.ctx = ParallelContext.initialize(request.rank, request.world_size, request.dist_init_method, self.device)
         self.dtype = parse_dtype(request.dtype)
         self.seed = request.seed
+        self.max_model_len = request.max_model_len  # the longest sequence, so the longest dummy request
         self.model = load_model(request.model_path, self.ctx, self.dtype, self.device, request.max_model_len)
         config = self.model.config
         self.kv_spec = self.model.kv_cache_spec()
@@ -65,32 +68,60 @@ class Worker:
         return pb.LoadModelResponse(weight_bytes=weight_bytes, vocab_size=config.vocab_size)
 
     def profile_memory(self, request: pb.ProfileMemoryRequest) -> pb.ProfileMemoryResponse:
-        """How many KV blocks fit: an explicit byte budget, or on CUDA the share of device
-        memory left after the weights and the activation peak of a full-budget step."""
+        """How many KV blocks fit: an explicit byte budget (`kv_cache_memory_bytes`), else the
+        measured budget on CUDA (`memory_profile.kv_cache_budget` on the device's free memory
+        after the dummy step), else the CPU default. Without an explicit budget the dummy step
+        runs on every device, so a step the scheduler may plan that cannot run fails here, at
+        startup, and not on the first full batch."""
         per_block = self.kv_spec.bytes_per_block(request.block_size)
-        budget = request.kv_cache_memory_bytes or (DEFAULT_CPU_KV_CACHE_BYTES if self.device.type != "cuda" else 0)
-        if budget > 0:
-            return pb.ProfileMemoryResponse(num_blocks=budget // per_block, bytes_per_block=per_block)
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        if request.kv_cache_memory_bytes > 0:
+            return pb.ProfileMemoryResponse(num_blocks=request.kv_cache_memory_bytes // per_block,
+                                            bytes_per_block=per_block)
+        if self.device.type != "cuda":
+            _, sampled_rows, _ = self.dummy_step(request.block_size, request.max_num_batched_tokens,
+                                                 request.max_num_seqs)
+            return pb.ProfileMemoryResponse(num_blocks=DEFAULT_CPU_KV_CACHE_BYTES // per_block,
+                                            bytes_per_block=per_block, kv_cache_bytes=DEFAULT_CPU_KV_CACHE_BYTES,
+                                            dummy_sampled_rows=sampled_rows)
+        # Cached blocks left by loading must not count as the step's activations.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._dummy_step(request.block_size, request.max_num_batched_tokens)
+        _, sampled_rows, allocated_after = self.dummy_step(request.block_size, request.max_num_batched_tokens,
+                                                           request.max_num_seqs)
         peak = torch.cuda.max_memory_allocated(self.device)
-        free_for_kv = int(total * request.gpu_memory_utilization) - peak
+        # Give the step's cached activations back, so that free memory counts only what stays in use.
         torch.cuda.empty_cache()
-        return pb.ProfileMemoryResponse(num_blocks=max(0, free_for_kv // per_block), bytes_per_block=per_block,
-                                        total_memory_bytes=total, peak_activation_bytes=peak)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = kv_cache_budget(total, free, peak, allocated_after, request.gpu_memory_utilization)
+        logger.info("rank %d: %.0f of %.0f MiB free after profiling, activation peak %.0f MiB, KV budget %.0f MiB "
+                    "(utilization %.2f)", self.ctx.rank, free / 2**20, total / 2**20,
+                    (peak - allocated_after) / 2**20, budget / 2**20, request.gpu_memory_utilization)
+        return pb.ProfileMemoryResponse(num_blocks=budget // per_block, bytes_per_block=per_block,
+                                        total_memory_bytes=total, peak_activation_bytes=peak - allocated_after,
+                                        free_memory_bytes=free, used_memory_bytes=total - free,
+                                        kv_cache_bytes=budget, dummy_sampled_rows=sampled_rows)
 
-    def _dummy_step(self, block_size: int, num_tokens: int) -> None:
-        num_blocks = -(-num_tokens // block_size)
+    def dummy_step(self, block_size: int, max_num_batched_tokens: int,
+                   max_num_seqs: int) -> tuple[list[int], int, int]:
+        """Run the heaviest step the scheduler may plan (`memory_profile.dummy_request_lengths`:
+        the whole token budget in requests of at most max_model_len tokens, sampling up to
+        max_num_seqs rows with every sampler feature on) in a scratch KV pool of its own.
+
+        Returns the requests' lengths, the rows sampled (on rank 0; 0 on other ranks) and the
+        bytes the CUDA allocator holds right after the step, scratch pool still allocated (0
+        off CUDA). Raises RuntimeError when any dummy request fails. Needs a loaded model;
+        leaves no state behind (the serving runner is untouched)."""
+        lengths = dummy_request_lengths(max_num_batched_tokens, self.max_model_len, max_num_seqs)
+        plan, num_blocks = dummy_step_plan(lengths, block_size)
         pool = KVPool(self.kv_spec, num_blocks, block_size, self.device)
         runner = ModelRunner(self.model, self.ctx, self.device, pool, self.attention, Sampler(0))
-        plan = StepPlan(step_id=0, new_requests=[NewRequestData(1, "__profile", [0] * num_tokens,
-                                                                SamplingSpec(temperature=0),
-                                                                list(range(num_blocks)), 0)],
-                        num_scheduled_tokens={1: num_tokens})
-        runner.execute(plan)
+        result = runner.execute(plan)
+        allocated_after = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         del runner, pool
+        if result.errors:
+            raise RuntimeError(f"the profiling step of {len(lengths)} requests ({sum(lengths)} tokens) failed: "
+                               f"{next(iter(result.errors.values()))}")
+        return lengths, len(result.sampled_handles), allocated_after
 
     def allocate_kv_cache(self, request: pb.AllocateKVCacheRequest) -> pb.AllocateKVCacheResponse:
         """Allocate this rank's KV pool and the runner that uses it. Drops any request state."""

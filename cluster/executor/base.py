@@ -37,6 +37,10 @@ class WorkerSetup:
     num_kv_blocks: int | None
     dist_init_method: str = ""
     swap_space: int = 0  # bytes of CPU swap pool per rank
+    # The cap on running requests: the profiling step samples this many rows (as the token
+    # budget allows), so the KV budget leaves room for a full batch's sampler temporaries.
+    # 0 means unknown and profiles one row; the engine always sets it.
+    max_num_seqs: int = 0
 
 
 class Executor(ABC):
@@ -65,7 +69,7 @@ class Executor(ABC):
         if num_blocks is None:
             profiles = self._call_all("ProfileMemory", [pb.ProfileMemoryRequest(
                 block_size=setup.block_size, max_num_batched_tokens=setup.max_num_batched_tokens,
-                gpu_memory_utilization=setup.gpu_memory_utilization,
+                max_num_seqs=setup.max_num_seqs, gpu_memory_utilization=setup.gpu_memory_utilization,
                 kv_cache_memory_bytes=setup.kv_cache_memory)] * self.world_size)
             num_blocks = int(min(p.num_blocks for p in profiles))
             logger.info("KV blocks each rank can hold: %s", [int(p.num_blocks) for p in profiles])
