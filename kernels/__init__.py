@@ -8,6 +8,6 @@ controller (quire.cluster) nor the worker (quire.worker).
 """
 from __future__ import annotations
 
-from quire.kernels.backend import BACKENDS, AttentionBackend, AttentionPlan, select_backend
+from quire.kernels.backend import BACKENDS, AttentionBackend, AttentionPlan, WarmUpResult, select_backend
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionPlan", "select_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionPlan", "WarmUpResult", "select_backend"]

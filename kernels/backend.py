@@ -42,6 +42,15 @@ class AttentionPlan:
     kernel_plan: object
 
 
+@dataclass(frozen=True)
+class WarmUpResult:
+    """What `AttentionBackend.warm_up` did: how many kernel variants it compiled (or at least
+    launched, when some were already cached) and the wall-clock seconds it took."""
+
+    variants: int
+    seconds: float
+
+
 class AttentionBackend(ABC):
     """Paged attention over a ragged batch. Implementations keep no per-step state, so one
     instance serves every step and layer of a worker."""
@@ -67,6 +76,14 @@ class AttentionBackend(ABC):
         queries sit at positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1`. Query head h
         uses KV head `h // (num_heads // num_kv_heads)`. Returns a new tensor in the query's
         dtype and shape. `plan` must come from this backend's `plan`."""
+
+    def warm_up(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                device: torch.device | str) -> WarmUpResult:
+        """Prepare, before serving, everything later steps would otherwise build on first use
+        (compiled kernels) for this rank's `num_heads` query heads over `num_kv_heads` KV heads of
+        `head_dim`, blocks of `block_size` tokens, caches and activations in `dtype` on `device`.
+        Touches no caller state (it may allocate and free small buffers). The default does nothing."""
+        return WarmUpResult(variants=0, seconds=0.0)
 
 
 def select_backend(device: torch.device | str, override: str | None = None) -> AttentionBackend:

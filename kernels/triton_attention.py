@@ -11,41 +11,56 @@ consecutive query tokens of one request. A program handles one (tile, KV head,
 split): its `BLOCK_M = BLOCK_Q * group` rows are the tile's tokens times the query
 heads that share that KV head, so each K/V element is loaded once for the whole
 group (GQA/MQA). It walks the request's context `BLOCK_N` positions at a time,
-looking up each position's physical block in the block table (any block size works),
-with an online softmax accumulated in fp32; causality also bounds the walk.
+looking up the physical blocks in the block table (any block size works; powers of
+two take a faster path), with an online softmax accumulated in fp32 (in base 2);
+causality also bounds the walk.
 
 Split-K. With few programs (few requests, few KV heads) and long contexts a GPU sits
 mostly idle, so the context is cut into `num_splits` chunks processed by separate
 programs that write partial (max, sum, accumulator) triples; `_reduce_kernel`
-combines them. The rule (`choose_num_splits`): split only when the step launches fewer
-programs than the device can run at once (`2 * SMs`), into as many chunks as fill it,
-at most 16, and never into chunks shorter than 256 positions.
+combines them. The rule (`choose_num_splits`, triton_variants.py): split only when the
+step launches fewer programs than the device can run at once (`2 * SMs`), into as many
+chunks as fill it rounded down to a power of two, at most 16, and never into chunks
+shorter than 256 positions.
+
+Compiled variants. Which constexprs and launch options a launch uses, and which
+integer arguments Triton must not specialise, are set in triton_variants.py, so a
+worker compiles a handful of variants, all at startup (`TritonAttentionBackend.warm_up`).
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from quire.kernels.backend import AttentionBackend, AttentionPlan
+from quire.kernels.backend import AttentionBackend, AttentionPlan, WarmUpResult
+from quire.kernels.triton_variants import (MAX_SPLITS, SPLIT_LADDER, attention_variant, choose_num_splits,
+                                           device_capability, reduce_variant, split_length,
+                                           tile_rows, write_kv_variant)
 
-MIN_SPLIT_LEN = 256
-MAX_SPLITS = 16
-BLOCK_N = 32  # context positions per inner iteration
+__all__ = ["TritonAttentionBackend", "TritonAttentionPlan", "choose_num_splits", "paged_attention", "write_kv"]
+
+LOG2E = 1.4426950408889634
+# Arguments that vary from step to step, or that the model's layout decides (token strides):
+# Triton must not specialise them (== 1, divisible by 16), or every new value class compiles anew.
+WRITE_KV_DYNAMIC = ("key_stride", "value_stride")
+ATTENTION_DYNAMIC = ("q_stride_t", "out_stride_t", "table_stride", "num_tokens", "split_len")
+REDUCE_DYNAMIC = ("out_stride_t", "num_tokens", "num_splits")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=WRITE_KV_DYNAMIC)
 def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, key_stride, value_stride,
                      ROW: tl.constexpr, ROW_PAD: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs = tl.arange(0, ROW_PAD)
     mask = offs < ROW
-    key = tl.load(key_ptr + token * key_stride + offs, mask=mask)
-    value = tl.load(value_ptr + token * value_stride + offs, mask=mask)
+    key = tl.load(key_ptr + token.to(tl.int64) * key_stride + offs, mask=mask)
+    value = tl.load(value_ptr + token.to(tl.int64) * value_stride + offs, mask=mask)
     tl.store(k_cache_ptr + slot * ROW + offs, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + slot * ROW + offs, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -58,20 +73,20 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     key = key if key[0].is_contiguous() else key.contiguous()
     value = value if value[0].is_contiguous() else value.contiguous()
-    row = k_cache.shape[2] * k_cache.shape[3]
+    variant = write_kv_variant(k_cache.shape[2], k_cache.shape[3], k_cache.dtype)
     _write_kv_kernel[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-                                    ROW=row, ROW_PAD=triton.next_power_of_2(row))
+                                    **variant.launch_kwargs())
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ATTENTION_DYNAMIC)
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
         tile_req_ptr, tile_first_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
-        scale, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+        qk_scale, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
         k_stride_block, k_stride_pos, k_stride_head, table_stride, num_tokens, split_len,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        PAGING: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -103,15 +118,32 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    # Loop invariants, computed once: the block-table row, this KV head's K/V pointers over
+    # the head dim, and the per-position offsets of a tile within its cache blocks.
     table_row = block_tables_ptr + req.to(tl.int64) * table_stride
+    k_head = k_cache_ptr + kv_head * k_stride_head + d[None, :]
+    v_head = v_cache_ptr + kv_head * k_stride_head + d[None, :]
+    offs_n = tl.arange(0, BLOCK_N)
+    if PAGING == 1:  # a tile lies inside one cache block: one table entry per iteration
+        pos_offs = offs_n * k_stride_pos
+    else:            # a tile spans whole blocks (2) or any block size (0)
+        tile_blocks = offs_n // BLOCK_SIZE
+        pos_offs = (offs_n % BLOCK_SIZE) * k_stride_pos
     for block_start in range(start, end, BLOCK_N):
-        k_pos = block_start + tl.arange(0, BLOCK_N)
+        k_pos = block_start + offs_n
         k_valid = k_pos < end
-        block = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
-        base = block * k_stride_block + (k_pos % BLOCK_SIZE) * k_stride_pos + kv_head * k_stride_head
+        if PAGING == 1:
+            block = tl.load(table_row + block_start // BLOCK_SIZE).to(tl.int64)
+            base = block * k_stride_block + (block_start % BLOCK_SIZE) * k_stride_pos + pos_offs
+        elif PAGING == 2:
+            block = tl.load(table_row + block_start // BLOCK_SIZE + tile_blocks, mask=k_valid, other=0).to(tl.int64)
+            base = block * k_stride_block + pos_offs
+        else:
+            block = tl.load(table_row + k_pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+            base = block * k_stride_block + (k_pos % BLOCK_SIZE) * k_stride_pos
         kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_head + base[:, None], mask=kv_mask, other=0.0)
+        v = tl.load(v_head + base[:, None], mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -119,14 +151,14 @@ def _paged_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * scale
+        s = s * qk_scale  # scale * log2(e): the softmax runs in base 2
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen nothing yet keep m = -inf; shift them by 0 to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -136,30 +168,30 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out_mask = row_valid[:, None] & d_valid[None, :]
-    if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + q_rows[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    if SPLIT:
         part = (split * num_tokens + q_rows) * NUM_HEADS + head
         tl.store(m_part_ptr + part, m_i, mask=row_valid)
         tl.store(l_part_ptr + part, l_i, mask=row_valid)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=out_mask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + q_rows[:, None] * out_stride_t + head[:, None] * out_stride_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _reduce_kernel(out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, out_stride_t, out_stride_h, num_tokens,
+@triton.jit(do_not_specialize=REDUCE_DYNAMIC)
+def _reduce_kernel(out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, out_stride_t, out_stride_h, num_tokens, num_splits,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                   SPLITS_PAD: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
-    split_valid = splits < NUM_SPLITS
+    split_valid = splits < num_splits
     part = (splits * num_tokens + token) * NUM_HEADS + head
     m = tl.load(m_part_ptr + part, mask=split_valid, other=float("-inf"))
     l = tl.load(l_part_ptr + part, mask=split_valid, other=0.0)
     m_max = tl.max(m, 0)
-    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # maxima are in base 2 (see above)
     d = tl.arange(0, HEAD_DIM_PAD)
     acc = tl.load(acc_part_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], mask=split_valid[:, None], other=0.0)
     total = tl.sum(weight * l, 0)
@@ -168,20 +200,11 @@ def _reduce_kernel(out_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, out_stride_t, 
              mask=d < HEAD_DIM)
 
 
-def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
-    """Split-K factor for a launch of `num_programs` (tile, KV head) programs (module docstring)."""
-    if device.type == "cuda":
-        capacity = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        capacity = 8  # the interpreter: small, so tests reach the split path with small shapes
-    if num_programs >= capacity:
-        return 1
-    return max(1, min(MAX_SPLITS, -(-capacity // num_programs), max_seq_len // MIN_SPLIT_LEN))
-
-
 @dataclass
 class TritonAttentionPlan:
-    """The layer-independent launch description of one step (valid for that step)."""
+    """The layer-independent launch description of one step (valid for that step): per-request
+    lengths and query starts, the tiles (request, first query) as int32 device tensors, the tile
+    shape, and the split-K factor with its chunk length."""
 
     seq_lens: torch.Tensor
     query_start: torch.Tensor
@@ -195,11 +218,10 @@ class TritonAttentionPlan:
     @classmethod
     def build(cls, seq_lens: list[int], query_start_loc: list[int], group: int, num_kv_heads: int,
               device: torch.device, num_splits: int | None = None) -> TritonAttentionPlan:
+        """The plan for `seq_lens`/`query_start_loc` (as `AttentionPlan`). `num_splits` None applies
+        the split-K rule; an explicit count (1..MAX_SPLITS, for tests and benchmarks) overrides it."""
         query_lens = [query_start_loc[i + 1] - query_start_loc[i] for i in range(len(seq_lens))]
-        # Decode-only steps need just `group` rows per tile; prefill tiles take 64 rows.
-        rows = triton.next_power_of_2(group) if max(query_lens) == 1 else max(64, triton.next_power_of_2(group))
-        block_m = max(16, rows)
-        block_q = block_m // group
+        block_m, block_q = tile_rows(group, decode_only=max(query_lens) == 1)
         tile_req, tile_first = [], []
         for req, q_len in enumerate(query_lens):
             for first in range(0, q_len, block_q):
@@ -207,43 +229,48 @@ class TritonAttentionPlan:
                 tile_first.append(first)
         max_seq = max(seq_lens)
         if num_splits is None:
-            num_splits = choose_num_splits(len(tile_req) * num_kv_heads, max_seq, device)
-        per_split = -(-max_seq // num_splits)
-        split_len = -(-per_split // BLOCK_N) * BLOCK_N
+            num_splits = choose_num_splits(len(tile_req) * num_kv_heads, max_seq, torch.device(device))
+        if not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
         return cls(as_tensor(seq_lens), as_tensor(query_start_loc), as_tensor(tile_req), as_tensor(tile_first),
-                   block_m, block_q, num_splits, split_len)
+                   block_m, block_q, num_splits, split_length(max_seq, num_splits))
+
+
+def launch_variants(query: torch.Tensor, k_cache: torch.Tensor, plan: TritonAttentionPlan) -> tuple:
+    """The (attention, reduction or None) variants `paged_attention` launches for this plan."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    split = plan.num_splits > 1
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    attention = attention_variant(num_heads, num_kv_heads, head_dim, block_size, query.dtype, plan.block_m, split,
+                                  device_capability(query.device), interpret)
+    return attention, (reduce_variant(num_heads, head_dim, query.dtype) if split else None)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     plan: TritonAttentionPlan, scale: float) -> torch.Tensor:
     """Same contract as `attention_ref.paged_attention_ref`, from a step's TritonAttentionPlan."""
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_heads // num_kv_heads
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    num_tokens, num_heads, _ = query.shape
+    attention, reduce = launch_variants(query, k_cache, plan)
+    head_dim_pad = dict(attention.constexprs)["HEAD_DIM_PAD"]
     out = torch.empty_like(query)
     splits = plan.num_splits
-    if splits > 1:
+    if reduce is not None:
         m_part = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty(splits, num_tokens, num_heads, head_dim_pad, dtype=torch.float32, device=query.device)
     else:
-        m_part = l_part = acc_part = out  # unused by the kernel when NUM_SPLITS == 1
-    grid = (plan.tile_req.numel(), num_kv_heads, splits)
+        m_part = l_part = acc_part = out  # unused by the kernel when not split
+    grid = (plan.tile_req.numel(), k_cache.shape[2], splits)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, plan.seq_lens, plan.query_start, plan.tile_req, plan.tile_first,
-        m_part, l_part, acc_part, scale, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        m_part, l_part, acc_part, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_tokens, plan.split_len,
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
-        IEEE_DOT=query.dtype == torch.float32,
-        # Triton's interpreter mis-computes bf16 dot products; it gets fp32 operands instead.
-        UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
-    if splits > 1:
-        _reduce_kernel[(num_tokens, num_heads)](
-            out, m_part, l_part, acc_part, out.stride(0), out.stride(1), num_tokens, NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
+        **attention.launch_kwargs())
+    if reduce is not None:
+        _reduce_kernel[(num_tokens, num_heads)](out, m_part, l_part, acc_part, out.stride(0), out.stride(1),
+                                                num_tokens, splits, **reduce.launch_kwargs())
     return out
 
 
@@ -266,3 +293,35 @@ class TritonAttentionBackend(AttentionBackend):
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                scale: float) -> torch.Tensor:
         return paged_attention(query, k_cache, v_cache, plan.block_tables, plan.kernel_plan, scale)
+
+    def warm_up(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                device: torch.device | str) -> WarmUpResult:
+        """Compile every variant of `compile_variants` by launching each once on a tiny batch of
+        the worker's geometry (the real caches are not touched): a decode step and a two-token
+        prefill, each unsplit and split (split count 2 stands for the whole ladder, which is a
+        runtime argument). Compiled kernels land in Triton's caches; later launches with these
+        shapes compile nothing. In the interpreter the launches just run."""
+        began = time.perf_counter()
+        device = torch.device(device)
+        group = num_heads // num_kv_heads
+        blocks = 2 * -(-3 // block_size)  # two requests of up to 3 positions
+        k_cache = torch.zeros(blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        v_cache = torch.zeros_like(k_cache)
+        # int64 tables and slots, as the worker builds them (a pointer's dtype is part of the variant).
+        tables = torch.arange(blocks, dtype=torch.int64, device=device).view(2, -1)
+        launched = set()  # the variants of these launches: `compile_variants` of this geometry
+        for query_lens in ([1, 1], [2, 1]):
+            seq_lens, starts = [q + 1 for q in query_lens], [0, query_lens[0], sum(query_lens)]
+            tokens = starts[-1]
+            key = torch.zeros(tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+            slots = torch.arange(tokens, dtype=torch.int64, device=device)
+            self.write_kv(key, key, k_cache, v_cache, slots)
+            launched.add(write_kv_variant(num_kv_heads, head_dim, dtype))
+            query = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=device)
+            for splits in (1, SPLIT_LADDER[1]):
+                plan = TritonAttentionPlan.build(seq_lens, starts, group, num_kv_heads, device, num_splits=splits)
+                paged_attention(query, k_cache, v_cache, tables, plan, head_dim ** -0.5)
+                launched.update(v for v in launch_variants(query, k_cache, plan) if v is not None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return WarmUpResult(variants=len(launched), seconds=time.perf_counter() - began)

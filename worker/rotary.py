@@ -1,5 +1,9 @@
 """Rotary position embedding, computed as Hugging Face does (rotate-half layout).
 
+One `RotaryEmbedding` per model (`LlamaModel.rotary_emb`, as in HF): its cos/sin table
+is the same for every layer, so it is built once and looked up once per step; the
+layers receive the step's `(cos, sin)` and only apply them (`apply_rotary_pos_emb`).
+
 Default RoPE is computed here; scaled variants (llama3, linear, dynamic, yarn, ...)
 take their inverse frequencies and attention factor from transformers' own
 `ROPE_INIT_FUNCTIONS`, so they match the checkpoint's reference implementation.
@@ -22,6 +26,13 @@ def rope_parameters(config) -> dict:
 
 
 class RotaryEmbedding(nn.Module):
+    """The model's one cos/sin table, `[max_position, head_dim]` each, in the model's dtype.
+
+    Not sharded: rotation acts within a head and every rank holds whole heads, so each
+    rank keeps the full table once (not once per layer: at 128k positions that would be
+    tens of MiB per layer, taken from the KV cache).
+    """
+
     def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype):
         super().__init__()
         params = rope_parameters(config)
@@ -36,24 +47,32 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(f"config rope type {rope_type!r} is not supported")
             inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
         positions = torch.arange(max_position, dtype=torch.float)
-        freqs = positions[:, None] * inv_freq.float()[None, :]
+        freqs = positions[:, None] * inv_freq.float().to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", (emb.cos() * attention_scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * attention_scaling).to(dtype), persistent=False)
         self.head_dim = head_dim
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: `[T, H*D]`, k: `[T, KV*D]`, positions: `[T]` → rotated (q, k), same shapes."""
-        num_tokens = q.shape[0]
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: `[T]` → the step's `(cos, sin)`, each `[T, 1, head_dim]` (broadcast over heads).
+        Called once per step by the model; every layer applies the same pair."""
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
-        q = q.view(num_tokens, -1, self.head_dim)
-        k = k.view(num_tokens, -1, self.head_dim)
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
-        return q.flatten(1), k.flatten(1)
+        return cos, sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: `[T, H*D]`, k: `[T, KV*D]`, cos/sin: `[T, 1, D]` from `RotaryEmbedding` → rotated
+    (q, k), same shapes. This rank's heads only; D is the last dimension of cos."""
+    num_tokens, head_dim = q.shape[0], cos.shape[-1]
+    q = q.view(num_tokens, -1, head_dim)
+    k = k.view(num_tokens, -1, head_dim)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q.flatten(1), k.flatten(1)

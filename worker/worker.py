@@ -129,8 +129,14 @@ class Worker:
         num_cpu_blocks = request.swap_space_bytes // per_block
         pool = KVPool(self.kv_spec, request.num_blocks, request.block_size, self.device, num_cpu_blocks=num_cpu_blocks)
         self.runner = ModelRunner(self.model, self.ctx, self.device, pool, self.attention, Sampler(self.seed))
-        logger.info("rank %d: KV pool of %d blocks x %d tokens (+%d CPU swap blocks), %s attention", self.ctx.rank,
-                    request.num_blocks, request.block_size, num_cpu_blocks, self.attention.name)
+        # Every kernel variant serving will launch is compiled now, not on a request's first steps.
+        warmed = self.attention.warm_up(
+            num_heads=self.model.config.num_attention_heads // self.ctx.world_size,
+            num_kv_heads=self.kv_spec.num_kv_heads, head_dim=self.kv_spec.head_size, block_size=request.block_size,
+            dtype=self.kv_spec.dtype, device=self.device)
+        logger.info("rank %d: KV pool of %d blocks x %d tokens (+%d CPU swap blocks), %s attention "
+                    "(%d kernel variants warmed up in %.1fs)", self.ctx.rank, request.num_blocks, request.block_size,
+                    num_cpu_blocks, self.attention.name, warmed.variants, warmed.seconds)
         return pb.AllocateKVCacheResponse(num_cpu_blocks=num_cpu_blocks)
 
     def execute_step(self, plan: pb.StepPlan) -> pb.StepResult:

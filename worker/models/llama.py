@@ -15,7 +15,7 @@ from quire.worker.embedding import ParallelLMHead, VocabParallelEmbedding
 from quire.worker.kv_pool import KVCacheSpec
 from quire.worker.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from quire.worker.parallel import ParallelContext
-from quire.worker.rotary import RotaryEmbedding
+from quire.worker.rotary import RotaryEmbedding, apply_rotary_pos_emb
 
 
 class RMSNorm(nn.Module):
@@ -54,10 +54,10 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """Each rank computes attention for `H/tp` query heads and their KV heads
     (`qkv_proj` column-parallel by head), then `o_proj` (row-parallel) sums the heads'
-    contributions across ranks."""
+    contributions across ranks. Rotary embedding is applied with the step's `(cos, sin)`,
+    which the model looks up once for all layers; the layer holds no table."""
 
-    def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool,
-                 max_position: int):
+    def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool):
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -67,43 +67,53 @@ class LlamaAttention(nn.Module):
                                         getattr(config, "attention_bias", False), ctx, dtype)
         self.q_size = self.qkv_proj.num_heads * self.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position, dtype)
         self.attn = Attention(layer_index, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, self.head_dim,
                               self.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         return self.o_proj(self.attn(q, k, v.contiguous(), meta))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool,
-                 max_position: int):
+    """Pre-norm attention then MLP, each added to the residual; the residual stream is
+    replicated on every rank (the row-parallel projections all-reduce into it)."""
+
+    def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index, ctx, dtype, qkv_bias, max_position)
+        self.self_attn = LlamaAttention(config, layer_index, ctx, dtype, qkv_bias)
         self.mlp = LlamaMLP(config, ctx, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+    def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), position_embeddings, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class LlamaModel(nn.Module):
+    """Embedding (vocab-parallel), the decoder layers, final norm. Owns the one rotary
+    table (`rotary_emb`, replicated on every rank, independent of depth) and looks up
+    the step's `(cos, sin)` once per forward, for every layer, as HF's `position_embeddings`."""
+
     def __init__(self, config, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool, max_position: int):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, ctx, dtype, qkv_bias, max_position) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, ctx, dtype, qkv_bias) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(config, head_dim, max_position, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        position_embeddings = self.rotary_emb(positions)
         for layer in self.layers:
-            hidden = layer(positions, hidden, meta)
+            hidden = layer(hidden, position_embeddings, meta)
         return self.norm(hidden)
 
 
