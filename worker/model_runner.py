@@ -1,4 +1,10 @@
-"""Per-request state on a worker, and one forward pass per StepPlan over a flat batch."""
+"""Per-request state on a worker, and one forward pass per StepPlan over a flat batch.
+
+Host and device meet at fixed points per step (counted in `host_syncs`): the step's small
+integer inputs go over in one staging copy (`StagingBuffer`), block tables live on the
+device across steps and change by the plan's deltas (`DeviceBlockTable`), and the sampled
+tokens come back in the sampler's one read. On CUDA nothing else in a step waits for the
+device; a step that samples nothing ends with one stream synchronize instead."""
 from __future__ import annotations
 
 import time
@@ -11,9 +17,12 @@ from quire.kernels.backend import AttentionBackend
 from quire.protos.step import (PLACEHOLDER_TOKEN, NewRequestData, SampledLogprobs, SamplingSpec, StepPlan, StepResult,
                                TokenSequence)
 from quire.worker.attention import AttentionMetadata
+from quire.worker.block_table import DeviceBlockTable
+from quire.worker.host_sync import HostSyncCounter
 from quire.worker.kv_pool import KVPool
 from quire.worker.parallel import ParallelContext
 from quire.worker.sampler import Sampler, SamplingRow
+from quire.worker.step_inputs import StagingBuffer
 
 
 SCRATCH_HANDLE = 2**64 - 1  # and downwards: handles of the runner's own scratch requests
@@ -31,6 +40,23 @@ class RequestState(TokenSequence):
     block_ids: list[int]
     num_computed_tokens: int
     last_sampled: int | None = None  # what a PLACEHOLDER_TOKEN in the next plan stands for
+    table_row: int = -1  # its row of the runner's DeviceBlockTable
+
+
+@dataclass
+class PreparedStep:
+    """One step's flat inputs on the device, and the host facts that go with them: the
+    scheduled `states` in batch order, their `seq_lens` after the step (numpy), the batch
+    indexes of the requests that sample (`to_sample`, host list) and the hidden-state rows
+    they sample from (`sample_rows`, device)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    states: list[RequestState]
+    seq_lens: np.ndarray
+    to_sample: list[int]
+    sample_rows: torch.Tensor
 
 
 class ModelRunner:
@@ -56,6 +82,22 @@ class ModelRunner:
         self.num_heads = model.config.num_attention_heads // ctx.world_size
         self.num_kv_heads = kv_pool.spec.num_kv_heads
         self.requests: dict[int, RequestState] = {}  # by handle
+        self.host_syncs = HostSyncCounter()  # this runner's; the sampler counts its own
+        self.stager = StagingBuffer(device, self.host_syncs)
+        self.block_table = DeviceBlockTable(device)
+
+    def _add(self, state: RequestState) -> None:
+        """Hold a request's state, with a block-table row of its own."""
+        self._drop(state.handle)
+        state.table_row = self.block_table.acquire()
+        self.block_table.assign(state.table_row, state.block_ids)
+        self.requests[state.handle] = state
+
+    def _drop(self, handle: int) -> None:
+        """Forget a request, if held, and free its block-table row."""
+        state = self.requests.pop(handle, None)
+        if state is not None:
+            self.block_table.release(state.table_row)
 
     def _apply_plan(self, plan: StepPlan, failed: dict[int, str]) -> None:
         """Bring the request states up to date with the plan's deltas. A delta that does not fit
@@ -63,12 +105,12 @@ class ModelRunner:
         into `failed` (by handle); every rank applies the same plan to the same states, so every
         rank drops the same requests and the batch stays the same on all."""
         for handle in plan.finished_handles:
-            self.requests.pop(handle, None)
-        requests = self.requests
+            self._drop(handle)
+        requests, table = self.requests, self.block_table
         for new in plan.new_requests:
-            requests[new.handle] = RequestState(
+            self._add(RequestState(
                 new.handle, new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_spec,
-                list(new.block_ids), new.num_computed_tokens)
+                list(new.block_ids), new.num_computed_tokens))
         for delta in plan.cached_requests:
             state = self._state(delta.handle, "cached_requests", plan, failed)
             if state is None:
@@ -79,8 +121,10 @@ class ModelRunner:
                     continue
             if delta.replace_table:
                 state.block_ids = list(delta.new_block_ids)
-            else:
+                table.assign(state.table_row, state.block_ids)
+            elif delta.new_block_ids:
                 state.block_ids.extend(delta.new_block_ids)
+                table.extend(state.table_row, delta.new_block_ids)
             state.num_computed_tokens = delta.num_computed_tokens
         for handle, token_id in zip(plan.decode_handles, plan.decode_token_ids):
             # The hot loop (every running request, every step): a plain lookup, the report only on a miss.
@@ -96,6 +140,7 @@ class ModelRunner:
         for handle, block_id in zip(plan.decode_block_handles, plan.decode_block_ids):
             if (state := self._state(handle, "decode_block_handles", plan, failed)) is not None:
                 state.block_ids.append(block_id)
+                table.extend(state.table_row, [block_id])
 
     def _state(self, handle: int, where: str, plan: StepPlan, failed: dict[int, str]) -> RequestState | None:
         state = self.requests.get(handle)
@@ -105,7 +150,7 @@ class ModelRunner:
 
     def _fail(self, handle: int, error: str, failed: dict[int, str]) -> None:
         """Drop a request that cannot run (the controller ends it on hearing why)."""
-        self.requests.pop(handle, None)
+        self._drop(handle)
         failed.setdefault(handle, error)
 
     def _resolve_placeholder(self, state: RequestState, plan: StepPlan, failed: dict[int, str]) -> bool:
@@ -118,10 +163,11 @@ class ModelRunner:
         state.output_token_ids[-1], state.last_sampled = state.last_sampled, None
         return True
 
-    def _prepare(self, plan: StepPlan, failed: dict[int, str]):
+    def _prepare(self, plan: StepPlan, failed: dict[int, str]) -> PreparedStep | None:
         """Flat input tensors and attention metadata for the scheduled requests, in plan order
         (those in `failed` left out, and any scheduled past its tokens or blocks failed too);
-        None when no request is left."""
+        None when no request is left. Every integer input, the block table's deltas included,
+        goes to the device in one staging copy; nothing is read back."""
         states, query_lens, token_ids = [], [], []
         for handle, num_tokens in plan.scheduled():
             state = self._state(handle, "the scheduled requests", plan, failed)
@@ -137,23 +183,30 @@ class ModelRunner:
             token_ids.extend(state.token_slice(state.num_computed_tokens, end))
         if not states:
             return None
-        num_reqs = len(states)
+        num_reqs, num_tokens = len(states), len(token_ids)
         query_lens_np = np.asarray(query_lens, dtype=np.int64)
         query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
         np.cumsum(query_lens_np, out=query_start_loc[1:])
-        computed = np.asarray([s.num_computed_tokens for s in states], dtype=np.int64)
+        computed = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=num_reqs)
         seq_lens = computed + query_lens_np
+        table_rows = np.fromiter((s.table_row for s in states), dtype=np.int64, count=num_reqs)
         max_blocks = max(len(s.block_ids) for s in states)
-        block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int64)
-        for row, state in enumerate(states):
-            block_tables[row, :len(state.block_ids)] = state.block_ids
         # positions[t] = computed tokens of t's request + t's offset within its query rows
         req_of_token = np.repeat(np.arange(num_reqs), query_lens_np)
-        positions = computed[req_of_token] + np.arange(len(token_ids)) - query_start_loc[:-1][req_of_token]
-        slots = block_tables[req_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
+        positions = computed[req_of_token] + np.arange(num_tokens) - query_start_loc[:-1][req_of_token]
+        # A request samples when this step computes its last known token, from its last query row.
+        to_sample = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
+        sample_rows = query_start_loc[1:][to_sample] - 1
+        delta_index, delta_values = self.block_table.take_deltas()  # the width is final from here on
+        table_index = table_rows[req_of_token] * self.block_table.width + positions // self.block_size
+        (input_ids_d, positions_d, table_index_d, offset_d, table_rows_d, sample_rows_d, delta_index_d,
+         delta_values_d) = self.stager.stage([
+             np.asarray(token_ids, dtype=np.int64), positions, table_index, positions % self.block_size, table_rows,
+             sample_rows, delta_index, delta_values])
+        self.block_table.apply_deltas(delta_index_d, delta_values_d)
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(self.device),
-            block_tables=torch.from_numpy(block_tables).to(self.device),
+            slot_mapping=self.block_table.lookup(table_index_d) * self.block_size + offset_d,
+            block_tables=self.block_table.gather(table_rows_d, max_blocks),
             seq_lens=seq_lens.tolist(),
             query_start_loc=query_start_loc.tolist(),
             backend=self.attention,
@@ -162,10 +215,7 @@ class ModelRunner:
         meta.plan = self.attention.plan(meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                         block_size=self.block_size, num_heads=self.num_heads,
                                         num_kv_heads=self.num_kv_heads)
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        # A request samples when this step computes its last known token.
-        to_sample = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
-        return input_ids, torch.from_numpy(positions).to(self.device), meta, states, seq_lens, to_sample
+        return PreparedStep(input_ids_d, positions_d, meta, states, seq_lens, to_sample, sample_rows_d)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -177,17 +227,18 @@ class ModelRunner:
         prepared = self._prepare(plan, result.errors) if plan.num_scheduled_requests else None
         if prepared is None:
             return result
-        input_ids, positions, meta, states, seq_lens, to_sample = prepared
-        hidden = self.model(input_ids, positions, meta)
-        for state, seq_len in zip(states, seq_lens.tolist()):
+        states, to_sample = prepared.states, prepared.to_sample
+        hidden = self.model(prepared.input_ids, prepared.positions, prepared.meta)
+        for state, seq_len in zip(states, prepared.seq_lens.tolist()):
             state.num_computed_tokens = seq_len
+        read_back = False
         if to_sample:
-            last_rows = torch.tensor([meta.query_start_loc[i + 1] - 1 for i in to_sample], device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, last_rows))
+            logits = self.model.compute_logits(hidden.index_select(0, prepared.sample_rows))
             if logits is not None:  # rank 0
                 rows = [SamplingRow(states[i].params, states[i].prompt_token_ids, states[i].output_token_ids)
                         for i in to_sample]
-                out = self.sampler(logits, rows)
+                out = self.sampler(logits, rows)  # the step's one read back
+                read_back = True
                 sampled = out.token_ids
                 for j, i in enumerate(to_sample):
                     if out.errors[j] is not None:
@@ -198,17 +249,32 @@ class ModelRunner:
                 result.logprobs = {states[i].handle: SampledLogprobs(out.logprobs[j], out.top_logprobs[j])
                                    for j, i in enumerate(to_sample) if out.logprobs[j] is not None}
             if self.ctx.world_size > 1:
-                # Every rank must know the sampled tokens: the next plan may name them by placeholder.
-                shared = torch.tensor(sampled if logits is not None else [0] * len(to_sample), device=self.device)
-                sampled = self.ctx.broadcast_from_first(shared).tolist()
+                sampled = self._share_sampled(out if logits is not None else None, len(to_sample))
+                read_back = True
             # A failed row's stand-in token too: a step already sent may name it by placeholder;
             # that step's result for the request is ignored, the controller having ended it.
             for i, token_id in zip(to_sample, sampled):
                 states[i].last_sampled = token_id
-        if self.device.type == "cuda":
+        if not read_back and self.device.type == "cuda":
+            # Nothing was read back: wait here, so forward_seconds covers the work and errors surface now.
+            self.host_syncs.blocking_waits += 1
             torch.cuda.synchronize(self.device)
         result.forward_seconds = time.perf_counter() - started
         return result
+
+    def _share_sampled(self, out, num_rows: int) -> list[int]:
+        """Every rank must know the sampled tokens: the next plan may name them by placeholder.
+        Rank 0 (`out` set) broadcasts its tokens from the device; the others read theirs back
+        (their step's one read). Rank 0's stand-in tokens of failed rows are broadcast too."""
+        if out is None:
+            shared = torch.empty(num_rows, dtype=torch.long, device=self.device)
+        elif out.device_token_ids is not None:
+            shared = out.device_token_ids
+        else:  # the sampler fell back to row by row: only the host list holds every row's token
+            self.host_syncs.h2d_copies += 1
+            shared = torch.tensor(out.token_ids, dtype=torch.long, device=self.device)
+        shared = self.ctx.broadcast_from_first(shared)
+        return out.token_ids if out is not None else self.host_syncs.read_back(shared)
 
     @torch.inference_mode()
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -232,12 +298,12 @@ class ModelRunner:
         failed: dict[int, str] = {}
         self._apply_plan(plan, failed)
         try:
-            input_ids, positions, meta, _, _, _ = self._prepare(plan, failed)
-            hidden = self.model(input_ids, positions, meta)
+            prepared = self._prepare(plan, failed)
+            hidden = self.model(prepared.input_ids, prepared.positions, prepared.meta)
             logits = self.model.compute_logits(hidden)
         finally:
             for i in range(len(prompts)):
-                self.requests.pop(SCRATCH_HANDLE - i, None)
+                self._drop(SCRATCH_HANDLE - i)
         if logits is None:
             return None
         return list(logits.split([len(p) for p in prompts]))

@@ -4,55 +4,40 @@ One call samples one token per row of a `[rows, vocab]` logits batch. The pipeli
 raw logits → (logprobs taken here) → penalties → greedy argmax, or temperature, top-k,
 top-p, min-p → softmax → exponential race. Processing matches transformers' logits
 processors; logprobs describe the raw model distribution, as vLLM does by default.
+
+Host and device meet twice per call at most: the rows' parameters go over in one staging
+copy (none for plain greedy rows), and tokens, logprobs and per-row validity come back
+in one read (`host_syncs` counts both). Nothing between them waits for the device.
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from quire.protos.step import SamplingSpec
+from quire.worker.host_sync import HostSyncCounter
+from quire.worker.sampling_batch import SamplingBatch, SamplingRow
+from quire.worker.seeded_noise import row_seed, seeded_exponentials
+from quire.worker.step_inputs import StagingBuffer
 
-_MASK64 = (1 << 64) - 1
+__all__ = ["Sampler", "SamplerOutput", "SamplingRow", "row_seed"]
 
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def row_seed(seed: int, step: int) -> int:
-    """Generator seed for output token number `step` of a request seeded with `seed`.
-
-    A function of (seed, step) only, so a seeded request draws the same noise whatever
-    else is in the batch and after recompute preemption (which keeps its outputs).
-    """
-    return _splitmix64(_splitmix64(seed) ^ step)
-
-
-@dataclass
-class SamplingRow:
-    """One row of a batch: its request's sampling spec (anything with SamplingSpec's fields and
-    `greedy`; a SamplingParams serves too) and its tokens so far, for penalties and seeds."""
-
-    params: SamplingSpec
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+_NO_DISTRIBUTION = "sampling failed: the logits hold no valid distribution (NaN or infinite values)"
 
 
 @dataclass
 class SamplerOutput:
     """Per row: the token, its raw logprob, and the `params.logprobs` best raw logprobs
     (best first); both logprob fields are None where the row did not ask for them. A row
-    that could not be sampled has an error (and token 0, a stand-in nobody may use)."""
+    that could not be sampled has an error (and token 0, a stand-in nobody may use).
+    `device_token_ids`, when set, holds the same tokens on the logits' device (for a
+    broadcast to other ranks without another copy)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
     errors: list[str | None]
+    device_token_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def failed(cls, error: str) -> SamplerOutput:
@@ -64,23 +49,19 @@ class SamplerOutput:
                      for name in ("token_ids", "logprobs", "top_logprobs", "errors")))
 
 
-def _grid_index(vocab: int, per_row: list[tuple[int, list[int]]], device: torch.device) -> torch.Tensor:
-    """Flat indices `row * vocab + token` into a `[rows, vocab]` grid; ids outside the
-    vocab are dropped (an embedding may be larger than the LM head, as HF allows)."""
-    lengths = torch.tensor([len(ids) for _, ids in per_row], dtype=torch.long)
-    row_ids = torch.repeat_interleave(torch.tensor([r for r, _ in per_row], dtype=torch.long), lengths)
-    ids = torch.tensor(list(itertools.chain.from_iterable(ids for _, ids in per_row)), dtype=torch.long)
-    keep = (ids >= 0) & (ids < vocab)
-    return (row_ids * vocab + ids)[keep].to(device)
-
-
 class Sampler:
-    """Samples next tokens. Never mutates the logits it is given."""
+    """Samples next tokens. Never mutates the logits it is given.
+
+    Unseeded rows draw their noise from the sampler's generator (seeded with `seed`); a
+    seeded row's noise is a function of its seed and token position alone
+    (`seeded_noise`), whatever else is in the batch."""
 
     def __init__(self, seed: int):
         self.seed = seed
-        # One generator per device so unseeded noise is drawn where the logits live.
+        self.host_syncs = HostSyncCounter()
+        # Per device, so noise is drawn and parameters are staged where the logits live.
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._stagers: dict[torch.device, StagingBuffer] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -89,81 +70,80 @@ class Sampler:
             self._generators[device] = gen
         return self._generators[device]
 
+    def _batch(self, rows: list[SamplingRow], logits: torch.Tensor) -> SamplingBatch:
+        """`rows` as a SamplingBatch for `logits` (staged now unless they already are)."""
+        if isinstance(rows, SamplingBatch):
+            return rows
+        device = logits.device
+        if device not in self._stagers:
+            self._stagers[device] = StagingBuffer(device, self.host_syncs)
+        return SamplingBatch(rows, logits.shape[-1], self._stagers[device])
+
     # -- processing ---------------------------------------------------------------
 
     def apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Repetition (HF/CTRL, over prompt + output) then frequency and presence
         (OpenAI, over output only). Returns `logits` itself when no row sets a penalty,
         else a new tensor; rows without penalties come back unchanged."""
-        rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        occ = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0 or r.params.presence_penalty != 0]
-        if not rep and not occ:
+        batch = self._batch(rows, logits)
+        if not batch.repetition_rows and not batch.occurrence_rows:
             return logits
         n, vocab = logits.shape
-        dev = logits.device
+        t = batch.tensors
         out = logits
-        if rep:
-            flat = _grid_index(vocab, [(i, rows[i].prompt_token_ids + rows[i].output_token_ids) for i in rep], dev)
-            seen = torch.zeros(n * vocab, dtype=torch.bool, device=dev)
-            seen[flat] = True
-            penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=torch.float32, device=dev)
-            penalty = penalty[:, None]
+        if batch.repetition_rows:
+            seen = torch.zeros(n * vocab, dtype=torch.bool, device=logits.device)
+            seen.index_fill_(0, t.repetition_grid, True)
+            penalty = t.repetition[:, None]
             penalised = torch.where(out < 0, out * penalty, out / penalty)
             out = torch.where(seen.view(n, vocab), penalised, out)
-        if occ:
-            flat = _grid_index(vocab, [(i, rows[i].output_token_ids) for i in occ], dev)
-            counts = torch.bincount(flat, minlength=n * vocab).view(n, vocab).to(torch.float32)
-            freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=torch.float32, device=dev)
-            pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=torch.float32, device=dev)
-            out = out - (freq[:, None] * counts + pres[:, None] * (counts > 0))
+        if batch.occurrence_rows:
+            # index_add_, not bincount: bincount sizes its output from the data (a device read).
+            counts = torch.zeros(n * vocab, dtype=torch.float32, device=logits.device)
+            counts.index_add_(0, t.occurrence_grid, torch.ones_like(t.occurrence_grid, dtype=torch.float32))
+            counts = counts.view(n, vocab)
+            out = out - (t.frequency[:, None] * counts + t.presence[:, None] * (counts > 0))
         # An extreme penalty (repetition 1e-30) overflows float32; the largest finite value
         # keeps the order the penalty asked for without an inf that would turn softmax to NaN.
         largest = torch.finfo(torch.float32).max
         return out.clamp(-largest, largest)
 
     @staticmethod
-    def apply_warpers(logits: torch.Tensor, params: list[SamplingSpec]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p with `params[i]` on row i, each as
-        transformers' `*LogitsWarper` (min_tokens_to_keep=1, applied only when enabled):
-        filtered entries become -inf. Rows must not be greedy. Returns a new tensor."""
-        n, vocab = logits.shape
-        dev = logits.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        temperature = torch.tensor([p.temperature for p in params], **f32)[:, None]
+    def apply_warpers(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p of `batch.rand[i]`'s params on row i of `logits`
+        (the batch's non-greedy rows, in order), each as transformers' `*LogitsWarper`
+        (min_tokens_to_keep=1, applied only when enabled): filtered entries become -inf.
+        Returns a new tensor."""
+        vocab = logits.shape[1]
+        t = batch.tensors
+        temperature = t.temperature[:, None]
         x = logits / temperature
-        overflowed = ~torch.isfinite(x).all(dim=-1)
-        if overflowed.any():
-            # A tiny temperature scales logits past float32: scale their distance from the row's
-            # best instead (the same distribution, softmax being shift-invariant), so the best is 0.
-            shifted = logits[overflowed] - logits[overflowed].max(dim=-1, keepdim=True).values
-            x[overflowed] = shifted / temperature[overflowed]
+        # A tiny temperature scales logits past float32: such rows scale their distance from
+        # the row's best instead (the same distribution, softmax being shift-invariant), so the
+        # best is 0. Chosen per row on the device: asking which rows overflowed would wait for it.
+        overflowed = ~torch.isfinite(x).all(dim=-1, keepdim=True)
+        shifted = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+        x = torch.where(overflowed, shifted, x)
 
-        use_k = any(0 < p.top_k < vocab for p in params)
-        use_p = any(p.top_p < 1.0 for p in params)
-        if use_k or use_p:
+        if batch.use_top_k or batch.use_top_p:
             # One ascending sort serves both: masking the values below the top-k
             # threshold keeps the sorted row sorted, and it is exactly the row HF's
             # top-p would sort after HF's top-k.
             sorted_x, order = x.sort(dim=-1)
-            if use_k:
-                k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=dev)
-                threshold = sorted_x.gather(1, (vocab - k)[:, None])
+            if batch.use_top_k:
+                threshold = sorted_x.gather(1, (vocab - t.top_k)[:, None])
                 x = x.masked_fill(x < threshold, float("-inf"))
                 sorted_x = sorted_x.masked_fill(sorted_x < threshold, float("-inf"))
-            if use_p:
-                # 1 - top_p is formed in double and rounded to float32, as HF's
-                # comparison with a Python scalar does; -1 disables the row.
-                limit = torch.tensor([1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params], **f32)
-                drop_sorted = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= limit[:, None]
+            if batch.use_top_p:
+                drop_sorted = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= t.top_p_limit[:, None]
                 drop_sorted[:, -1] = False
                 drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
                 x = x.masked_fill(drop, float("-inf"))
 
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], **f32)
+        if batch.use_min_p:
             probs = x.softmax(dim=-1)
             top, best = probs.max(dim=-1, keepdim=True)
-            drop = probs < min_p[:, None] * top
+            drop = probs < t.min_p[:, None] * top
             drop.scatter_(1, best, False)
             x = x.masked_fill(drop, float("-inf"))
         return x
@@ -172,35 +152,34 @@ class Sampler:
         """Logits as sampling sees them: penalties for every row, then warpers for
         non-greedy rows (greedy rows stay penalised only; their argmax is the token).
         The input is left untouched; the result may be the input when nothing applies."""
-        out = self.apply_penalties(logits, rows)
-        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if len(rand) == len(rows):
-            return self.apply_warpers(out, [r.params for r in rows]) if rows else out
-        if rand:
-            idx = torch.tensor(rand, device=logits.device)
-            out = out.clone() if out is logits else out
-            out[idx] = self.apply_warpers(out[idx], [rows[i].params for i in rand])
-        return out
+        batch = self._batch(rows, logits)
+        out = self.apply_penalties(logits, batch)
+        if not batch.rand:
+            return out
+        if len(batch.rand) == len(batch):
+            return self.apply_warpers(out, batch)
+        rand = batch.tensors.rand
+        warped = self.apply_warpers(out.index_select(0, rand), batch)
+        return (out.clone() if out is logits else out).index_copy_(0, rand, warped)
 
     # -- sampling -----------------------------------------------------------------
 
-    def _exponentials(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
-        """Exp(1) noise `[len(rows), vocab]`: one batched draw from the sampler's
-        generator for unseeded rows, a per-(seed, step) generator for each seeded row."""
-        unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
-        q = torch.empty((len(rows), vocab), dtype=torch.float32, device=device)
-        if unseeded:
-            draw = torch.empty((len(unseeded), vocab), dtype=torch.float32, device=device)
-            draw.exponential_(generator=self._generator(device))
-            if len(unseeded) == len(rows):
-                q = draw
-            else:
-                q[torch.tensor(unseeded, device=device)] = draw
-        for j, r in enumerate(rows):
-            if r.params.seed is not None:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(row_seed(r.params.seed, len(r.output_token_ids)))
-                q[j].exponential_(generator=gen)
+    def _exponentials(self, batch: SamplingBatch, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise `[len(batch.rand), vocab]`: one batched draw from the sampler's
+        generator for unseeded rows, one hashed pass for all seeded rows."""
+        t, vocab = batch.tensors, batch.vocab
+        num_rand = len(batch.rand)
+        num_unseeded = num_rand - batch.num_seeded
+        if not batch.num_seeded:
+            q = torch.empty((num_rand, vocab), dtype=torch.float32, device=device)
+            q.exponential_(generator=self._generator(device))
+        elif not num_unseeded:
+            q = seeded_exponentials(t.seed_keys, vocab)
+        else:
+            q = torch.empty((num_rand, vocab), dtype=torch.float32, device=device)
+            draw = torch.empty((num_unseeded, vocab), dtype=torch.float32, device=device)
+            q.index_copy_(0, t.unseeded, draw.exponential_(generator=self._generator(device)))
+            q.index_copy_(0, t.seeded, seeded_exponentials(t.seed_keys, vocab))
         # A zero draw would turn a filtered token's 0/0 into NaN and win the argmax.
         return q.clamp_min_(torch.finfo(torch.float32).tiny)
 
@@ -222,46 +201,53 @@ class Sampler:
         return SamplerOutput.concat([self(logits[i:i + 1], [row]) for i, row in enumerate(rows)])
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        n, vocab = logits.shape
-        dev = logits.device
+        n = logits.shape[0]
         raw = logits.float()
-        processed = self.process_logits(raw, rows)
+        batch = self._batch(rows, raw)
+        t = batch.tensors
+        processed = self.process_logits(raw, batch)
         # NaN anywhere, +inf, or nothing finite: no distribution to sample from (and argmax
-        # would pick an arbitrary token). Such rows fail; the others are sampled as usual.
-        invalid = (~((processed < float("inf")).all(dim=-1) & (processed > float("-inf")).any(dim=-1))).tolist()
+        # would pick an arbitrary token). Such rows fail, flagged on the device and read back
+        # with the tokens; the others are sampled as usual.
+        invalid = ~((processed < float("inf")).all(dim=-1) & (processed > float("-inf")).any(dim=-1))
 
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if not rand:
+        if not batch.rand:
             tokens = processed.argmax(dim=-1)
         else:
-            tokens = torch.empty(n, dtype=torch.long, device=dev)
-            if greedy:
-                g = torch.tensor(greedy, device=dev)
-                tokens[g] = processed[g].argmax(dim=-1)
-            r_idx = torch.tensor(rand, device=dev)
-            probs = (processed if not greedy else processed[r_idx]).softmax(dim=-1)
+            probs = (processed if not batch.greedy else processed.index_select(0, t.rand)).softmax(dim=-1)
             # Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p.
-            q = self._exponentials([rows[i] for i in rand], vocab, dev)
-            tokens[r_idx] = (probs / q).argmax(dim=-1)
-        token_ids = tokens.tolist()
+            raced = (probs / self._exponentials(batch, logits.device)).argmax(dim=-1)
+            if not batch.greedy:
+                tokens = raced
+            else:
+                tokens = processed.argmax(dim=-1).index_copy_(0, t.rand, raced)
+        tokens = tokens.masked_fill(invalid, 0)
+        return self._read_back(batch, raw, tokens, invalid)
 
+    def _read_back(self, batch: SamplingBatch, raw: torch.Tensor, tokens: torch.Tensor,
+                   invalid: torch.Tensor) -> SamplerOutput:
+        """Tokens, validity flags and the asked-for logprobs packed into one float64 tensor
+        (ids are exact in float64) and read back once; unpacked into the output."""
+        n, top_n, ask = len(batch), batch.top_n, batch.ask
+        columns = [tokens[:, None].double(), invalid[:, None].double()]
+        if ask:
+            a = batch.tensors.ask
+            lp = torch.log_softmax(raw if len(ask) == n else raw.index_select(0, a), dim=-1)
+            chosen = lp.gather(1, (tokens if len(ask) == n else tokens.index_select(0, a))[:, None])
+            top_v, top_i = lp.topk(top_n, dim=-1) if top_n > 0 else (lp[:, :0], lp[:, :0].long())
+            asked = torch.cat([chosen.double(), top_v.double(), top_i.double()], dim=1)
+            if len(ask) < n:
+                asked = torch.zeros((n, asked.shape[1]), dtype=torch.float64, device=raw.device).index_copy_(0, a, asked)
+            columns.append(asked)
+        packed = self.host_syncs.read_back(torch.cat(columns, dim=1))
+
+        token_ids = [int(row[0]) for row in packed]
+        errors: list[str | None] = [_NO_DISTRIBUTION if row[1] else None for row in packed]
         logprobs: list[float | None] = [None] * n
         top_logprobs: list[dict[int, float] | None] = [None] * n
-        ask = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if ask:
-            a = torch.tensor(ask, device=dev)
-            lp = torch.log_softmax(raw if len(ask) == n else raw[a], dim=-1)
-            chosen = lp.gather(1, tokens[a][:, None]).squeeze(1).tolist()
-            top_n = min(max(rows[i].params.logprobs for i in ask), vocab)
-            top_v, top_i = (lp.topk(top_n, dim=-1) if top_n > 0 else (lp[:, :0], lp[:, :0].long()))
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for j, i in enumerate(ask):
-                want = rows[i].params.logprobs
-                logprobs[i] = chosen[j]
-                top_logprobs[i] = dict(zip(top_i[j][:want], top_v[j][:want]))
-        errors: list[str | None] = [None] * n
-        for i in (i for i, bad in enumerate(invalid) if bad):
-            token_ids[i], logprobs[i], top_logprobs[i] = 0, None, None
-            errors[i] = "sampling failed: the logits hold no valid distribution (NaN or infinite values)"
-        return SamplerOutput(token_ids, logprobs, top_logprobs, errors)
+        for i in ask:
+            if errors[i] is None:
+                want, row = batch[i].params.logprobs, packed[i]
+                logprobs[i] = row[2]
+                top_logprobs[i] = dict(zip((int(v) for v in row[3 + top_n:3 + top_n + want]), row[3:3 + want]))
+        return SamplerOutput(token_ids, logprobs, top_logprobs, errors, device_token_ids=tokens)
