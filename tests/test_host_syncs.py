@@ -29,7 +29,7 @@ READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "
 def _caller() -> str:
     """The repository file (relative) whose code made the call being intercepted."""
     for frame in reversed(traceback.extract_stack()[:-2]):
-        path = Path(frame.filename)
+        path = Path(frame.filename).resolve()  # (a checkout may be reached through links)
         if path.is_relative_to(ROOT) and not path.is_relative_to(ROOT / ".venv") and path.name != Path(__file__).name:
             return str(path.relative_to(ROOT))
     return "?"
