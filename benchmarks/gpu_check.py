@@ -224,6 +224,64 @@ def memory_profiled_capacity(ctx) -> dict:
             "ok": blocks > 0}
 
 
+def decode_graphs(ctx) -> dict:
+    """Decode step time with CUDA graphs and with `enforce_eager` at batch 1/16/64, and the
+    graphs' memory pool; the greedy tokens of both must agree. Dry run: the same static-buffer
+    path replayed eagerly (`QUIRE_DECODE_GRAPH_REPLAY=1`), tiny batches, no timing claim."""
+    if ctx.checkpoint is None:
+        return {"skipped": NO_CHECKPOINT}
+    import os
+    import time
+
+    from quire.cluster import LLM, SamplingParams
+    from quire.protos.step import PLACEHOLDER_TOKEN, NewRequestData, SamplingSpec, StepPlan
+
+    batch_sizes, steps, prompt_len = ((1, 3, 5), 4, 8) if ctx.dry_run else ((1, 16, 64), 30, 32)
+    if ctx.dry_run:
+        os.environ["QUIRE_DECODE_GRAPH_REPLAY"] = "1"
+    results, tokens = {}, {}
+    try:
+        for eager in (False, True):
+            llm = LLM(model=str(ctx.checkpoint), dtype="float32" if ctx.dry_run else "float16", max_model_len=512,
+                      max_num_seqs=max(batch_sizes), num_kv_blocks=512, enforce_eager=eager)
+            try:
+                prompts = [[(7 * i + j) % 100 + 1 for j in range(prompt_len)] for i in range(max(batch_sizes))]
+                outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                       use_tqdm=False)
+                tokens[eager] = [o.outputs[0].token_ids for o in outputs]
+                runner = llm.engine.executor.worker.runner
+                per_request = -(-(prompt_len + steps + 2) // runner.block_size)
+                times = {}
+                for n in batch_sizes:
+                    handles = list(range(1, n + 1))
+                    runner.execute(StepPlan(1, new_requests=[
+                        NewRequestData(h, f"t{h}", prompts[h - 1], SamplingSpec(temperature=0),
+                                       list(range((h - 1) * per_request, h * per_request)), 0) for h in handles],
+                        num_scheduled_tokens={h: prompt_len for h in handles}))
+
+                    def decode(step: int) -> None:
+                        runner.execute(StepPlan(step, decode_handles=handles, decode_token_ids=[PLACEHOLDER_TOKEN] * n))
+
+                    decode(2)  # untimed
+                    began = time.perf_counter()
+                    for step in range(3, 3 + steps):
+                        decode(step)  # ends in the sampler's readback: wall time covers the device's work
+                    times[n] = (time.perf_counter() - began) / steps * 1e3
+                    runner.execute(StepPlan(3 + steps, finished_handles=handles))
+                graphs = runner.graphs
+                results["eager" if eager else "graphs"] = {
+                    "step_ms": times, "mode": graphs.mode if graphs else None,
+                    "pool_bytes": graphs.pool_bytes if graphs else 0}
+            finally:
+                llm.shutdown()
+    finally:
+        if ctx.dry_run:
+            os.environ.pop("QUIRE_DECODE_GRAPH_REPLAY", None)
+    agreement = token_agreement(tokens[True], tokens[False])
+    return {**results, "token_agreement": agreement, "ok": results["graphs"]["mode"] is not None
+            and agreement["overall"] >= 0.9}
+
+
 def transport(ctx) -> dict:
     """Issue 4's throughput goal where it means something: one rank in process against one
     gRPC worker process (asynchronous scheduling, its default there; no Ray on this image),
@@ -350,6 +408,7 @@ def run_sections(report: Report, ctx: Context) -> int:
     report.run("parity_float16", parity, ctx, "float16")
     report.run("parity_bfloat16", parity, ctx, "bfloat16")
     report.run("kv_profiling", memory_profiled_capacity, ctx)
+    report.run("decode_graphs", decode_graphs, ctx)
     report.run("transport", transport, ctx)
     return 0 if report.data["ok"] else 1
 

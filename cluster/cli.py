@@ -78,6 +78,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="share of KV blocks a new request must leave free while others run (default 0.01)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
                        help="share of each GPU's memory quire may use (weights, activations, KV cache)")
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="run every step eagerly: no CUDA graphs for decode steps (default: graphs on CUDA)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     group.add_argument("--seed", type=int, default=0, help="random seed of the workers (sampling)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="GPUs (ranks) per model")
@@ -102,7 +104,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
              "max_model_len", "num_kv_blocks", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching",
              "preemption_mode", "swap_space", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
              "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling",
-             "bind_cpu_cores", "admission_watermark")
+             "bind_cpu_cores", "admission_watermark", "enforce_eager")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

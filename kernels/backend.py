@@ -34,6 +34,8 @@ class AttentionPlan:
     this step's K/V are written; query_start_loc: prefix sums of the query lengths
     (`num_reqs + 1` entries, host lists). `kernel_plan` is the backend's own precomputation
     (a RefAttentionPlan, a TritonAttentionPlan); only the backend that built it reads it.
+    A static plan (`AttentionBackend.static_decode_plan`) has empty host lists: its lengths
+    live on the device and change between replays.
     """
 
     block_tables: torch.Tensor
@@ -76,6 +78,17 @@ class AttentionBackend(ABC):
         queries sit at positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1`. Query head h
         uses KV head `h // (num_heads // num_kv_heads)`. Returns a new tensor in the query's
         dtype and shape. `plan` must come from this backend's `plan`."""
+
+    def static_decode_plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, *, max_seq_len: int,
+                           block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan | None:
+        """A plan that stays valid while the *contents* of its tensors change, for a CUDA graph of
+        a decode-only batch: `block_tables` `[num_reqs, width]` and `seq_lens` `[num_reqs]` (int32,
+        each in `1..max_seq_len`) are static device buffers the caller rewrites before each run;
+        every request has exactly one query row (query_start_loc is `0..num_reqs`). Launches made
+        with it take no decision from host values (grid, split count, chunk length are fixed here),
+        so they can be captured once and replayed. None (the default) when this backend's plans
+        depend on host values: its decode steps cannot be captured."""
+        return None
 
     def warm_up(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                 device: torch.device | str) -> WarmUpResult:

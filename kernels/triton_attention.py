@@ -236,6 +236,26 @@ class TritonAttentionPlan:
         return cls(as_tensor(seq_lens), as_tensor(query_start_loc), as_tensor(tile_req), as_tensor(tile_first),
                    block_m, block_q, num_splits, split_length(max_seq, num_splits))
 
+    @classmethod
+    def build_static_decode(cls, seq_lens: torch.Tensor, group: int, num_kv_heads: int, max_seq_len: int,
+                            num_splits: int | None = None) -> TritonAttentionPlan:
+        """A graph-safe plan for `seq_lens.numel()` single-token decodes whose lengths (`seq_lens`,
+        an int32 device tensor the caller rewrites between launches, each in `1..max_seq_len`)
+        are read by the kernels only. One tile per request (first query 0); the split-K factor
+        and chunk length are fixed from `max_seq_len`, not from the batch's lengths: a split
+        that starts past a request's context runs no iteration and stores (m=-inf, l=0, acc=0),
+        which `_reduce_kernel` weighs 0 (split 0 always holds position 0, so the total is never 0).
+        `num_splits` None applies the split-K rule to (num_reqs, max_seq_len)."""
+        num_reqs, device = seq_lens.numel(), seq_lens.device
+        block_m, block_q = tile_rows(group, decode_only=True)
+        if num_splits is None:
+            num_splits = choose_num_splits(num_reqs * num_kv_heads, max_seq_len, device)
+        if not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
+        query_start = torch.arange(num_reqs + 1, dtype=torch.int32, device=device)
+        return cls(seq_lens, query_start, query_start[:-1], torch.zeros(num_reqs, dtype=torch.int32, device=device),
+                   block_m, block_q, num_splits, split_length(max_seq_len, num_splits))
+
 
 def launch_variants(query: torch.Tensor, k_cache: torch.Tensor, plan: TritonAttentionPlan) -> tuple:
     """The (attention, reduction or None) variants `paged_attention` launches for this plan."""
@@ -285,6 +305,12 @@ class TritonAttentionBackend(AttentionBackend):
         kernel_plan = TritonAttentionPlan.build(seq_lens, query_start_loc, num_heads // num_kv_heads, num_kv_heads,
                                                 block_tables.device)
         return AttentionPlan(block_tables, seq_lens, query_start_loc, kernel_plan)
+
+    def static_decode_plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, *, max_seq_len: int,
+                           block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan:
+        kernel_plan = TritonAttentionPlan.build_static_decode(seq_lens, num_heads // num_kv_heads, num_kv_heads,
+                                                              max_seq_len)
+        return AttentionPlan(block_tables, [], [], kernel_plan)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["environment", "wire_versions", "kernels", "checkpoint", "parity_float16", "parity_bfloat16",
-            "kv_profiling", "transport"]
+            "kv_profiling", "decode_graphs", "transport"]
 
 # Installed as sitecustomize in every interpreter the dry run starts (the worker process too):
 # the GPU image has none of these, so the check must not import them.

@@ -90,7 +90,8 @@ def tracked_step(runner, plan: StepPlan):
     counters = (runner.host_syncs, runner.sampler.host_syncs)
     before = [c.snapshot() for c in counters]
     device_tensors = [*runner.model.parameters(), *runner.model.buffers(), runner.block_table.table,
-                      *(t for pair in runner.kv_pool.caches for t in pair)]
+                      *(t for pair in runner.kv_pool.caches for t in pair),
+                      *(runner.graphs.static_buffers() if runner.graphs else [])]
     with DeviceTracker(device_tensors) as tracker:
         result = runner.execute(plan)
     counted = [sum(c.snapshot()[k] - b[k] for c, b in zip(counters, before)) for k in range(3)]

@@ -18,6 +18,7 @@ from quire.protos.step import (PLACEHOLDER_TOKEN, NewRequestData, SampledLogprob
                                TokenSequence)
 from quire.worker.attention import AttentionMetadata
 from quire.worker.block_table import DeviceBlockTable
+from quire.worker.cuda_graphs import DecodeGraphRunner, DecodeGraphSpec
 from quire.worker.host_sync import HostSyncCounter
 from quire.worker.kv_pool import KVPool
 from quire.worker.parallel import ParallelContext
@@ -48,15 +49,18 @@ class PreparedStep:
     """One step's flat inputs on the device, and the host facts that go with them: the
     scheduled `states` in batch order, their `seq_lens` after the step (numpy), the batch
     indexes of the requests that sample (`to_sample`, host list) and the hidden-state rows
-    they sample from (`sample_rows`, device)."""
+    they sample from (`sample_rows`, device). A decode step loaded into the graph runner's
+    static buffers has `graph_size` (its padded batch size) set and no inputs or metadata of
+    its own."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
+    input_ids: torch.Tensor | None
+    positions: torch.Tensor | None
+    meta: AttentionMetadata | None
     states: list[RequestState]
     seq_lens: np.ndarray
     to_sample: list[int]
     sample_rows: torch.Tensor
+    graph_size: int = 0
 
 
 class ModelRunner:
@@ -70,10 +74,14 @@ class ModelRunner:
 
     `attention` is the worker's attention backend, chosen once at setup; every step's
     metadata hands it to the layers. `backend` is its name ("torch", "triton").
+
+    With `decode_graphs` set, a step in which every scheduled request computes one token and
+    which fits the ladder runs through a DecodeGraphRunner (static buffers, padded; captured
+    CUDA graphs once `graphs.capture()` ran); any other step runs eagerly. Results are the same.
     """
 
     def __init__(self, model, ctx: ParallelContext, device: torch.device, kv_pool: KVPool,
-                 attention: AttentionBackend, sampler: Sampler):
+                 attention: AttentionBackend, sampler: Sampler, decode_graphs: DecodeGraphSpec | None = None):
         self.model, self.ctx, self.device = model, ctx, device
         self.kv_pool, self.attention, self.sampler = kv_pool, attention, sampler
         self.backend = attention.name
@@ -85,6 +93,8 @@ class ModelRunner:
         self.host_syncs = HostSyncCounter()  # this runner's; the sampler counts its own
         self.stager = StagingBuffer(device, self.host_syncs)
         self.block_table = DeviceBlockTable(device)
+        self.graphs = None if decode_graphs is None else DecodeGraphRunner(
+            decode_graphs, model, attention, kv_pool, self.block_table, device, self.num_heads, self.num_kv_heads)
 
     def _add(self, state: RequestState) -> None:
         """Hold a request's state, with a block-table row of its own."""
@@ -197,7 +207,11 @@ class ModelRunner:
         # A request samples when this step computes its last known token, from its last query row.
         to_sample = [i for i, s in enumerate(states) if seq_lens[i] == s.num_tokens]
         sample_rows = query_start_loc[1:][to_sample] - 1
+        graph_size = self.graphs.padded_size(num_reqs) if self.graphs and num_tokens == num_reqs else None
         delta_index, delta_values = self.block_table.take_deltas()  # the width is final from here on
+        if graph_size is not None:
+            return self._prepare_graph_step(graph_size, states, token_ids, positions, seq_lens, table_rows, to_sample,
+                                            sample_rows, delta_index, delta_values)
         table_index = table_rows[req_of_token] * self.block_table.width + positions // self.block_size
         (input_ids_d, positions_d, table_index_d, offset_d, table_rows_d, sample_rows_d, delta_index_d,
          delta_values_d) = self.stager.stage([
@@ -217,6 +231,32 @@ class ModelRunner:
                                         num_kv_heads=self.num_kv_heads)
         return PreparedStep(input_ids_d, positions_d, meta, states, seq_lens, to_sample, sample_rows_d)
 
+    def _prepare_graph_step(self, size: int, states: list[RequestState], token_ids: list[int], positions: np.ndarray,
+                            seq_lens: np.ndarray, table_rows: np.ndarray, to_sample: list[int],
+                            sample_rows: np.ndarray, delta_index: np.ndarray, delta_values: np.ndarray) -> PreparedStep:
+        """`_prepare` for a decode step of `len(states)` rows padded to `size`: the same one staging
+        copy (ids, positions and lengths already padded), then device-side copies into the graph
+        runner's static buffers."""
+        num_pad = size - len(states)
+        ids_d, positions_d, seq_lens_d, table_index_d, offset_d, table_rows_d, sample_rows_d, delta_index_d, \
+            delta_values_d = self.stager.stage([
+                np.pad(np.asarray(token_ids, dtype=np.int64), (0, num_pad)), np.pad(positions, (0, num_pad)),
+                np.pad(seq_lens, (0, num_pad), constant_values=1),
+                table_rows * self.block_table.width + (positions // self.block_size), positions % self.block_size,
+                table_rows, sample_rows, delta_index, delta_values])
+        self.block_table.apply_deltas(delta_index_d, delta_values_d)
+        slots = self.block_table.lookup(table_index_d) * self.block_size + offset_d
+        self.graphs.load(size, ids_d, positions_d, slots, table_rows_d, seq_lens_d,
+                         np.pad(seq_lens, (0, num_pad), constant_values=1))
+        return PreparedStep(None, None, None, states, seq_lens, to_sample, sample_rows_d, graph_size=size)
+
+    def _forward(self, prepared: PreparedStep) -> torch.Tensor:
+        """The step's final hidden states (a graph step's padded to its size: rows past the
+        batch are padding, never sampled)."""
+        if prepared.graph_size:
+            return self.graphs.forward(prepared.graph_size)
+        return self.model(prepared.input_ids, prepared.positions, prepared.meta)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
@@ -228,7 +268,7 @@ class ModelRunner:
         if prepared is None:
             return result
         states, to_sample = prepared.states, prepared.to_sample
-        hidden = self.model(prepared.input_ids, prepared.positions, prepared.meta)
+        hidden = self._forward(prepared)
         for state, seq_len in zip(states, prepared.seq_lens.tolist()):
             state.num_computed_tokens = seq_len
         read_back = False
@@ -299,7 +339,7 @@ class ModelRunner:
         self._apply_plan(plan, failed)
         try:
             prepared = self._prepare(plan, failed)
-            hidden = self.model(prepared.input_ids, prepared.positions, prepared.meta)
+            hidden = self._forward(prepared)[:sum(len(p) for p in prompts)]  # a graph step's padding cut off
             logits = self.model.compute_logits(hidden)
         finally:
             for i in range(len(prompts)):

@@ -14,6 +14,8 @@ import torch
 from quire.kernels.backend import AttentionBackend, select_backend
 from quire.protos import worker_pb2 as pb
 from quire.protos.step import StepPlan
+from quire.worker.cuda_graphs import (CAPTURE, DecodeGraphSpec, batch_size_ladder, decode_graph_mode,
+                                      graph_memory_reserve, max_padding)
 from quire.worker.kv_pool import KVCacheSpec, KVPool
 from quire.worker.loader import load_model, parse_dtype
 from quire.worker.memory_profile import dummy_request_lengths, dummy_step_plan, kv_cache_budget
@@ -72,7 +74,10 @@ class Worker:
         measured budget on CUDA (`memory_profile.kv_cache_budget` on the device's free memory
         after the dummy step), else the CPU default. Without an explicit budget the dummy step
         runs on every device, so a step the scheduler may plan that cannot run fails here, at
-        startup, and not on the first full batch."""
+        startup, and not on the first full batch. Where decode steps will be captured as CUDA
+        graphs (`cuda_graphs.decode_graph_mode`), the measured budget also leaves out an estimate
+        of their memory pool (`cuda_graphs.graph_memory_reserve`) and the padding rows' scratch
+        blocks."""
         per_block = self.kv_spec.bytes_per_block(request.block_size)
         if request.kv_cache_memory_bytes > 0:
             return pb.ProfileMemoryResponse(num_blocks=request.kv_cache_memory_bytes // per_block,
@@ -93,9 +98,19 @@ class Worker:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = kv_cache_budget(total, free, peak, allocated_after, request.gpu_memory_utilization)
-        logger.info("rank %d: %.0f of %.0f MiB free after profiling, activation peak %.0f MiB, KV budget %.0f MiB "
-                    "(utilization %.2f)", self.ctx.rank, free / 2**20, total / 2**20,
-                    (peak - allocated_after) / 2**20, budget / 2**20, request.gpu_memory_utilization)
+        # Captured decode graphs keep a memory pool of their own for good: an estimate of it is
+        # kept out of the KV budget (the measured size is logged after capture), and so are the
+        # KV pool's scratch blocks for padding rows.
+        graphs = 0
+        if request.max_num_seqs > 0 and self._graph_mode(request.enforce_eager) == CAPTURE:
+            graphs = (graph_memory_reserve(peak - allocated_after, request.max_num_seqs,
+                                           request.max_num_batched_tokens)
+                      + max_padding(batch_size_ladder(request.max_num_seqs)) * per_block)
+            budget = max(0, budget - graphs)
+        logger.info("rank %d: %.0f of %.0f MiB free after profiling, activation peak %.0f MiB, CUDA graphs "
+                    "reserve %.0f MiB, KV budget %.0f MiB (utilization %.2f)", self.ctx.rank, free / 2**20,
+                    total / 2**20, (peak - allocated_after) / 2**20, graphs / 2**20, budget / 2**20,
+                    request.gpu_memory_utilization)
         return pb.ProfileMemoryResponse(num_blocks=budget // per_block, bytes_per_block=per_block,
                                         total_memory_bytes=total, peak_activation_bytes=peak - allocated_after,
                                         free_memory_bytes=free, used_memory_bytes=total - free,
@@ -127,8 +142,17 @@ class Worker:
         """Allocate this rank's KV pool and the runner that uses it. Drops any request state."""
         per_block = self.kv_spec.bytes_per_block(request.block_size)
         num_cpu_blocks = request.swap_space_bytes // per_block
-        pool = KVPool(self.kv_spec, request.num_blocks, request.block_size, self.device, num_cpu_blocks=num_cpu_blocks)
-        self.runner = ModelRunner(self.model, self.ctx, self.device, pool, self.attention, Sampler(self.seed))
+        mode = self._graph_mode(request.enforce_eager) if request.max_num_seqs > 0 else None
+        graphs = None
+        if mode is not None:
+            # Scratch blocks past the controller's, one per padding row a batch may get.
+            scratch = list(range(request.num_blocks,
+                                 request.num_blocks + max_padding(batch_size_ladder(request.max_num_seqs))))
+            graphs = DecodeGraphSpec(mode, request.max_num_seqs, self.max_model_len, scratch)
+        pool = KVPool(self.kv_spec, request.num_blocks + (len(graphs.scratch_blocks) if graphs else 0),
+                      request.block_size, self.device, num_cpu_blocks=num_cpu_blocks)
+        self.runner = ModelRunner(self.model, self.ctx, self.device, pool, self.attention, Sampler(self.seed),
+                                  decode_graphs=graphs)
         # Every kernel variant serving will launch is compiled now, not on a request's first steps.
         warmed = self.attention.warm_up(
             num_heads=self.model.config.num_attention_heads // self.ctx.world_size,
@@ -137,7 +161,15 @@ class Worker:
         logger.info("rank %d: KV pool of %d blocks x %d tokens (+%d CPU swap blocks), %s attention "
                     "(%d kernel variants warmed up in %.1fs)", self.ctx.rank, request.num_blocks, request.block_size,
                     num_cpu_blocks, self.attention.name, warmed.variants, warmed.seconds)
+        if mode == CAPTURE:  # after the warm-up: no kernel compiles inside a capture
+            self.runner.graphs.capture()
         return pb.AllocateKVCacheResponse(num_cpu_blocks=num_cpu_blocks)
+
+    def _graph_mode(self, enforce_eager: bool) -> str | None:
+        """How this rank runs decode steps (`cuda_graphs.decode_graph_mode`)."""
+        group = self.ctx.group if self.ctx.world_size > 1 else None
+        return decode_graph_mode(self.device, enforce_eager, self.attention,
+                                 torch.distributed.get_backend(group) if group is not None else None)
 
     def execute_step(self, plan: pb.StepPlan) -> pb.StepResult:
         if self.runner is None:

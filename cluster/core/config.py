@@ -12,6 +12,8 @@ class ModelConfig:
     dtype: str = "auto"             # auto | float32 | float16 | bfloat16
     max_model_len: int | None = None  # defaults to the checkpoint's context length
     seed: int = 0
+    # Run every step eagerly: no CUDA graphs for decode steps (on CUDA they are the default).
+    enforce_eager: bool = False
 
 
 @dataclass

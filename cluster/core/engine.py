@@ -74,7 +74,7 @@ class Engine:
             model_path=str(self.info.path), dtype=self.info.dtype, seed=config.model.seed,
             max_model_len=self.max_model_len, block_size=config.cache.block_size,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_seqs=config.scheduler.max_num_seqs, enforce_eager=config.model.enforce_eager,
             kv_cache_memory=config.cache.kv_cache_memory or 0,
             gpu_memory_utilization=config.cache.gpu_memory_utilization,
             num_kv_blocks=config.cache.num_kv_blocks,

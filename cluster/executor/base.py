@@ -41,6 +41,8 @@ class WorkerSetup:
     # budget allows), so the KV budget leaves room for a full batch's sampler temporaries.
     # 0 means unknown and profiles one row; the engine always sets it.
     max_num_seqs: int = 0
+    # No CUDA graphs for decode steps (they are captured up to max_num_seqs on CUDA otherwise).
+    enforce_eager: bool = False
 
 
 class Executor(ABC):
@@ -70,13 +72,14 @@ class Executor(ABC):
             profiles = self._call_all("ProfileMemory", [pb.ProfileMemoryRequest(
                 block_size=setup.block_size, max_num_batched_tokens=setup.max_num_batched_tokens,
                 max_num_seqs=setup.max_num_seqs, gpu_memory_utilization=setup.gpu_memory_utilization,
-                kv_cache_memory_bytes=setup.kv_cache_memory)] * self.world_size)
+                kv_cache_memory_bytes=setup.kv_cache_memory, enforce_eager=setup.enforce_eager)] * self.world_size)
             num_blocks = int(min(p.num_blocks for p in profiles))
             logger.info("KV blocks each rank can hold: %s", [int(p.num_blocks) for p in profiles])
         if num_blocks < 1:
             raise RuntimeError("no memory is left for the KV cache; lower max_num_batched_tokens or use a smaller model")
         allocated = self._call_all("AllocateKVCache", [pb.AllocateKVCacheRequest(
-            num_blocks=num_blocks, block_size=setup.block_size, swap_space_bytes=setup.swap_space)] * self.world_size)
+            num_blocks=num_blocks, block_size=setup.block_size, swap_space_bytes=setup.swap_space,
+            max_num_seqs=setup.max_num_seqs, enforce_eager=setup.enforce_eager)] * self.world_size)
         return num_blocks, int(min(a.num_cpu_blocks for a in allocated))
 
     def submit(self, plan: StepPlan) -> None:
