@@ -173,8 +173,10 @@ class AsyncEngine:
         """Queue a request and yield its deltas (ValueError first if the engine rejects it).
         Closing or cancelling the iteration before the finished output aborts the request.
         `cache_salt` and `priority` are `Engine.add_request`'s."""
-        if not self.healthy:
-            raise EngineDeadError(f"the engine is not running ({self._error or 'stopped'})") from self._error
+        # A loop that is paused (or not started yet) queues the request until `start`; a failed
+        # or stopped engine, or one with a dead worker, refuses it.
+        if self._error is not None or self._stopping or getattr(self.engine.executor, "failure", None) is not None:
+            raise EngineDeadError(f"the engine is not running ({self.failure})") from self._error
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival=time.monotonic())
         self._submit(("add", request_id, prompt, params, stream, cache_salt, priority))

@@ -62,7 +62,6 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"`sampling_params` has {len(params)} entries for {len(prompts)} prompts")
-        self._async_engine.start()
         generating = self._loop.create_task(self._generate_all(prompts, params, cache_salt, use_tqdm))
         try:
             return self._loop.run_until_complete(generating)
@@ -93,6 +92,11 @@ class LLM:
 
         tasks = [asyncio.ensure_future(run(index)) for index in range(len(prompts))]
         try:
+            # Every task queues its request on its first run; only then does the engine loop
+            # start, so it admits them all before its first step, whatever the timing: the
+            # batches, and so the tokens, are the same from run to run.
+            await asyncio.sleep(0)
+            self._async_engine.start()
             await asyncio.gather(*tasks)
         finally:  # a refusal or an interrupt: the others end too (closing a stream aborts its request)
             for task in tasks:
