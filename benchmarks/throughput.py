@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import platform
 import pstats
 import random
@@ -225,8 +226,12 @@ class QuirePeer:
                 self.llm.shutdown()
 
 
+_REPOSITORY = str(pathlib.Path(__file__).resolve().parent.parent) + "/"
+
+
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/work/main/"):
+    """A profiled function's file, relative to site-packages or to this repository."""
+    for marker in ("site-packages/", _REPOSITORY):
         if marker in path:
             return path.split(marker, 1)[1]
     return path
