@@ -32,10 +32,11 @@ fi
 if ! "$PYTHON" -c 'import importlib.util as u, pathlib as p, sys
 s = u.find_spec("quire.protos")
 sys.exit(0 if s and p.Path(s.origin).resolve().parent == p.Path("protos").resolve() else 1)' 2>/dev/null; then
-    if ! "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . 2>/tmp/quire-pip.log; then
+    pip_log="$(mktemp)"
+    if ! "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . 2>"$pip_log"; then
         # An image whose setuptools cannot build this project: expose the folders as the
         # quire package through a tree of links instead.
-        echo "gpu_check: editable install failed ($(tail -1 /tmp/quire-pip.log)); using a link tree" >&2
+        echo "gpu_check: editable install failed ($(tail -1 "$pip_log")); using a link tree" >&2
         tree="$(mktemp -d)/quire"
         mkdir -p "$tree"
         for folder in cluster worker kernels protos; do ln -s "$PWD/$folder" "$tree/$folder"; done
