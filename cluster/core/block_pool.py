@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
+from quire.cluster.core.kv_events import KVEventLog
+
 
 class BlockPool:
     """Owns the free queue, the reference counts and the prefix cache's hash map of blocks
@@ -19,9 +21,13 @@ class BlockPool:
     A full block's content hash (see `KVCacheManager`) maps to the block holding it. A
     freed block keeps its hash while it waits in the free queue, so a later request with
     the same prefix can revive it; the hash is dropped only when the block is reused.
+
+    With `events` (a log for a router mirroring this replica's cache; None, the default,
+    publishes nothing) every change of the hash map is published: `cache` entering a hash
+    publishes BlockStored, a reuse evicting one BlockRemoved (see `kv_events`).
     """
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, events: KVEventLog | None = None):
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block (got {num_blocks})")
         self.num_blocks = num_blocks
@@ -30,6 +36,7 @@ class BlockPool:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # content hash → block id
         self.num_evictions = 0
+        self.events = events
 
     @property
     def num_free_blocks(self) -> int:
@@ -63,6 +70,8 @@ class BlockPool:
         self.block_hash[block] = None
         if self.cached.get(block_hash) == block:
             del self.cached[block_hash]
+            if self.events is not None:
+                self.events.removed(block_hash, block)
         self.num_evictions += 1
 
     def lookup(self, block_hash: bytes) -> int | None:
@@ -78,14 +87,18 @@ class BlockPool:
                 del self._free[block]
             self.ref_counts[block] += 1
 
-    def cache(self, block: int, block_hash: bytes) -> None:
-        """Record that an in-use block holds the content `block_hash` (a no-op when another
-        block already holds it: both stay valid, the first one is what lookups find)."""
+    def cache(self, block: int, block_hash: bytes, parent_hash: bytes | None = None) -> None:
+        """Record that an in-use block holds the content `block_hash`, the block after
+        `parent_hash` in its prefix (None for a first block; only the events carry it). A
+        no-op, publishing nothing, when another block already holds it (both stay valid, the
+        first one is what lookups find) or this block holds a hash already."""
         if self.ref_counts[block] < 1:
             raise ValueError(f"block {block} is free and cannot be cached")
         if self.block_hash[block] is None and block_hash not in self.cached:
             self.block_hash[block] = block_hash
             self.cached[block_hash] = block
+            if self.events is not None:
+                self.events.stored(block_hash, parent_hash, block)
 
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference to each block; a block whose count reaches zero joins the free
@@ -109,6 +122,8 @@ class BlockPool:
         assert all(self.block_hash[b] == h for h, b in self.cached.items()), "hash map and block hashes disagree"
         hashed = [b for b in range(self.num_blocks) if self.block_hash[b] is not None]
         assert len(hashed) == len(self.cached), "a block holds a hash the map does not know"
+        if self.events is not None:
+            assert self.events.cached_hashes == self.cached.keys(), "the KV events disagree with the hash map"
         if tables is not None:
             counts = Counter(b for table in tables for b in table)
             mismatched = {b: (self.ref_counts[b], counts.get(b, 0)) for b in range(self.num_blocks)

@@ -135,7 +135,7 @@ class KVCacheManager:
                 # `_register`'s work for the one block a decode fills, at a fifth less scheduling
                 # cost per step: the blocks before it are registered and hashed, its tokens known.
                 hashes.append(self._hash_block(request, filled, hashes[-1]))
-                self.pool.cache(table[filled], hashes[filled])
+                self.pool.cache(table[filled], hashes[filled], hashes[filled - 1])
                 self._num_registered[request_id] = filled + 1
             else:
                 self._register(request, table, (len(table) - 1) * self.block_size)
@@ -159,7 +159,7 @@ class KVCacheManager:
         if full > start:
             hashes = self.block_hashes(request, full * self.block_size)
             for index in range(start, full):
-                self.pool.cache(table[index], hashes[index])
+                self.pool.cache(table[index], hashes[index], hashes[index - 1] if index else None)
             self._num_registered[request_id] = full
 
     def fork(self, request_id: str, source_id: str, num_tokens: int) -> list[int]:
@@ -214,8 +214,13 @@ class KVCacheManager:
         return list(zip(cpu_blocks, blocks))
 
     def reset(self) -> None:
-        """Forget every table, CPU table and cached block (the workers' pools were replaced)."""
-        self.pool = BlockPool(self.pool.num_blocks)
+        """Forget every table, CPU table and cached block (the workers' pools were replaced).
+        The pool's event log, if any, moves to the new pool and publishes CacheCleared when
+        the old pool cached anything."""
+        events, had_cached = self.pool.events, bool(self.pool.cached)
+        self.pool = BlockPool(self.pool.num_blocks, events=events)
+        if events is not None and had_cached:
+            events.cleared()
         if self.cpu_pool is not None:
             self.cpu_pool = BlockPool(self.cpu_pool.num_blocks)
         self.tables.clear()
