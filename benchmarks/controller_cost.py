@@ -182,10 +182,10 @@ def _stub_executor_class():
             return self.collect()
 
         def check_health(self) -> None:
-            pass
+            """Always healthy: there is no worker to lose."""
 
         def shutdown(self) -> None:
-            pass
+            """Nothing to release: there is no worker process."""
 
         def _answer(self, plan):
             requests, sampled = self.requests, self.sampled

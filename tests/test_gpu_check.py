@@ -12,22 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_gpu_image_imports import GPU_IMAGE_BLOCKER
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["environment", "wire_versions", "kernels", "checkpoint", "parity_float16", "parity_bfloat16",
             "kv_profiling", "decode_graphs", "transport"]
 
 # Installed as sitecustomize in every interpreter the dry run starts (the worker process too):
-# the GPU image has none of these, so the check must not import them.
-BLOCKER = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"fastapi", "uvicorn", "starlette", "ray", "prometheus_client", "grpc_health",
-                                  "grpc_reflection", "httpx", "matplotlib", "jsonschema"}:
-            raise ImportError(f"{name} is not on the GPU image")
-sys.meta_path.insert(0, Block())
-"""
+# the GPU image has none of the packages it blocks, so the check must not import them.
+BLOCKER = GPU_IMAGE_BLOCKER
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ kernels and CLI must import and generate without them (only `quire serve` needs 
 import subprocess
 import sys
 
-PROBE = r"""
+# Run first in an interpreter that stands for the GPU image: importing what it lacks fails.
+GPU_IMAGE_BLOCKER = r"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
@@ -11,6 +12,9 @@ class Block:
                                   "grpc_reflection", "httpx", "matplotlib", "jsonschema"}:
             raise ImportError(f"{name} is not on the GPU image")
 sys.meta_path.insert(0, Block())
+"""
+
+PROBE = GPU_IMAGE_BLOCKER + r"""
 import quire.cluster, quire.worker.worker, quire.kernels, quire.protos.worker_pb2_grpc
 from quire.cluster import LLM, SamplingParams
 from quire.cluster.cli import main

@@ -66,11 +66,6 @@ class OutputAccumulator:
             texts.append(new.text)
             whole.finish_reason, whole.stop_reason = new.finish_reason, new.stop_reason
 
-    def num_tokens(self, index: int) -> int:
-        """Output tokens of sample `index` received so far."""
-        held = self._samples.get(index)
-        return 0 if held is None else len(held[0].token_ids)
-
     def result(self) -> RequestOutput:
         if self._first is None:
             raise ValueError("no output received yet")

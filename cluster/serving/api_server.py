@@ -178,7 +178,7 @@ def build_app(engine: EngineClient, api_key: str | None = None, metrics: ServerM
 
     async def respond(response: ResponseStream, body, render_chunk, render_final, usage_head: dict):
         if body.stream:  # from here on Starlette cancels the body iterator on disconnect
-            return StreamingResponse(response.sse(render_chunk, usage_head if body.include_usage else None, body.n),
+            return StreamingResponse(response.sse(render_chunk, usage_head if body.include_usage else None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             final = await response.collect()
@@ -186,7 +186,7 @@ def build_app(engine: EngineClient, api_key: str | None = None, metrics: ServerM
             return Response(status_code=499)  # nobody reads this
         except (EngineDeadError, RequestFailedError) as exc:
             raise APIError(500, str(exc), type="internal_server_error", code=500) from None
-        return render_final(final.outputs, response.usage(body.n))
+        return render_final(final.outputs, response.usage())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):

@@ -53,7 +53,7 @@ RenderChunk = Callable[[CompletionOutput], "dict | None"]
 class ResponseStream:
     def __init__(self, stream: AsyncIterator[RequestOutput], raw: Request):
         self.stream, self.raw = stream, raw
-        self.received = OutputAccumulator()
+        self.num_output_tokens = 0  # over all samples, so far
         self._first: RequestOutput | None = None
         self._watcher: asyncio.Future | None = None
 
@@ -72,21 +72,22 @@ class ResponseStream:
         """The whole request, samples in index order (raises ClientGone, EngineDeadError or
         RequestFailedError, ending it)."""
         try:
-            output = self._first
-            self.received.add(output)
+            output, received = self._first, OutputAccumulator()
+            received.add(output)
             while not output.finished:
                 output = await _unless_disconnected(self.stream.__anext__(), self._watcher)
-                self.received.add(output)
-            return self.received.result()
+                received.add(output)
+            whole = received.result()
+            self.num_output_tokens = sum(len(completion.token_ids) for completion in whole.outputs)
+            return whole
         finally:
             await self.close()
 
-    def usage(self, num_samples: int) -> dict:
-        prompt = len(self._first.prompt_token_ids)
-        completion = sum(self.received.num_tokens(index) for index in range(num_samples))
+    def usage(self) -> dict:
+        prompt, completion = len(self._first.prompt_token_ids), self.num_output_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def sse(self, render: RenderChunk, usage_head: dict | None, num_samples: int) -> AsyncIterator[str]:
+    async def sse(self, render: RenderChunk, usage_head: dict | None) -> AsyncIterator[str]:
         """The SSE body: chunks as `render` shapes them, a usage chunk (`usage_head` plus
         `choices: []` and `usage`) when asked for, then `[DONE]`. Closing it (the client left)
         aborts the request."""
@@ -95,8 +96,8 @@ class ResponseStream:
         try:
             output = self._first
             while True:
-                self.received.add(output)
                 for completion in output.outputs:
+                    self.num_output_tokens += len(completion.token_ids)
                     payload = render(completion)
                     if payload is not None:
                         yield sse({**payload, "usage": None} if usage_head is not None else payload)
@@ -104,7 +105,7 @@ class ResponseStream:
                     break
                 output = await self.stream.__anext__()
             if usage_head is not None:
-                yield sse({**usage_head, "choices": [], "usage": self.usage(num_samples)})
+                yield sse({**usage_head, "choices": [], "usage": self.usage()})
         except (EngineDeadError, RequestFailedError) as exc:  # after the 200 went out: an error event
             yield sse({"error": {"message": str(exc), "type": "internal_server_error", "param": None, "code": 500}})
         finally:
