@@ -209,10 +209,10 @@ class ModelRunner:
         sample_rows = query_start_loc[1:][to_sample] - 1
         graph_size = self.graphs.padded_size(num_reqs) if self.graphs and num_tokens == num_reqs else None
         delta_index, delta_values = self.block_table.take_deltas()  # the width is final from here on
-        if graph_size is not None:
-            return self._prepare_graph_step(graph_size, states, token_ids, positions, seq_lens, table_rows, to_sample,
-                                            sample_rows, delta_index, delta_values)
         table_index = table_rows[req_of_token] * self.block_table.width + positions // self.block_size
+        if graph_size is not None:
+            return self._prepare_graph_step(graph_size, states, token_ids, positions, seq_lens, table_index,
+                                            table_rows, to_sample, sample_rows, delta_index, delta_values)
         (input_ids_d, positions_d, table_index_d, offset_d, table_rows_d, sample_rows_d, delta_index_d,
          delta_values_d) = self.stager.stage([
              np.asarray(token_ids, dtype=np.int64), positions, table_index, positions % self.block_size, table_rows,
@@ -232,22 +232,21 @@ class ModelRunner:
         return PreparedStep(input_ids_d, positions_d, meta, states, seq_lens, to_sample, sample_rows_d)
 
     def _prepare_graph_step(self, size: int, states: list[RequestState], token_ids: list[int], positions: np.ndarray,
-                            seq_lens: np.ndarray, table_rows: np.ndarray, to_sample: list[int],
+                            seq_lens: np.ndarray, table_index: np.ndarray, table_rows: np.ndarray, to_sample: list[int],
                             sample_rows: np.ndarray, delta_index: np.ndarray, delta_values: np.ndarray) -> PreparedStep:
         """`_prepare` for a decode step of `len(states)` rows padded to `size`: the same one staging
         copy (ids, positions and lengths already padded), then device-side copies into the graph
         runner's static buffers."""
         num_pad = size - len(states)
+        padded_seq_lens = np.pad(seq_lens, (0, num_pad), constant_values=1)
         ids_d, positions_d, seq_lens_d, table_index_d, offset_d, table_rows_d, sample_rows_d, delta_index_d, \
             delta_values_d = self.stager.stage([
                 np.pad(np.asarray(token_ids, dtype=np.int64), (0, num_pad)), np.pad(positions, (0, num_pad)),
-                np.pad(seq_lens, (0, num_pad), constant_values=1),
-                table_rows * self.block_table.width + (positions // self.block_size), positions % self.block_size,
+                padded_seq_lens, table_index, positions % self.block_size,
                 table_rows, sample_rows, delta_index, delta_values])
         self.block_table.apply_deltas(delta_index_d, delta_values_d)
         slots = self.block_table.lookup(table_index_d) * self.block_size + offset_d
-        self.graphs.load(size, ids_d, positions_d, slots, table_rows_d, seq_lens_d,
-                         np.pad(seq_lens, (0, num_pad), constant_values=1))
+        self.graphs.load(size, ids_d, positions_d, slots, table_rows_d, seq_lens_d, padded_seq_lens)
         return PreparedStep(None, None, None, states, seq_lens, to_sample, sample_rows_d, graph_size=size)
 
     def _forward(self, prepared: PreparedStep) -> torch.Tensor:
