@@ -25,6 +25,11 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # recompute | swap
     swap_space: int = 1 << 30           # bytes of CPU swap pool per rank (allocated in swap mode only)
+    # Secret key of the prefix cache's block hashes, hex (None: a fresh one per engine). The
+    # replicas of one deployment share it, so a router can compute their hashes; never sent to clients.
+    hash_seed: str | None = None
+    # Publish the prefix cache's changes (KV events) for a router to mirror.
+    kv_events: bool = False
 
 
 @dataclass
@@ -107,6 +112,14 @@ class EngineConfig:
             raise ValueError(f"`preemption_mode` must be recompute or swap (got {self.cache.preemption_mode!r})")
         if not isinstance(self.cache.swap_space, int) or self.cache.swap_space < 0:
             raise ValueError(f"`swap_space` must be a non-negative number of bytes (got {self.cache.swap_space!r})")
+        seed = self.cache.hash_seed
+        if seed is not None:
+            try:
+                seed_bytes = bytes.fromhex(seed) if isinstance(seed, str) else None
+            except ValueError:
+                seed_bytes = None
+            if seed_bytes is None or not 16 <= len(seed_bytes) <= 64:
+                raise ValueError("`hash_seed` must be 16 to 64 bytes written in hex")
         if self.model.skip_tokenizer_init and self.model.tokenizer is not None:
             raise ValueError("`tokenizer`: give a tokenizer (--tokenizer) or none (--skip-tokenizer-init), not both")
         if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):

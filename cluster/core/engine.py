@@ -16,6 +16,7 @@ from quire.cluster.core.config import EngineConfig
 from quire.cluster.core.detokenizer import IncrementalDetokenizer
 from quire.cluster.executor.base import Executor, WorkerFailure, WorkerSetup
 from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.kv_events import KVEventLog
 from quire.cluster.core.model_info import ModelInfo
 from quire.cluster.core.outputs import CompletionOutput, RequestOutput
 from quire.cluster.core.parallel_sampling import ParentRequest
@@ -86,9 +87,13 @@ class Engine:
             self.executor.shutdown()
             raise
         self.block_size = config.cache.block_size
-        self.kv = KVCacheManager(BlockPool(num_blocks), self.block_size,
+        # The prefix cache's changes, for a router mirroring this replica (None: not published).
+        self.kv_events = KVEventLog() if config.cache.kv_events else None
+        hash_seed = bytes.fromhex(config.cache.hash_seed) if config.cache.hash_seed else None
+        self.kv = KVCacheManager(BlockPool(num_blocks, events=self.kv_events), self.block_size,
                                  enable_prefix_caching=config.cache.enable_prefix_caching,
-                                 cpu_pool=BlockPool(num_cpu_blocks) if num_cpu_blocks else None)
+                                 cpu_pool=BlockPool(num_cpu_blocks) if num_cpu_blocks else None,
+                                 hash_seed=hash_seed)
         self.scheduler = Scheduler(config.scheduler, self.kv, preemption_mode=config.cache.preemption_mode)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.parents: dict[str, ParentRequest] = {}              # by the caller's request id
@@ -100,23 +105,31 @@ class Engine:
 
     # -- admission ---------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-                    priority: int = 0, cache_salt: str | None = None) -> str:
+                    priority: int = 0, cache_salt: str | None = None,
+                    resume_token_ids: list[int] | None = None) -> str:
         """Validate and queue a request with its `params.n` samples; raises ValueError naming
         the bad field, queuing nothing. Returns the request id (`step` reports under it).
 
         `cache_salt`: only requests with the same salt share cached prefixes. The samples
-        after the first fork its prompt's KV blocks instead of computing them again."""
+        after the first fork its prompt's KV blocks instead of computing them again.
+
+        `resume_token_ids`: continue a generation another engine started (a migrated stream;
+        `n` must be 1): they are the request's first output tokens, already delivered, so
+        they count against `max_tokens`, enter penalties and seeded noise by their output
+        positions (the stream goes on as it would have there) and are not streamed again;
+        their KV is computed here like a preempted request's."""
         params = params or SamplingParams()
         params.validate(vocab_size=self.info.vocab_size)
+        resumed = self._check_resume(resume_token_ids, params)
         parent = ParentRequest(request_id or uuid.uuid4().hex, params)
         for taken in (parent.request_id, *parent.sample_ids):
             if taken in self.parents or taken in self._samples:
                 raise ValueError(f"`request_id` {taken!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         token_ids = self.info.encode(prompt)
-        if len(token_ids) + 1 > self.max_model_len:
-            raise ValueError(f"`prompt` has {len(token_ids)} tokens; with at least one output token it exceeds "
-                             f"max_model_len={self.max_model_len}")
+        if len(token_ids) + len(resumed) + 1 > self.max_model_len:
+            raise ValueError(f"`prompt` has {len(token_ids)} tokens (and {len(resumed)} resumed); with at least one "
+                             f"output token it exceeds max_model_len={self.max_model_len}")
         longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
         if self.kv.blocks_for(longest) > self.kv.pool.num_blocks:
             raise ValueError(f"`max_tokens`: prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) needs "
@@ -126,28 +139,49 @@ class Engine:
         if self.tokenizer is None and any(params.stop):
             raise ValueError("`stop` strings need a tokenizer, and this engine was started with --skip-tokenizer-init "
                              "(skip_tokenizer_init=True); use `stop_token_ids`")
-        self._check_encodable(token_ids, params)
+        self._check_encodable(token_ids, params, resumed)
         leader = None
         for index, sample_id in enumerate(parent.sample_ids):
             sample_params = parent.sample_params(index)
             request = Request(sample_id, token_ids, sample_params, prompt=prompt_text, priority=priority,
-                              cache_salt=cache_salt,
+                              cache_salt=cache_salt, output_token_ids=list(resumed),
                               max_num_tokens=min(len(token_ids) + params.max_tokens, self.max_model_len))
             request.fork_of, leader = leader, leader or request
-            self.detokenizers[sample_id] = IncrementalDetokenizer(
+            detokenizer = IncrementalDetokenizer(
                 self.tokenizer, token_ids, params.stop, params.include_stop_str_in_output, params.skip_special_tokens)
+            if resumed:
+                # The text of the resumed tokens was streamed by the engine that made them: the
+                # same tokens through the same detokenizer release the same text, dropped here.
+                if detokenizer.append(resumed) is not None:
+                    raise ValueError("`resume_token_ids` already end the output with a stop string")
+                detokenizer.take_delta(False)
+            self.detokenizers[sample_id] = detokenizer
             self._samples[sample_id] = (parent, index)
             self.scheduler.add_request(request)
         self.parents[parent.request_id] = parent
         self.stats.prompt_tokens += len(token_ids)
         return parent.request_id
 
+    def _check_resume(self, resume_token_ids, params: SamplingParams) -> list[int]:
+        """The resumed output tokens as a list (empty without any), or ValueError naming the field."""
+        if resume_token_ids is None:
+            return []
+        if params.n != 1:
+            raise ValueError(f"`resume_token_ids` continue one sample: `n` must be 1 (got {params.n})")
+        if not isinstance(resume_token_ids, (list, tuple)) or not all(
+                type(token) is int and 0 <= token < self.info.vocab_size for token in resume_token_ids):
+            raise ValueError(f"`resume_token_ids` must be token ids in [0, {self.info.vocab_size})")
+        if len(resume_token_ids) >= params.max_tokens:
+            raise ValueError(f"`resume_token_ids` hold {len(resume_token_ids)} tokens: nothing is left of "
+                             f"max_tokens={params.max_tokens}")
+        return list(resume_token_ids)
+
     @staticmethod
-    def _check_encodable(token_ids: list[int], params: SamplingParams) -> None:
+    def _check_encodable(token_ids: list[int], params: SamplingParams, output_token_ids: list[int] = ()) -> None:
         """What the workers will be sent must encode: the limits above should guarantee it, and a
         value that slipped past them is refused here, at admission, rather than failing a step."""
         try:
-            NewRequestData(0, "", token_ids, params, [], 0).to_pb()
+            NewRequestData(0, "", token_ids, params, [], 0, list(output_token_ids)).to_pb()
         except (ValueError, TypeError) as error:
             raise ValueError(f"`sampling_params`: the request cannot be encoded for the workers ({error})") from None
 

@@ -2,10 +2,7 @@
 copy-on-write, and swapping to a CPU block pool."""
 from __future__ import annotations
 
-import hashlib
-import os
-import struct
-
+from quire.cluster.core.block_hash import ROOT_HASH, BlockHasher
 from quire.cluster.core.block_pool import BlockPool
 
 
@@ -13,11 +10,9 @@ class KVCacheManager:
     """Maps each request id to its block table: block `i` holds tokens
     `[i*block_size, (i+1)*block_size)` of the request.
 
-    Prefix caching: a full block's hash chains its parent block's hash, its token ids and,
-    for the first block, the request's cache salt, keyed with a secret per-manager seed.
-    Equal hashes mean equal prefixes (up to a 128-bit collision); without the seed nobody
-    can craft a collision, and without the salt a tenant cannot reach another tenant's
-    cached prefixes (so cannot probe them by timing). Full blocks are registered in the
+    Prefix caching: full blocks are keyed by `BlockHasher`'s chained hashes (the request's
+    cache salt in the first, a secret seed: per manager, or `hash_seed` shared by the
+    replicas of one deployment), so only equal salts share prefixes. Full blocks are registered in the
     pool as soon as they are scheduled: each layer writes every token's K/V before any
     attention reads, so even a request scheduled later in the same step may share them.
 
@@ -33,9 +28,7 @@ class KVCacheManager:
         self.cpu_tables: dict[str, list[int]] = {}  # swapped-out requests' blocks in cpu_pool
         self._hashes: dict[str, list[bytes]] = {}   # full-block hashes per request, as far as computed
         self._num_registered: dict[str, int] = {}   # leading blocks of the table registered in the pool
-        self._pack_block = struct.Struct(f"<{block_size}i").pack  # a block's token ids (< 2**31) as bytes
-        # Keyed once; each block hash copies this state (cheaper than keying anew).
-        self._keyed = hashlib.blake2b(key=hash_seed if hash_seed is not None else os.urandom(32), digest_size=16)
+        self.hasher = BlockHasher(block_size, hash_seed)
         self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0    # of which found cached
 
@@ -51,16 +44,13 @@ class KVCacheManager:
         """Hashes of the request's full blocks within its first `num_tokens` tokens (cached per request)."""
         hashes = self._hashes.setdefault(request.request_id, [])
         for index in range(len(hashes), num_tokens // self.block_size):
-            hashes.append(self._hash_block(request, index, hashes[-1] if hashes else b"root"))
+            hashes.append(self._hash_block(request, index, hashes[-1] if hashes else ROOT_HASH))
         return hashes
 
     def _hash_block(self, request, index: int, parent_hash: bytes) -> bytes:
         size = self.block_size
-        digest = self._keyed.copy()
-        digest.update(parent_hash + self._pack_block(*request.token_slice(index * size, (index + 1) * size)))
-        if index == 0 and request.cache_salt is not None:
-            digest.update(b"salt\0" + request.cache_salt.encode())
-        return digest.digest()
+        return self.hasher.hash_block(parent_hash, request.token_slice(index * size, (index + 1) * size),
+                                      request.cache_salt)
 
     def get_computed_blocks(self, request) -> tuple[list[int], int]:
         """The cached blocks of the longest cached prefix of the request's tokens, and the

@@ -168,18 +168,29 @@ class AsyncEngine:
         or be admitted right after)."""
         return request_id in self._streams
 
+    async def call(self, function: Callable[[Engine], object]) -> object:
+        """Run `function(engine)` on the engine loop thread between two steps and return its
+        result (or raise its exception): the one safe way to read the engine's state while the
+        loop runs (a KV snapshot, an integrity check). Needs the loop running."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._submit(("call", None, function, loop, future))
+        return await future
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
-                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0,
+                       resume_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its deltas (ValueError first if the engine rejects it).
         Closing or cancelling the iteration before the finished output aborts the request.
-        `cache_salt` and `priority` are `Engine.add_request`'s."""
+        `cache_salt`, `priority` and `resume_token_ids` (a migrated stream's tokens so far)
+        are `Engine.add_request`'s."""
         # A loop that is paused (or not started yet) queues the request until `start`; a failed
         # or stopped engine, or one with a dead worker, refuses it.
         if self._error is not None or self._stopping or getattr(self.engine.executor, "failure", None) is not None:
             raise EngineDeadError(f"the engine is not running ({self.failure})") from self._error
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival=time.monotonic())
-        self._submit(("add", request_id, prompt, params, stream, cache_salt, priority))
+        self._submit(("add", request_id, prompt, params, stream, cache_salt, priority, resume_token_ids))
         done = False
         try:
             while True:
@@ -200,8 +211,7 @@ class AsyncEngine:
     def _submit(self, command: tuple) -> None:
         with self._cond:
             if self._stopping:  # the loop has drained its last commands or is about to
-                if command[0] == "add":
-                    command[4].put(EngineDeadError("the engine was shut down"))
+                _refuse(command)
                 return
             self._commands.append(command)
             self._cond.notify()
@@ -235,8 +245,7 @@ class AsyncEngine:
                 self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
             self._publish()
         for command in commands:  # queued before shutdown: tell the callers instead of hanging them
-            if command[0] == "add":
-                command[4].put(EngineDeadError("the engine was shut down"))
+            _refuse(command)
 
     def _worker_died(self) -> bool:
         return (self._error is None and self.engine.failure is None
@@ -244,8 +253,15 @@ class AsyncEngine:
 
     def _handle(self, command: tuple) -> None:
         kind, request_id = command[0], command[1]
-        if kind == "add":
-            _, _, prompt, params, stream, cache_salt, priority = command
+        if kind == "call":
+            _, _, function, loop, future = command
+            try:
+                result, error = function(self.engine), None
+            except Exception as exc:  # noqa: BLE001 - the caller's to handle
+                result, error = None, exc
+            _settle(loop, future, result, error)
+        elif kind == "add":
+            _, _, prompt, params, stream, cache_salt, priority, resume_token_ids = command
             if self._error is not None:
                 stream.put(self._dead(f"the engine failed earlier: {self._error!r}"))
                 return
@@ -257,7 +273,7 @@ class AsyncEngine:
                 return
             try:
                 self.engine.add_request(prompt, params, request_id=request_id, priority=priority,
-                                        cache_salt=cache_salt)
+                                        cache_salt=cache_salt, resume_token_ids=resume_token_ids)
             except ValueError as exc:
                 self._record_rejection("invalid")
                 stream.put(ValueError(str(exc)))  # a fresh instance: this traceback belongs to the loop
@@ -343,3 +359,23 @@ class AsyncEngine:
             kv = self.engine.kv
             self.metrics.publish_load(running, waiting, kv_usage, scheduler.num_preemptions,
                                       kv.num_query_tokens, kv.num_hit_tokens, self.engine.num_worker_restarts)
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result, error: BaseException | None) -> None:
+    """Resolve a caller's future from the loop thread (nothing to do once its loop is closed)."""
+    def resolve():
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:
+        pass
+
+
+def _refuse(command: tuple) -> None:
+    """Answer a command the stopped loop will never run, instead of leaving its caller hanging."""
+    if command[0] == "add":
+        command[4].put(EngineDeadError("the engine was shut down"))
+    elif command[0] == "call":
+        _settle(command[3], command[4], None, EngineDeadError("the engine was shut down"))
