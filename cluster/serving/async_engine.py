@@ -69,17 +69,20 @@ class AsyncEngine:
     to no request), every in-flight stream raises `EngineDeadError`, `healthy` turns False
     for good, `failure` says why and `on_dead` is called once (from the loop thread), so a
     server can exit for its supervisor to restart it. With `metrics`, the loop thread
-    records every request's tokens and latencies there.
+    records every request's tokens and latencies there; `on_step(engine)` runs on the loop
+    thread after every round of commands and step (a replica host drains KV events there).
     """
 
     def __init__(self, engine: Engine, max_queue_len: int = 0, metrics: ServerMetrics | None = None,
-                 on_dead: Callable[[BaseException], None] | None = None):
+                 on_dead: Callable[[BaseException], None] | None = None,
+                 on_step: Callable[[Engine], None] | None = None):
         if max_queue_len < 0:
             raise ValueError(f"`max_queue_len` must be >= 0 (0: no limit), got {max_queue_len}")
         self.engine = engine
         self.max_queue_len = max_queue_len
         self.metrics = metrics
         self.on_dead = on_dead
+        self.on_step = on_step  # called on the loop thread after every round of commands and step
         self._cond = threading.Condition()
         self._commands: deque[tuple] = deque()
         self._streams: dict[str, _Stream] = {}  # owned by the engine loop thread
@@ -353,6 +356,8 @@ class AsyncEngine:
             stream.put(self._dead(str(error)))
 
     def _publish(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.engine)
         scheduler = self.engine.scheduler
         self._load = running, waiting, kv_usage = len(scheduler.running), len(scheduler.waiting), self.engine.kv_usage
         if self.metrics is not None:

@@ -38,6 +38,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="refuse new requests (HTTP 429, gRPC RESOURCE_EXHAUSTED) while this many wait; 0: no limit")
     group.add_argument("--max-request-bytes", type=int, default=32 << 20,
                        help="largest request body (HTTP 413) or gRPC message (RESOURCE_EXHAUSTED)")
+    group.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="replicas of the whole engine (each with --tensor-parallel-size workers) on the Ray "
+                            "cluster behind one router; 1 runs one engine without Ray")
+    group.add_argument("--routing-policy", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
+                       help="how the router picks a replica for a request (with --data-parallel-size > 1)")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template (a file or the template itself) for models without one")
 
