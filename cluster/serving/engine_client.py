@@ -56,6 +56,8 @@ class StatsSnapshot:
     failure: str | None          # why the engine is not serving; None while healthy
     max_queue_len: int = 0       # 0: no limit
     replicas: tuple[StatsSnapshot, ...] = ()  # each replica's own, where there are several
+    name: str = ""               # a replica's id (in `replicas`)
+    state: str = "serving"       # a replica's: serving | dead (being replaced) | stopped
 
     @property
     def healthy(self) -> bool:
