@@ -5,6 +5,7 @@ after random workloads (hypothesis). The same router over Ray actors: test_ray_r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 import pytest
@@ -209,3 +210,58 @@ def test_the_mirror_equals_every_replica_cache_after_random_workloads(model_path
             router.shutdown()
 
     run(main())
+
+
+def test_http_over_the_router_survives_a_dead_replica(model_path, reference):
+    """The HTTP frontend over the router: /health stays 200 while one replica serves,
+    /v1/replicas lists each replica's state, /metrics carries per-replica and router series;
+    a stream whose replica dies mid-way ends with the undisturbed run's text."""
+    import httpx
+
+    from quire.cluster.serving.api_server import build_app
+    from quire.cluster.serving.router_metrics import RouterMetrics
+
+    prompt = PROMPTS[1]
+    want = reference.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].text
+
+    async def main():
+        router = build_router(model_path)
+        router.metrics = metrics = RouterMetrics(router.model.name)
+        app = build_app(router, metrics=metrics)
+        transport = httpx.ASGITransport(app=app)
+        router.start()
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
+                assert (await http.get("/health")).status_code == 200
+                body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "stream": True}
+                texts = []
+
+                async def kill_its_replica_after_three_tokens():
+                    while True:
+                        for placement in list(router._placements.values()):
+                            if len(placement.stream.tokens[0]) >= 3:
+                                router.handle(placement.replica_id).kill("killed by the test")
+                                return
+                        await asyncio.sleep(0)
+
+                killer = asyncio.ensure_future(kill_its_replica_after_three_tokens())
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            texts.append(json.loads(line[len("data: "):])["choices"][0]["text"])
+                assert killer.done()
+                health = await http.get("/health")
+                listing = (await http.get("/v1/replicas")).json()["data"]
+                exposition = (await http.get("/metrics")).text
+            return "".join(texts), health, listing, exposition
+        finally:
+            router.shutdown()
+
+    text, health, listing, exposition = run(main())
+    assert text == want
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert sorted(entry["state"] for entry in listing) == ["dead", "serving"]
+    assert 'quire_router_migrations_total{model_name=' in exposition
+    assert "quire_router_decisions_total{" in exposition and 'quire_replica_up{' in exposition
+    migrations = [line for line in exposition.splitlines() if line.startswith("quire_router_migrations_total")]
+    assert float(migrations[0].split()[-1]) == 1.0

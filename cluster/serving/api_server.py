@@ -60,6 +60,11 @@ def _bad_request(error: ValueError) -> APIError:
     return APIError(400, str(error), _param_of(str(error)))
 
 
+def _replica_entry(stats) -> dict:
+    return {"name": stats.name, "state": stats.state, "healthy": stats.healthy, "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting, "kv_usage": stats.kv_usage, "reason": stats.failure}
+
+
 def build_app(engine: EngineClient, api_key: str | None = None, metrics: ServerMetrics | None = None,
               max_request_bytes: int = MAX_REQUEST_BYTES, on_startup=None, on_shutdown=None) -> FastAPI:
     """The HTTP app. Its lifespan starts the engine loop (and runs `on_startup`/`on_shutdown`
@@ -131,11 +136,17 @@ def build_app(engine: EngineClient, api_key: str | None = None, metrics: ServerM
         stats = engine.stats()
         state = {"num_running": stats.num_running, "num_waiting": stats.num_waiting, "kv_usage": stats.kv_usage}
         if stats.replicas:
-            state["replicas"] = [{"num_running": r.num_running, "num_waiting": r.num_waiting, "kv_usage": r.kv_usage,
-                                  "healthy": r.healthy} for r in stats.replicas]
+            state["replicas"] = [_replica_entry(r) for r in stats.replicas]
         if stats.failure is None:
             return {"status": "ok", **state}
         return JSONResponse({"status": "unhealthy", "reason": stats.failure, **state}, 503)
+
+    @app.get("/v1/replicas")
+    async def replicas():
+        """Every data-parallel replica and its state (a single engine lists itself)."""
+        stats = engine.stats()
+        entries = [_replica_entry(r) for r in stats.replicas] or [{**_replica_entry(stats), "name": "0"}]
+        return {"object": "list", "data": entries}
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -165,9 +165,11 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
     async def GetServerInfo(self, request, context):
         stats = self.engine.stats()
+        replicas = [pb.ReplicaInfo(name=r.name, state=r.state, num_running=r.num_running, num_waiting=r.num_waiting,
+                                   kv_cache_usage=r.kv_usage, healthy=r.healthy) for r in stats.replicas]
         return pb.GetServerInfoResponse(
             num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_usage,
-            max_queue_len=stats.max_queue_len, healthy=stats.healthy)
+            max_queue_len=stats.max_queue_len, healthy=stats.healthy, replicas=replicas)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         if self.tokenizer is None:

@@ -70,6 +70,7 @@ class ReplicaUpdate:
     kv_next_seq: int
     kv_epoch: str
     stats: StatsSnapshot
+    counters: dict[str, int] = field(default_factory=dict)  # the replica's running totals (metrics)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,12 @@ class ReplicaHost:
         with self._lock:
             events, self._events = self._events, []
             next_seq = self._next_seq
-        return ReplicaUpdate(outputs, events, next_seq, self.epoch, self.async_engine.stats())
+        engine = self.async_engine.engine
+        # Read off the loop thread without a lock: each is a monotonic int, read atomically.
+        counters = {"num_query_tokens": engine.kv.num_query_tokens, "num_hit_tokens": engine.kv.num_hit_tokens,
+                    "num_preemptions": engine.scheduler.num_preemptions,
+                    "num_worker_restarts": engine.num_worker_restarts}
+        return ReplicaUpdate(outputs, events, next_seq, self.epoch, self.async_engine.stats(), counters)
 
     async def kv_snapshot(self) -> KVSnapshot:
         """The replica's whole cache, taken between two steps; events not yet polled are

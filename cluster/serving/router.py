@@ -104,6 +104,8 @@ class _Stream:
     finished: set[int] = field(default_factory=set)
     started: bool = False            # a delta has gone to the client: refusals are over
     generation: int = 0              # migrations so far (names continuation requests)
+    arrival: float = 0.0             # loop time of the request's arrival
+    first_token: float | None = None
 
 
 class Router:
@@ -216,6 +218,8 @@ class Router:
             return
         final = [CompletionOutput(index, "", [], finish_reason="abort")
                  for index in sorted(stream.tokens) if index not in stream.finished]
+        for completion in final:
+            self._record_finish(stream, "abort", completion.index)
         stream.queue.put_nowait(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids, final, True))
         self._release(stream)
 
@@ -237,10 +241,13 @@ class Router:
             raise ValueError(f"`request_id` {request_id!r} is already in use")
         waiting = sum(r.stats.num_waiting for r in self._replicas.values() if r.state == "serving")
         if self.max_queue_len and waiting >= self.max_queue_len:
+            self._record("on_rejected", "queue_full")
             raise QueueFullError(f"{waiting} requests are waiting (max_queue_len={self.max_queue_len}); retry later")
         stream = _Stream(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, cache_salt,
-                         priority, asyncio.Queue(), {index: [] for index in range(params.n)})
+                         priority, asyncio.Queue(), {index: [] for index in range(params.n)},
+                         arrival=asyncio.get_running_loop().time())
         self._streams[request_id] = stream
+        self._record("on_admitted", len(token_ids))
         await self._place(stream, request_id, list(range(params.n)), params, None)
         done = False
         try:
@@ -258,6 +265,19 @@ class Router:
             if not done and self._streams.get(request_id) is stream:
                 del self._streams[request_id]
                 self._release(stream)
+                for index in stream.tokens:
+                    if index not in stream.finished:
+                        self._record_finish(stream, "abort", index)
+
+    def _record(self, hook: str, *args) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, hook)(*args)
+
+    def _record_finish(self, stream: _Stream, finish_reason: str, index: int) -> None:
+        if self.metrics is not None:
+            now = asyncio.get_running_loop().time()
+            self.metrics.on_finished(finish_reason, len(stream.tokens[index]), now - stream.arrival,
+                                     None if stream.first_token is None else stream.first_token - stream.arrival)
 
     # -- placement and migration -----------------------------------------------------------
     async def _place(self, stream: _Stream, sub_id: str, indexes: list[int], params: SamplingParams,
@@ -343,6 +363,8 @@ class Router:
             return
         logger.error("replica %s is gone (%s); moving %d streams", replica_id, why, len(replica.placements))
         replica.state = "dead"
+        if self.metrics is not None:
+            self.metrics.publish_replica(replica_id, False, 0, 0, 0.0, {})
         if replica.task is not None and replica.task is not asyncio.current_task():
             replica.task.cancel()
         self.mirror.remove_replica(replica_id)
@@ -389,6 +411,9 @@ class Router:
                 update = await handle.poll(self.poll_seconds)
                 replica.stats = update.stats
                 replica.load.kv_usage = update.stats.kv_usage
+                if self.metrics is not None:
+                    self.metrics.publish_replica(replica_id, True, update.stats.num_running, update.stats.num_waiting,
+                                                 update.stats.kv_usage, update.counters)
                 if replica.epoch != update.kv_epoch or not self.mirror.apply(
                         replica_id, update.kv_events, update.kv_next_seq):
                     snapshot = await handle.kv_snapshot()
@@ -436,14 +461,21 @@ class Router:
             if replica is not None and news.request_id in replica.placements:
                 replica.load.queued_prefill_tokens -= placement.queued_prefill
             placement.queued_prefill = 0
-        completions = []
+        completions, new_tokens = [], 0
         for completion in output.outputs:
             index = placement.indexes[completion.index]
             completion.index = index
             stream.tokens[index].extend(completion.token_ids)
+            new_tokens += len(completion.token_ids)
             if completion.finish_reason is not None:
                 stream.finished.add(index)
+                self._record_finish(stream, completion.finish_reason, index)
             completions.append(completion)
+        if new_tokens and stream.first_token is None:
+            stream.first_token = asyncio.get_running_loop().time()
+            self._record("on_first_token", stream.first_token - stream.arrival)
+        if new_tokens:
+            self._record("on_tokens", new_tokens)
         if output.finished:
             self._unplace(placement)
         finished = len(stream.finished) == len(stream.tokens)
