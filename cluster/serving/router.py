@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from quire.cluster.core.block_hash import BlockHasher
-from quire.cluster.core.outputs import CompletionOutput, RequestOutput
+from quire.cluster.core.outputs import RequestOutput
 from quire.cluster.serving.engine_client import (
     EngineDeadError,
     QueueFullError,
@@ -35,6 +35,7 @@ from quire.cluster.serving.engine_client import (
 )
 from quire.cluster.serving.prefix_mirror import PrefixMirror
 from quire.cluster.serving.replica import ReplicaDeadError, ReplicaHandle, ReplicaOutput, ReplicaRequest
+from quire.cluster.serving.routed_stream import Placement, RoutedStream
 from quire.cluster.serving.routing import ReplicaLoad, make_policy
 from quire.protos.step import SamplingParams
 
@@ -80,34 +81,6 @@ class _Replica:
     task: asyncio.Task | None = None
 
 
-@dataclass
-class _Placement:
-    """One request handed to a replica: the whole stream (`indexes` = every sample), or one
-    sample continued after a migration."""
-    sub_id: str
-    stream: _Stream
-    replica_id: str
-    indexes: list[int]               # the client's sample indexes it serves (its own index i → indexes[i])
-    queued_prefill: int = 0          # counted in the replica's load until its first token
-
-
-@dataclass
-class _Stream:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None
-    priority: int
-    queue: asyncio.Queue
-    tokens: dict[int, list[int]]     # per sample: the token ids the client has received
-    finished: set[int] = field(default_factory=set)
-    started: bool = False            # a delta has gone to the client: refusals are over
-    generation: int = 0              # migrations so far (names continuation requests)
-    arrival: float = 0.0             # loop time of the request's arrival
-    first_token: float | None = None
-
-
 class Router:
     """Implements EngineClient over `replicas` (handles in a stable order). Single event loop:
     every method but `model`, `stats`, `healthy` and `failure` runs on the loop that called
@@ -127,9 +100,9 @@ class Router:
         self.replica_factory = replica_factory
         self.max_queue_len, self.metrics, self.poll_seconds = max_queue_len, metrics, poll_seconds
         self._replicas: dict[str, _Replica] = {h.replica_id: _Replica(h, ReplicaLoad(h.replica_id)) for h in replicas}
-        self._placements: dict[str, _Placement] = {}
-        self._streams: dict[str, _Stream] = {}
-        self._orphans: list[tuple[_Stream, list[int]]] = []  # samples waiting for a live replica
+        self._placements: dict[str, Placement] = {}
+        self._streams: dict[str, RoutedStream] = {}
+        self._orphans: list[tuple[RoutedStream, list[int]]] = []  # samples waiting for a live replica
         self._restarting: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,11 +189,10 @@ class Router:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
-        final = [CompletionOutput(index, "", [], finish_reason="abort")
-                 for index in sorted(stream.tokens) if index not in stream.finished]
-        for completion in final:
+        final = stream.abort_output()
+        for completion in final.outputs:
             self._record_finish(stream, "abort", completion.index)
-        stream.queue.put_nowait(RequestOutput(request_id, stream.prompt, stream.prompt_token_ids, final, True))
+        stream.queue.put_nowait(final)
         self._release(stream)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, *,
@@ -243,12 +215,12 @@ class Router:
         if self.max_queue_len and waiting >= self.max_queue_len:
             self._record("on_rejected", "queue_full")
             raise QueueFullError(f"{waiting} requests are waiting (max_queue_len={self.max_queue_len}); retry later")
-        stream = _Stream(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, cache_salt,
+        stream = RoutedStream(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, cache_salt,
                          priority, asyncio.Queue(), {index: [] for index in range(params.n)},
                          arrival=asyncio.get_running_loop().time())
         self._streams[request_id] = stream
         self._record("on_admitted", len(token_ids))
-        await self._place(stream, request_id, list(range(params.n)), params, None)
+        await self._place(stream, list(range(params.n)), request_id, params, None)
         done = False
         try:
             while True:
@@ -265,22 +237,21 @@ class Router:
             if not done and self._streams.get(request_id) is stream:
                 del self._streams[request_id]
                 self._release(stream)
-                for index in stream.tokens:
-                    if index not in stream.finished:
-                        self._record_finish(stream, "abort", index)
+                for index in stream.unfinished():
+                    self._record_finish(stream, "abort", index)
 
     def _record(self, hook: str, *args) -> None:
         if self.metrics is not None:
             getattr(self.metrics, hook)(*args)
 
-    def _record_finish(self, stream: _Stream, finish_reason: str, index: int) -> None:
+    def _record_finish(self, stream: RoutedStream, finish_reason: str, index: int) -> None:
         if self.metrics is not None:
             now = asyncio.get_running_loop().time()
             self.metrics.on_finished(finish_reason, len(stream.tokens[index]), now - stream.arrival,
                                      None if stream.first_token is None else stream.first_token - stream.arrival)
 
     # -- placement and migration -----------------------------------------------------------
-    async def _place(self, stream: _Stream, sub_id: str, indexes: list[int], params: SamplingParams,
+    async def _place(self, stream: RoutedStream, indexes: list[int], sub_id: str, params: SamplingParams,
                      resume: list[int] | None) -> None:
         """Choose a replica for `indexes` of the stream (tokens so far: `resume`) and send it
         there; with none live, park it until one is (or fail the stream when none can come)."""
@@ -303,7 +274,7 @@ class Router:
         if self.metrics is not None:
             self.metrics.on_routed(self.policy.name, str(decision.replica_id), cached_tokens)
         replica = self._replicas[decision.replica_id]
-        placement = _Placement(sub_id, stream, decision.replica_id, indexes,
+        placement = Placement(sub_id, stream, decision.replica_id, indexes,
                                queued_prefill=max(0, len(token_ids) - cached_tokens))
         self._placements[sub_id] = placement
         replica.placements.add(sub_id)
@@ -316,7 +287,7 @@ class Router:
         except ReplicaDeadError as error:
             await self._on_replica_dead(decision.replica_id, str(error))
 
-    def _unplace(self, placement: _Placement) -> None:
+    def _unplace(self, placement: Placement) -> None:
         self._placements.pop(placement.sub_id, None)
         replica = self._replicas.get(placement.replica_id)
         if replica is not None and placement.sub_id in replica.placements:
@@ -325,7 +296,7 @@ class Router:
             replica.load.queued_prefill_tokens -= placement.queued_prefill
             placement.queued_prefill = 0
 
-    def _release(self, stream: _Stream) -> None:
+    def _release(self, stream: RoutedStream) -> None:
         """Forget a stream that ended early, aborting its live placements on their replicas."""
         self._orphans = [(s, i) for s, i in self._orphans if s is not stream]
         for placement in [p for p in self._placements.values() if p.stream is stream]:
@@ -341,21 +312,15 @@ class Router:
         except ReplicaDeadError:
             pass  # its poll loop finds the replica dead and handles it
 
-    async def _migrate(self, placement: _Placement) -> None:
+    async def _migrate(self, placement: Placement) -> None:
         """Continue the placement's unfinished samples elsewhere, one request per sample."""
         stream = placement.stream
         if self._streams.get(stream.request_id) is not stream:
             return
-        for index in placement.indexes:
-            if index in stream.finished:
-                continue
-            stream.generation += 1
+        for index in stream.unfinished(placement.indexes):
             self.counters.migrations += 1
-            if self.metrics is not None:
-                self.metrics.on_migrated()
-            tokens = stream.tokens[index]
-            sub_id = f"{stream.request_id}#m{stream.generation}"
-            await self._place(stream, sub_id, [index], stream.params.for_sample(index), list(tokens) or None)
+            self._record("on_migrated")
+            await self._place(stream, [index], *stream.continuation(index))
 
     async def _on_replica_dead(self, replica_id: str, why: str) -> None:
         replica = self._replicas.get(replica_id)
@@ -396,11 +361,8 @@ class Router:
             self._restarting.discard(replica_id)
         orphans, self._orphans = self._orphans, []
         for stream, indexes in orphans:
-            for index in indexes:
-                tokens = stream.tokens[index]
-                stream.generation += 1
-                await self._place(stream, f"{stream.request_id}#m{stream.generation}", [index],
-                                  stream.params.for_sample(index), list(tokens) or None)
+            for index in stream.unfinished(indexes):
+                await self._place(stream, [index], *stream.continuation(index))
 
     # -- the poll loop ---------------------------------------------------------------------
     async def _poll_loop(self, replica_id: str) -> None:
@@ -461,16 +423,10 @@ class Router:
             if replica is not None and news.request_id in replica.placements:
                 replica.load.queued_prefill_tokens -= placement.queued_prefill
             placement.queued_prefill = 0
-        completions, new_tokens = [], 0
-        for completion in output.outputs:
-            index = placement.indexes[completion.index]
-            completion.index = index
-            stream.tokens[index].extend(completion.token_ids)
-            new_tokens += len(completion.token_ids)
+        delta, new_tokens = stream.accept(placement.indexes, output)
+        for completion in delta.outputs:
             if completion.finish_reason is not None:
-                stream.finished.add(index)
-                self._record_finish(stream, completion.finish_reason, index)
-            completions.append(completion)
+                self._record_finish(stream, completion.finish_reason, completion.index)
         if new_tokens and stream.first_token is None:
             stream.first_token = asyncio.get_running_loop().time()
             self._record("on_first_token", stream.first_token - stream.arrival)
@@ -478,13 +434,11 @@ class Router:
             self._record("on_tokens", new_tokens)
         if output.finished:
             self._unplace(placement)
-        finished = len(stream.finished) == len(stream.tokens)
-        if finished:
+        if delta.finished:
             self._streams.pop(stream.request_id, None)
-        stream.queue.put_nowait(RequestOutput(stream.request_id, stream.prompt, stream.prompt_token_ids,
-                                              completions, finished, output.error))
+        stream.queue.put_nowait(delta)
 
-    def _fail_stream(self, stream: _Stream, error: BaseException) -> None:
+    def _fail_stream(self, stream: RoutedStream, error: BaseException) -> None:
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
             self._release(stream)
