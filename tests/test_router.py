@@ -39,10 +39,14 @@ def reference(model_path):
     llm.shutdown()
 
 
-def build_router(model_path, num_replicas=2, policy="cache_aware", num_kv_blocks=64, **kwargs):
-    seed = new_hash_seed()
-    engine_kwargs = dict(model=model_path, dtype="float32", num_kv_blocks=num_kv_blocks, max_model_len=128,
-                         hash_seed=seed, kv_events=True, **kwargs)
+def replica_kwargs(model_path, seed, num_kv_blocks=64, **kwargs) -> dict:
+    return dict(model=model_path, dtype="float32", num_kv_blocks=num_kv_blocks, max_model_len=128,
+                hash_seed=seed, kv_events=True, **kwargs)
+
+
+def build_router(model_path, num_replicas=2, policy="cache_aware", num_kv_blocks=64, seed=None, **kwargs):
+    seed = seed or new_hash_seed()
+    engine_kwargs = replica_kwargs(model_path, seed, num_kv_blocks, **kwargs)
     replicas = [InprocReplica(f"r{i}", ReplicaHost.build(Engine(EngineConfig.from_kwargs(**engine_kwargs))))
                 for i in range(num_replicas)]
     return Router(replicas, served_model(engine_kwargs, num_kv_blocks), seed, policy=policy, poll_seconds=0.05)
@@ -265,3 +269,46 @@ def test_http_over_the_router_survives_a_dead_replica(model_path, reference):
     assert "quire_router_decisions_total{" in exposition and 'quire_replica_up{' in exposition
     migrations = [line for line in exposition.splitlines() if line.startswith("quire_router_migrations_total")]
     assert float(migrations[0].split()[-1]) == 1.0
+
+
+def test_the_router_recreates_dead_replicas_and_parks_streams_until_one_serves(model_path, reference):
+    """With a factory, a dead replica comes back under its name (a fresh engine, so a fresh
+    mirror epoch); when every replica is dead, the streams wait for the first one back and
+    then finish with exactly the undisturbed tokens."""
+    cases = [(p, params) for p in PROMPTS[:2] for params in (GREEDY, SEEDED)]
+
+    async def main():
+        seed = new_hash_seed()
+        router = build_router(model_path, seed=seed)
+        engine_kwargs = replica_kwargs(model_path, seed)
+        started = []
+
+        async def factory(replica_id):
+            started.append(replica_id)
+            await asyncio.sleep(0.2)  # the streams are parked meanwhile
+            return InprocReplica(replica_id, ReplicaHost.build(Engine(EngineConfig.from_kwargs(**engine_kwargs))))
+
+        router.replica_factory = factory
+        router.start()
+        killed = {"done": False}
+
+        async def kill_all(delta):
+            if not killed["done"] and sum(len(c.token_ids) for c in delta.outputs):
+                killed["done"] = True
+                for replica_id in router.replica_ids():
+                    router.handle(replica_id).kill("killed by the test")
+
+        try:
+            results = await asyncio.gather(*(collect(router, p, params, on_delta=kill_all) for p, params in cases))
+            assert sorted(started) == ["r0", "r1"] and router.counters.replica_restarts == 2
+            await asyncio.sleep(0.2)
+            assert sorted(router.replica_ids()) == ["r0", "r1"] and router.healthy
+            inspections = await settle(router)
+            assert all(i.num_free_blocks == i.num_blocks for i in inspections.values())
+            return results
+        finally:
+            router.shutdown()
+
+    results = run(main())
+    assert [[c.token_ids for c in r.outputs] for r in results] == [expected(reference, p, params)
+                                                                     for p, params in cases]
