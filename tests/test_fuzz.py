@@ -285,17 +285,37 @@ class Server(SimpleNamespace):
         return "server"
 
 
-@pytest.fixture(scope="module")
-def server(tokenizer_dir):
+def build_router(model: str):
+    """Two in-process replicas behind the router: the same fuzz, through data parallelism."""
+    from quire.cluster.core.block_hash import new_hash_seed
+    from quire.cluster.serving.replica import InprocReplica, ReplicaHost
+    from quire.cluster.serving.router import Router, served_model
+
+    seed = new_hash_seed()
+    kwargs = dict(model=model, num_kv_blocks=64, max_model_len=128, hash_seed=seed, kv_events=True)
+    replicas = [InprocReplica(f"r{i}", ReplicaHost.build(Engine(EngineConfig.from_kwargs(**kwargs)))) for i in range(2)]
+    return Router(replicas, served_model(kwargs, 64), seed, poll_seconds=0.05)
+
+
+@pytest.fixture(scope="module", params=["engine", "router"])
+def server(tokenizer_dir, request):
     stats = {name: dict(examples=0, statuses=Counter(), failures=0, engine_deaths=0, leaked_blocks=0)
              for name in ("/v1/completions", "/v1/chat/completions", "grpc", "grpc_bytes")}
     with pytest.MonkeyPatch.context() as mp:
         # conftest built the embedded default model in a temp cache; default_model_dir() finds it.
         mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
-        engine = AsyncEngine(Engine(EngineConfig.from_kwargs(model=str(default_model_dir()), num_kv_blocks=64, max_model_len=128)))
+        model = str(default_model_dir())
+        if request.param == "router":
+            engine = build_router(model)
+        else:
+            engine = AsyncEngine(Engine(EngineConfig.from_kwargs(model=model, num_kv_blocks=64, max_model_len=128)))
         frontends: list[GrpcFrontend] = []
+        loops = []
 
         async def start_grpc():  # on uvicorn's event loop, as `quire serve` does
+            import asyncio
+
+            loops.append(asyncio.get_running_loop())
             frontends.append(GrpcFrontend(engine, "127.0.0.1:0"))
             await frontends[0].start()
 
@@ -314,13 +334,13 @@ def server(tokenizer_dir):
                     grpc.insecure_channel(f"127.0.0.1:{frontends[0].port}") as channel:
                 yield Server(http=http, channel=channel, stub=generate_pb2_grpc.GenerateStub(channel),
                              health=health_pb2_grpc.HealthStub(channel), engine=engine, stats=stats,
-                             vocab=engine.model.vocab_size, culprit=None)
+                             vocab=engine.model.vocab_size, culprit=None, backend=request.param, loop=loops[0])
         finally:
             uv.should_exit = True
             thread.join(15)
             engine.shutdown()
             for name, s in stats.items():
-                print(f"\nfuzz {name}: {s['examples']} examples, statuses {dict(sorted(s['statuses'].items()))}, "
+                print(f"\nfuzz {request.param} {name}: {s['examples']} examples, statuses {dict(sorted(s['statuses'].items()))}, "
                       f"{s['failures']} failures, {s['engine_deaths']} engine deaths, "
                       f"{s['leaked_blocks']} blocks leaked")
             if os.environ.get("QUIRE_FUZZ_REPORT"):
@@ -348,13 +368,15 @@ def check_example(server, frontend: str, status: str, problem: str | None, what:
 
     def idle() -> bool:  # by the snapshots the engine loop publishes, with no command left for it
         stats = engine.stats()
-        return not stats.healthy or (stats.num_running == stats.num_waiting == 0 == stats.kv_usage
-                                     and not engine._commands)
+        pending = engine._streams if server.backend == "router" else engine._commands
+        return not stats.healthy or (stats.num_running == stats.num_waiting == 0 == stats.kv_usage and not pending)
 
     drained = wait_for(idle, 30)
     if not engine.healthy:
         stats["engine_deaths"] += 1
         problems.append(f"the engine died ({getattr(engine, '_error', None)!r})")
+    elif server.backend == "router":
+        problems += router_problems(server, stats, drained)
     else:
         time.sleep(0.005)  # let the loop go idle after its last publish,
         with engine._cond:  # and keep it from taking another command while we look
@@ -370,6 +392,7 @@ def check_example(server, frontend: str, status: str, problem: str | None, what:
                     scheduler.check_integrity()
                 except AssertionError as exc:
                     problems.append(f"scheduler integrity: {exc}")
+    if engine.healthy:
         try:
             health = server.http.get("/health")
         except httpx.TransportError:  # a connection the server closed after an error answer: once more
@@ -385,6 +408,37 @@ def check_example(server, frontend: str, status: str, problem: str | None, what:
         if not engine.healthy:
             server.culprit = server.culprit or message
         fail(message)
+
+
+def router_problems(server, stats: dict, drained: bool) -> list[str]:
+    """Invariant 3 behind the router: every replica drained, its blocks free, its cache intact."""
+    import asyncio
+
+    router, problems = server.engine, []
+    if not drained:
+        problems.append(f"not drained: {len(router._streams)} streams open")
+
+    def inspect(replica_id):
+        return asyncio.run_coroutine_threadsafe(router.handle(replica_id).inspect(), server.loop).result(30)
+
+    for replica_id in router.replica_ids():
+        try:
+            # An abort reaches a replica a moment after its stream closed: give it that moment.
+            wait_for(lambda: (lambda i: i.num_free_blocks == i.num_blocks and not i.num_unfinished)(
+                inspect(replica_id)), 5)
+            inspection = inspect(replica_id)
+        except AssertionError as exc:
+            problems.append(f"replica {replica_id} integrity: {exc}")
+            continue
+        leaked = inspection.num_blocks - inspection.num_free_blocks
+        if leaked:
+            stats["leaked_blocks"] += leaked
+            problems.append(f"{leaked} KV blocks in use on replica {replica_id} after the example")
+        if drained and inspection.num_unfinished:
+            problems.append(f"replica {replica_id} still has {inspection.num_unfinished} requests")
+    if len(router.replica_ids()) != 2:
+        problems.append(f"a replica was lost: serving {router.replica_ids()}")
+    return problems
 
 
 # -- the tests -------------------------------------------------------------------------------------

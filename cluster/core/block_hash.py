@@ -10,6 +10,19 @@ from collections.abc import Sequence
 ROOT_HASH = b"root"  # the parent of a prompt's first block
 
 
+def check_cache_salt(cache_salt) -> None:
+    """ValueError naming `cache_salt` unless it is None or a non-empty string that encodes
+    as UTF-8 (a lone surrogate, which a JSON escape can carry, does not): it enters a hash."""
+    if cache_salt is None:
+        return
+    try:
+        valid = isinstance(cache_salt, str) and bool(cache_salt) and bool(cache_salt.encode())
+    except UnicodeEncodeError:
+        valid = False
+    if not valid:
+        raise ValueError("`cache_salt` must be a non-empty string of valid Unicode")
+
+
 def new_hash_seed() -> str:
     """A fresh secret seed (hex), for one deployment: its replicas and its router share it."""
     return os.urandom(32).hex()

@@ -11,6 +11,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from quire.cluster.core.block_hash import check_cache_salt
 from quire.cluster.core.block_pool import BlockPool
 from quire.cluster.core.config import EngineConfig
 from quire.cluster.core.detokenizer import IncrementalDetokenizer
@@ -36,15 +37,6 @@ class EngineStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
-
-
-def _is_utf8(text: str) -> bool:
-    """Whether `text` encodes as UTF-8 (a lone surrogate, which a JSON escape can carry, does not)."""
-    try:
-        text.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 class Engine:
@@ -134,8 +126,7 @@ class Engine:
         if self.kv.blocks_for(longest) > self.kv.pool.num_blocks:
             raise ValueError(f"`max_tokens`: prompt ({len(token_ids)}) + max_tokens ({params.max_tokens}) needs "
                              f"{self.kv.blocks_for(longest)} KV blocks; the cache holds {self.kv.pool.num_blocks}")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt or not _is_utf8(cache_salt)):
-            raise ValueError("`cache_salt` must be a non-empty string of valid Unicode")
+        check_cache_salt(cache_salt)
         if self.tokenizer is None and any(params.stop):
             raise ValueError("`stop` strings need a tokenizer, and this engine was started with --skip-tokenizer-init "
                              "(skip_tokenizer_init=True); use `stop_token_ids`")

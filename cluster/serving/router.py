@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from quire.cluster.core.block_hash import BlockHasher
+from quire.cluster.core.block_hash import BlockHasher, check_cache_salt
 from quire.cluster.core.outputs import RequestOutput
 from quire.cluster.serving.engine_client import (
     EngineDeadError,
@@ -204,6 +204,7 @@ class Router:
         if self.failure is not None and not self._restarting:
             raise EngineDeadError(f"the router cannot serve: {self.failure}")
         params.validate(vocab_size=self._model.vocab_size)
+        check_cache_salt(cache_salt)
         token_ids = self._model.encoder.encode(prompt)
         if len(token_ids) + 1 > self._model.max_model_len:
             raise ValueError(f"`prompt` has {len(token_ids)} tokens; with at least one output token it exceeds "
@@ -220,7 +221,11 @@ class Router:
                          arrival=asyncio.get_running_loop().time())
         self._streams[request_id] = stream
         self._record("on_admitted", len(token_ids))
-        await self._place(stream, list(range(params.n)), request_id, params, None)
+        try:
+            await self._place(stream, list(range(params.n)), request_id, params, None)
+        except BaseException:
+            self._fail_stream(stream, EngineDeadError("the request could not be placed"))
+            raise
         done = False
         try:
             while True:
