@@ -228,8 +228,10 @@ def test_http_over_the_router_survives_a_dead_replica(model_path, reference):
     prompt = PROMPTS[1]
     want = reference.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].text
 
+    seed = new_hash_seed()
+
     async def main():
-        router = build_router(model_path)
+        router = build_router(model_path, seed=seed)
         router.metrics = metrics = RouterMetrics(router.model.name)
         app = build_app(router, metrics=metrics)
         transport = httpx.ASGITransport(app=app)
@@ -257,6 +259,8 @@ def test_http_over_the_router_survives_a_dead_replica(model_path, reference):
                 health = await http.get("/health")
                 listing = (await http.get("/v1/replicas")).json()["data"]
                 exposition = (await http.get("/metrics")).text
+                for path in ("/v1/models", "/health", "/v1/replicas", "/metrics"):  # the seed stays inside
+                    assert seed not in (await http.get(path)).text
             return "".join(texts), health, listing, exposition
         finally:
             router.shutdown()
