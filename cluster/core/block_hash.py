@@ -58,7 +58,17 @@ class BlockHasher:
         """The hashes of the full blocks of `token_ids` (at most `max_blocks`), first block first."""
         size, hashes, parent = self.block_size, [], ROOT_HASH
         count = len(token_ids) // size if max_blocks is None else min(max_blocks, len(token_ids) // size)
+        if count == 0:
+            return hashes
+        # The same bytes as `hash_block` packs block by block, packed in one call (the router
+        # hashes whole prompts on every decision).
+        packed, width = struct.pack(f"<{count * size}i", *token_ids[:count * size]), 4 * size
+        keyed = self._keyed
         for index in range(count):
-            parent = self.hash_block(parent, token_ids[index * size:(index + 1) * size], cache_salt)
+            digest = keyed.copy()
+            digest.update(parent + packed[index * width:(index + 1) * width])
+            if index == 0 and cache_salt is not None:
+                digest.update(b"salt\0" + cache_salt.encode())
+            parent = digest.digest()
             hashes.append(parent)
         return hashes

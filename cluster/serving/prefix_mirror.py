@@ -19,6 +19,9 @@ from collections.abc import Hashable, Iterable, Sequence
 from quire.cluster.core.kv_events import BlockRemoved, BlockStored, CacheCleared, KVEvent, KVSnapshot
 
 
+_NONE: frozenset = frozenset()
+
+
 class PrefixMirror:
     """For every block hash, the replicas holding it; per replica, its hashes (with their
     parents), the next sequence number expected from it, and whether it is stale."""
@@ -114,6 +117,11 @@ class PrefixMirror:
 
     def replicas_holding(self, block_hash: Hashable) -> frozenset:
         return frozenset(self._holders.get(block_hash, ()))
+
+    def holders_view(self, block_hash: Hashable) -> set | frozenset:
+        """The replicas holding `block_hash`, without a copy: read it before the mirror next
+        changes, never modify it (the router's hot path)."""
+        return self._holders.get(block_hash, _NONE)
 
     def cached_prefix_blocks(self, replica_id: Hashable, block_hashes: Sequence[Hashable]) -> int:
         """How many leading hashes of a prompt's chained block hashes the replica holds: the

@@ -73,7 +73,7 @@ def matched_prefix_blocks(mirror: PrefixMirror, block_hashes: Sequence[Hashable]
     counts: dict[Hashable, int] = {}
     alive: frozenset | set | None = None
     for index, block_hash in enumerate(block_hashes):
-        holders = mirror.replicas_holding(block_hash)
+        holders = mirror.holders_view(block_hash)
         now = holders if alive is None else alive & holders
         if alive is not None:
             for replica in alive - now:
