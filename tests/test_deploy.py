@@ -39,6 +39,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,10 +51,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RAY_DIR = DEPLOY / "ray"
-GPU_YAMLS = ["gcp-a100x4.yaml", "aws-a100x4.yaml"]
-RAY_YAMLS = GPU_YAMLS + ["local-cpu.yaml"]
-# The tensor-parallel size each file serves with.
-TP = {"gcp-a100x4.yaml": 4, "aws-a100x4.yaml": 4, "local-cpu.yaml": 2}
+SINGLE_NODE_GPU_YAMLS = ["gcp-a100x4.yaml", "aws-a100x4.yaml"]
+# Head + one worker node, data-parallel replicas across both; the serve command waits for every GPU.
+MULTI_NODE_GPU_YAMLS = ["gcp-a100x4-dp2.yaml", "aws-a100x4-dp4.yaml"]
+GPU_YAMLS = SINGLE_NODE_GPU_YAMLS + MULTI_NODE_GPU_YAMLS
+LOCAL_YAMLS = ["local-cpu.yaml", "local-cpu-dp2.yaml"]
+RAY_YAMLS = GPU_YAMLS + LOCAL_YAMLS
+# The tensor-parallel size (ranks per replica) and the data-parallel size (replicas) each file serves with.
+TP = {"gcp-a100x4.yaml": 4, "aws-a100x4.yaml": 4, "gcp-a100x4-dp2.yaml": 4, "aws-a100x4-dp4.yaml": 4,
+      "local-cpu.yaml": 2, "local-cpu-dp2.yaml": 1}
+DP = {"gcp-a100x4.yaml": 1, "aws-a100x4.yaml": 1, "gcp-a100x4-dp2.yaml": 2, "aws-a100x4-dp4.yaml": 4,
+      "local-cpu.yaml": 1, "local-cpu-dp2.yaml": 2}
 BASH = "/bin/bash"
 
 
@@ -89,7 +97,7 @@ def quire_serve_args(command: str) -> list[str]:
     start = next(i for i in range(len(tokens) - 1) if tokens[i] == "quire" and tokens[i + 1] == "serve") + 2
     args = []
     for token in tokens[start:]:
-        if token[0] in "<>&|;" or re.match(r"\d?>", token):
+        if token[0] in "<>&|;)" or re.match(r"\d?>", token):  # `)`: the end of a subshell
             break
         args.append(token)
     return args
@@ -145,11 +153,12 @@ def test_ray_yaml_passes_ray_up_validation(name):
     assert prepared["setup_commands"] == load_ray_yaml(name)["setup_commands"]
 
 
-def test_local_yaml_bootstraps_like_ray_up():
+@pytest.mark.parametrize("name", LOCAL_YAMLS)
+def test_local_yaml_bootstraps_like_ray_up(name):
     """For the `local` provider the whole pre-SSH path of `ray up` runs offline."""
     from ray.autoscaler._private.commands import _bootstrap_config
 
-    config = load_ray_yaml("local-cpu.yaml")
+    config = load_ray_yaml(name)
     resolved = _bootstrap_config(copy.deepcopy(config), no_config_cache=True)
     assert resolved["provider"]["head_ip"] == config["provider"]["head_ip"]
     assert resolved["max_workers"] == len(config["provider"]["worker_ips"])
@@ -206,6 +215,9 @@ def test_head_starts_ray_then_quire_serve(name):
     command = commands[serve[0]]
     args = parse_serve(command)
     assert args.tensor_parallel_size == TP[name]
+    assert args.data_parallel_size == DP[name]
+    if DP[name] > 1:
+        assert args.routing_policy == "cache_aware"
     assert (args.host, args.port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
     assert args.ray_address == "auto"  # the cluster `ray start --head` just started
     assert args.model == ("$QUIRE_MODEL" if name in GPU_YAMLS else None)  # CPU: the embedded default model
@@ -250,11 +262,17 @@ def test_head_commands_record_quires_pid_and_stop_it_on_the_next_ray_up(name, tm
     env = {"HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}"}
     subprocess.run([BASH, "-c", f"({config['setup_commands'][0]})"], env=env, check=True)
     serve = next(c for c in config["head_start_ray_commands"] if "quire serve" in c)
-    subprocess.run([BASH, "-c", f"({serve})"], env=env, check=True, capture_output=True)
+    # A multi-node file waits for its GPUs first: here a fake Ray that has them all at once.
+    env_serve = fake_ray_env(tmp_path, env, [DP[name] * TP[name]])
+    subprocess.run([BASH, "-c", f"({serve})"], env=env_serve, check=True, capture_output=True)
     # nohup execs quire, so `$!` is quire's own pid.
     assert wait_for(home / "quire-serve.pid").strip() == wait_for(out / "quire.pid").strip()
     (call,) = stub_calls(out, "quire")
     assert call[:1] == ["serve"] and call[call.index("--tensor-parallel-size") + 1] == str(TP[name])
+    if DP[name] > 1:
+        assert call[call.index("--data-parallel-size") + 1] == str(DP[name])
+    else:  # one replica: the flag's default, as before data parallelism
+        assert "--data-parallel-size" not in call
     if name in GPU_YAMLS:  # $QUIRE_MODEL came from ~/quire.env
         assert call[call.index("--model") + 1] == "/data/models/Meta-Llama-3-70B-Instruct"
     assert (home / "quire-serve.log").exists()
@@ -276,12 +294,7 @@ def test_head_commands_record_quires_pid_and_stop_it_on_the_next_ray_up(name, tm
             reaper.join(timeout=10)
 
 
-@pytest.mark.parametrize("name", GPU_YAMLS)
-def test_gpu_yamls_request_four_a100_80gb(name):
-    config = load_ray_yaml(name)
-    assert config["max_workers"] == 0 and list(config["available_node_types"]) == [config["head_node_type"]]
-    node = _node_type(config)
-    assert node["resources"]["GPU"] >= TP[name] == 4
+def _check_a100_node(name: str, node: dict) -> None:
     node_config = node["node_config"]
     if name.startswith("gcp"):
         assert node["resources"]["GPU"] == 4
@@ -291,14 +304,118 @@ def test_gpu_yamls_request_four_a100_80gb(name):
         assert node_config["disks"][0]["initializeParams"]["diskSizeGb"] >= 300
         assert "deeplearning-platform-release" in node_config["disks"][0]["initializeParams"]["sourceImage"]
     else:
-        # p4de.24xlarge: 8 A100 80GB, quire takes 4 of them.
+        # p4de.24xlarge: 8 A100 80GB, quire takes 4 of them per replica.
         assert node_config["InstanceType"] == "p4de.24xlarge" and node["resources"]["GPU"] == 8
         assert node_config["ImageId"].startswith("ami-REPLACE_ME")
         assert node_config["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] >= 300
 
 
-def test_local_yaml_is_cpu_only_with_placeholders():
-    config = load_ray_yaml("local-cpu.yaml")
+@pytest.mark.parametrize("name", SINGLE_NODE_GPU_YAMLS)
+def test_gpu_yamls_request_four_a100_80gb(name):
+    config = load_ray_yaml(name)
+    assert config["max_workers"] == 0 and list(config["available_node_types"]) == [config["head_node_type"]]
+    node = _node_type(config)
+    assert node["resources"]["GPU"] >= TP[name] == 4
+    _check_a100_node(name, node)
+
+
+@pytest.mark.parametrize("name", MULTI_NODE_GPU_YAMLS)
+def test_multi_node_gpu_yamls_have_one_worker_node_and_room_for_every_replica(name):
+    config = load_ray_yaml(name)
+    prepared = validate_like_ray_up(copy.deepcopy(config))
+    head_type = config["head_node_type"]
+    workers = {k: v for k, v in config["available_node_types"].items() if k != head_type}
+    (worker,) = workers.values()
+    # The autoscaler starts exactly one worker with the cluster and never adds or removes one.
+    assert worker["min_workers"] == worker["max_workers"] == config["max_workers"] == 1
+    assert prepared["available_node_types"][head_type]["max_workers"] == 0
+    assert worker["node_config"] == _node_type(config)["node_config"]  # the same machine twice
+    for node in (_node_type(config), worker):
+        _check_a100_node(name, node)
+        # STRICT_PACK: a replica's ranks share a node, so every node holds whole replicas.
+        assert node["resources"]["GPU"] % TP[name] == 0
+    gpus = _node_type(config)["resources"]["GPU"] + worker["resources"]["GPU"]
+    assert gpus == DP[name] * TP[name]  # every GPU serves, none is left over
+    # The worker joins the head's Ray; the head's autoscaler needs the cloud's SDK to create it.
+    assert any(re.search(r"ray start --address=\$RAY_HEAD_IP:6379", c) for c in config["worker_start_ray_commands"])
+    sdk = "google-api-python-client" if name.startswith("gcp") else "boto3"
+    assert any(sdk in c for c in config["head_setup_commands"])
+
+
+def fake_ray_env(tmp_path: Path, env: dict, gpu_counts: list[int]) -> dict:
+    """`env` plus a `python` whose `import ray` is a fake cluster: each `cluster_resources()`
+    call takes the next of `gpu_counts` (the last one stays), and a `sleep` that returns at once."""
+    package = tmp_path / "fake_ray" / "ray"
+    package.mkdir(parents=True, exist_ok=True)
+    counts = tmp_path / "fake_ray" / "gpu_counts.json"
+    counts.write_text(json.dumps(gpu_counts))
+    (package / "__init__.py").write_text(
+        "import json, os\n"
+        "def init(**kwargs):\n"
+        "    assert kwargs.get('address') == 'auto', kwargs\n"
+        "def cluster_resources():\n"
+        "    path = os.environ['FAKE_RAY_GPU_COUNTS']\n"
+        "    counts = json.loads(open(path).read())\n"
+        "    gpus = counts.pop(0) if len(counts) > 1 else counts[0]\n"
+        "    open(path, 'w').write(json.dumps(counts))\n"
+        "    return {'CPU': 96.0, 'GPU': float(gpus)}\n")
+    bin_dir = tmp_path / "fake_ray" / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    # -S: no site-packages (the fake `ray` is on PYTHONPATH), so a few hundred runs take seconds.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / "sleep").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sleep").chmod(0o755)
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "PYTHONPATH": str(package.parent),
+            "FAKE_RAY_GPU_COUNTS": str(counts)}
+
+
+@pytest.mark.parametrize("name", MULTI_NODE_GPU_YAMLS)
+def test_multi_node_serve_waits_for_every_gpu_in_the_ray_cluster(name, tmp_path):
+    config = load_ray_yaml(name)
+    needed = DP[name] * TP[name]
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", ["quire"], out)
+    base = {"HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run([BASH, "-c", f"({config['setup_commands'][0]})"], env=base, check=True)
+    serve = next(c for c in config["head_start_ray_commands"] if "quire serve" in c)
+
+    # The head's GPUs, then still the head's, then the worker's too: quire starts after the third look.
+    head_gpus = _node_type(config)["resources"]["GPU"]
+    env = fake_ray_env(tmp_path / "joins", base, [head_gpus, head_gpus, needed])
+    subprocess.run([BASH, "-c", f"({serve})"], env=env, check=True, capture_output=True, timeout=30)
+    assert wait_for(home / "quire-serve.pid").strip() == wait_for(out / "quire.pid").strip()
+    (call,) = stub_calls(out, "quire")
+    args = serve_parser().parse_args(call)
+    assert (args.data_parallel_size, args.tensor_parallel_size) == (DP[name], TP[name])
+    log = (home / "quire-serve.log").read_text()
+    assert log.count(f"of the {needed} GPUs") == 3, log
+    assert f"has {head_gpus} of the {needed} GPUs" in log and f"has {needed} of the {needed} GPUs" in log
+
+    # The worker never joins: it gives up (with a message in the log) instead of starting quire.
+    (out / "quire.args").unlink()
+    (out / "quire.pid").unlink()
+    (home / "quire-serve.pid").unlink()
+    env_file = home / "quire.env"
+    assert 'export QUIRE_GPU_WAIT_MINUTES="45"' in env_file.read_text()
+    env_file.write_text(env_file.read_text().replace('QUIRE_GPU_WAIT_MINUTES="45"', 'QUIRE_GPU_WAIT_MINUTES="2"'))
+    env = fake_ray_env(tmp_path / "never", base, [head_gpus])
+    subprocess.run([BASH, "-c", f"({serve})"], env=env, check=True, capture_output=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while "gave up" not in (home / "quire-serve.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = (home / "quire-serve.log").read_text()
+    assert f"gave up after 2 minutes without {needed} GPUs" in log, log[-2000:]
+    assert log.count(f"has {head_gpus} of the {needed} GPUs") == 2 * 6  # every 10 s for 2 minutes
+    assert wait_for(home / "quire-serve.pid")
+    assert stub_calls(out, "quire") == []
+
+
+@pytest.mark.parametrize("name", LOCAL_YAMLS)
+def test_local_yaml_is_cpu_only_with_placeholders(name):
+    config = load_ray_yaml(name)
     assert config["provider"]["type"] == "local"
     assert "REPLACE_ME" in config["provider"]["head_ip"]
     assert all("REPLACE_ME" in ip for ip in config["provider"]["worker_ips"])

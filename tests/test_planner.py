@@ -81,3 +81,61 @@ def test_plan_command_prints_text_and_json(capsys):
     assert plan["kv_bytes_per_token"] == 81920 and plan["hbm_bandwidth_bytes_per_s"] == 2.039e12
     assert main(["plan", "--model", "no-such-model"]) == 2
     assert "`model`" in capsys.readouterr().err
+
+
+def test_data_parallel_totals_are_replicas_times_one_replica():
+    """`-dp 2`: every per-GPU / per-replica figure is the dp=1 one; the totals are exactly twice it."""
+    config = dict(tensor_parallel_size=4, dtype="bf16", max_model_len=8192, gpu_memory=A100_80GB,
+                  hbm_bandwidth=A100_BANDWIDTH)
+    one = make_plan(ModelShape.load("llama-3-70b"), **config)
+    two = make_plan(ModelShape.load("llama-3-70b"), data_parallel_size=2, **config)
+    totals = {"data_parallel_size", "gpus_needed", "total_tokens", "total_requests_fit_in_kv",
+              "total_concurrent_requests", "total_decode_tokens_per_s_ceiling"}
+    per_replica = {k: v for k, v in vars(two).items() if k not in totals}
+    assert per_replica == {k: v for k, v in vars(one).items() if k not in totals}
+    assert (one.data_parallel_size, one.gpus_needed) == (1, 4)
+    assert (two.data_parallel_size, two.gpus_needed) == (2, 2 * 4)
+    assert one.total_tokens == one.tokens and two.total_tokens == 2 * two.tokens
+    assert two.total_requests_fit_in_kv == 2 * two.requests_fit_in_kv
+    assert two.total_concurrent_requests == 2 * two.concurrent_requests
+    assert two.total_decode_tokens_per_s_ceiling == 2 * two.decode_tokens_per_s_ceiling
+    # No bandwidth given: no ceiling per replica, none in total.
+    cpu = make_plan(ModelShape.load("llama-3-8b"), data_parallel_size=3, tensor_parallel_size=2)
+    assert cpu.gpus_needed == 6 and cpu.total_tokens == 3 * cpu.tokens
+    assert cpu.decode_tokens_per_s_ceiling is None and cpu.total_decode_tokens_per_s_ceiling is None
+
+
+def test_plan_command_with_data_parallel_size(capsys):
+    base = ["plan", "--model", "llama-3-70b", "-tp", "4", "--gpu", "a100-80gb", "--max-model-len", "8192"]
+    assert main([*base, "--data-parallel-size", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "data_parallel_size=2" in text and "GPUs needed: 8 (2 replicas x tensor_parallel_size 4)" in text
+    assert "per replica" in text and "KV tokens" in text and "output tokens/s ceiling" in text
+    assert main(base) == 0  # one replica: the report as it was before data parallelism
+    text = capsys.readouterr().out
+    assert "data_parallel_size" not in text and "needed" not in text and "per replica" not in text
+    assert main([*base, "-dp", "2", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert main([*base, "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["data_parallel_size"] == 1 and one["gpus_needed"] == 4 and one["total_tokens"] == one["tokens"]
+    assert two["data_parallel_size"] == 2 and two["gpus_needed"] == 8
+    assert two["tokens"] == one["tokens"] and two["total_tokens"] == 2 * one["tokens"]
+    assert two["total_concurrent_requests"] == 2 * one["concurrent_requests"]
+    assert two["total_requests_fit_in_kv"] == 2 * one["requests_fit_in_kv"]
+    assert two["total_decode_tokens_per_s_ceiling"] == 2 * one["decode_tokens_per_s_ceiling"]
+
+
+@pytest.mark.parametrize("dp", ["0", "-1"])
+def test_plan_refuses_a_data_parallel_size_below_one(dp, capsys):
+    assert main(["plan", "--model", "llama-3-70b", "-tp", "4", "-dp", dp]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--data-parallel-size" in captured.err and dp in captured.err
+    with pytest.raises(ValueError, match="--data-parallel-size"):
+        make_plan(ModelShape.load("llama-3-70b"), tensor_parallel_size=4, data_parallel_size=int(dp))
+
+
+def test_plan_refuses_a_data_parallel_size_that_is_not_a_number(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--model", "llama-3-70b", "--data-parallel-size", "two"])
+    assert exited.value.code == 2 and "--data-parallel-size" in capsys.readouterr().err

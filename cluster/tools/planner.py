@@ -9,6 +9,13 @@ at once at given prompt/output lengths, and the bandwidth-bound ceiling of decod
 step must read this rank's weights and the running requests' KV from memory at least
 once, so steps/s <= bandwidth / (weight bytes + KV bytes read).
 
+With `data_parallel_size` N (`quire serve -dp N`: N whole replicas, each with its own
+tensor_parallel_size ranks and its own KV cache, behind one router) every figure above is
+one replica's, and the plan adds the deployment's totals: N x tensor_parallel_size GPUs,
+N x the KV tokens, N x the requests that fit and run at once, and N x the decode ceiling
+in output tokens/s (replicas share no memory and no bandwidth; the router's cache-aware
+placement decides how well their prefix caches are used, which no plan can know).
+
 On a GPU the worker sizes the KV cache the same way from what it measures
 (`gpu_memory_utilization` x device memory - weights - the peak of a dummy full-budget
 step); without `--gpu-memory` the plan is for the CPU, where the KV budget is
@@ -127,6 +134,14 @@ class Plan:
     decode_tokens_per_s_ceiling: float | None
     single_request_tokens_per_s_ceiling: float | None
     allreduce_bytes_per_step_per_gpu: int
+    # Data parallelism: the fields above are one replica's (per GPU or per replica), these
+    # the whole deployment's: data_parallel_size x the per-replica figure.
+    data_parallel_size: int
+    gpus_needed: int  # data_parallel_size x tensor_parallel_size (ranks, on the CPU)
+    total_tokens: int
+    total_requests_fit_in_kv: int
+    total_concurrent_requests: int
+    total_decode_tokens_per_s_ceiling: float | None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -136,9 +151,12 @@ def make_plan(shape: ModelShape, tensor_parallel_size: int = 1, dtype: str = "au
               block_size: int = 16, max_model_len: int | None = None, gpu_memory: int | None = None,
               gpu_memory_utilization: float = 0.9, kv_cache_memory: int = 512 << 20,
               max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, prompt_len: int = 1024,
-              output_len: int = 256, hbm_bandwidth: float | None = None) -> Plan:
+              output_len: int = 256, hbm_bandwidth: float | None = None, data_parallel_size: int = 1) -> Plan:
     """The plan for one configuration; raises ValueError naming the field that cannot work."""
-    tp = tensor_parallel_size
+    tp, dp = tensor_parallel_size, data_parallel_size
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"`--data-parallel-size` (data_parallel_size) {dp!r} must be a whole number of replicas, "
+                         "at least 1")
     if tp < 1 or shape.num_heads % tp:
         raise ValueError(f"`tensor_parallel_size` {tp} must divide num_attention_heads={shape.num_heads}")
     if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
@@ -185,14 +203,24 @@ def make_plan(shape: ModelShape, tensor_parallel_size: int = 1, dtype: str = "au
         concurrent_requests=concurrent, concurrency_limited_by="KV memory" if by_memory < max_num_seqs
         else "max_num_seqs", memory_bytes_per_gpu=gpu_memory, hbm_bandwidth_bytes_per_s=hbm_bandwidth,
         decode_steps_per_s_ceiling=steps, decode_tokens_per_s_ceiling=tokens_per_s,
-        single_request_tokens_per_s_ceiling=single, allreduce_bytes_per_step_per_gpu=allreduce)
+        single_request_tokens_per_s_ceiling=single, allreduce_bytes_per_step_per_gpu=allreduce,
+        data_parallel_size=dp, gpus_needed=dp * tp, total_tokens=dp * num_blocks * block_size,
+        total_requests_fit_in_kv=dp * by_memory, total_concurrent_requests=dp * concurrent,
+        total_decode_tokens_per_s_ceiling=None if tokens_per_s is None else dp * tokens_per_s)
 
 
 def format_plan(plan: Plan) -> str:
     gib, gb = 2**30, 1e9
-    lines = [f"quire plan: {plan.model}, tensor_parallel_size={plan.tensor_parallel_size}, dtype={plan.dtype}, "
-             f"kv_cache_dtype={plan.kv_cache_dtype}, block_size={plan.block_size}, max_model_len={plan.max_model_len}",
-             "per GPU:" if plan.memory_bytes_per_gpu else "per rank (CPU: KV budget as given):"]
+    dp, tp = plan.data_parallel_size, plan.tensor_parallel_size
+    lines = [f"quire plan: {plan.model}, tensor_parallel_size={tp}"
+             + (f", data_parallel_size={dp}" if dp > 1 else "")
+             + f", dtype={plan.dtype}, kv_cache_dtype={plan.kv_cache_dtype}, block_size={plan.block_size}, "
+             f"max_model_len={plan.max_model_len}"]
+    if dp > 1:  # one replica: the GPUs are tensor_parallel_size, the output as it always was
+        devices = "GPUs" if plan.memory_bytes_per_gpu else "ranks (CPU processes)"
+        lines.append(f"{devices} needed: {plan.gpus_needed} ({dp} replicas x tensor_parallel_size {tp})")
+    lines.append(("per GPU" if plan.memory_bytes_per_gpu else "per rank (CPU: KV budget as given)")
+                 + (", the same in every replica:" if dp > 1 else ":"))
     if plan.memory_bytes_per_gpu:
         lines.append(f"  device memory            {plan.memory_bytes_per_gpu / gib:10.2f} GiB")
     lines += [
@@ -217,4 +245,15 @@ def format_plan(plan: Plan) -> str:
     if plan.tensor_parallel_size > 1:
         lines.append(f"all-reduce per decode step: {plan.allreduce_bytes_per_step_per_gpu / 2**20:.1f} MiB sent per "
                      "GPU (ring; NVLink time not modelled)")
+    if dp > 1:
+        lines += [
+            f"data parallel: {dp} replicas behind one router (the figures above are each replica's)",
+            f"                           {'per replica':>12} {'total':>12}",
+            f"  KV tokens                {plan.tokens:12d} {plan.total_tokens:12d}",
+            f"  requests that fit in KV  {plan.requests_fit_in_kv:12d} {plan.total_requests_fit_in_kv:12d}",
+            f"  requests at once         {plan.concurrent_requests:12d} {plan.total_concurrent_requests:12d}",
+        ]
+        if plan.decode_tokens_per_s_ceiling is not None:
+            lines.append(f"  output tokens/s ceiling  {plan.decode_tokens_per_s_ceiling:12.0f} "
+                         f"{plan.total_decode_tokens_per_s_ceiling:12.0f}")
     return "\n".join(lines)
