@@ -316,3 +316,33 @@ def test_the_router_recreates_dead_replicas_and_parks_streams_until_one_serves(m
     results = run(main())
     assert [[c.token_ids for c in r.outputs] for r in results] == [expected(reference, p, params)
                                                                      for p, params in cases]
+
+
+def test_lost_kv_events_are_caught_and_the_mirror_resyncs(model_path):
+    """A poll whose events went missing (the replica's numbering runs ahead of what arrived)
+    makes the router rebuild that replica's mirror from a snapshot: exact again, once."""
+    import dataclasses
+
+    async def main():
+        router = build_router(model_path, policy="round_robin")
+        victim = router.handle("r0")
+        original, armed = victim.poll, {"drop": True}
+
+        async def lossy_poll(timeout):
+            update = await original(timeout)
+            if armed["drop"] and update.kv_events and router.mirror.is_exact("r0"):
+                armed["drop"] = False
+                return dataclasses.replace(update, kv_events=update.kv_events[1:])
+            return update
+
+        victim.poll = lossy_poll
+        router.start()
+        try:
+            await asyncio.gather(*(collect(router, p, GREEDY) for p in PROMPTS))
+            await settle(router)
+            assert not armed["drop"] and router.counters.mirror_resyncs == 1
+            assert router.mirror.is_exact("r0") and router.mirror.is_exact("r1")
+        finally:
+            router.shutdown()
+
+    run(main())
