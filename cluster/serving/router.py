@@ -317,6 +317,13 @@ class Router:
         except ReplicaDeadError:
             pass  # its poll loop finds the replica dead and handles it
 
+    @staticmethod
+    async def _shutdown_quietly(handle: ReplicaHandle) -> None:
+        try:
+            await handle.shutdown()
+        except Exception:  # noqa: BLE001 - it is gone either way
+            logger.debug("shutting a dead replica down failed", exc_info=True)
+
     async def _migrate(self, placement: Placement) -> None:
         """Continue the placement's unfinished samples elsewhere, one request per sample."""
         stream = placement.stream
@@ -338,6 +345,9 @@ class Router:
         if replica.task is not None and replica.task is not asyncio.current_task():
             replica.task.cancel()
         self.mirror.remove_replica(replica_id)
+        # A replica that stopped answering may still be computing: stop it for good, so it
+        # frees its resources and no stream ever has two producers.
+        self._spawn(self._shutdown_quietly(replica.handle))
         moved = [self._placements[sub_id] for sub_id in sorted(replica.placements) if sub_id in self._placements]
         for placement in moved:
             self._unplace(placement)
