@@ -137,7 +137,7 @@ def _plan(args: argparse.Namespace) -> int:
         gpu_memory=args.gpu_memory or memory, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, prompt_len=args.prompt_len, output_len=args.output_len,
-        hbm_bandwidth=args.hbm_bandwidth or bandwidth)
+        hbm_bandwidth=args.hbm_bandwidth or bandwidth, data_parallel_size=args.data_parallel_size)
     print(plan.to_json() if args.json else format_plan(plan))
     return 0
 
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", required=True,
                       help="a checkpoint directory, its config.json, or a preset: llama-3-8b, llama-3-70b")
     plan.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    plan.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                      help="replicas behind one router, as `quire serve -dp`: adds per-replica and total capacity")
     plan.add_argument("--gpu", choices=sorted(GPUS), default=None, help="a card's memory and HBM bandwidth")
     plan.add_argument("--gpu-memory", type=parse_bytes, default=None, help="device memory per GPU, e.g. 80GiB")
     plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)

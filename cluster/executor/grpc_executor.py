@@ -191,6 +191,13 @@ class GrpcExecutor(Executor):
                         self._fail(rank, f"is unreachable ({error.code().name}): it died or hung")
                     return
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers this executor's launcher started on this host (the
+        launcher whose `stop` is `on_shutdown`, when it can tell); [] otherwise."""
+        launcher = getattr(self._on_shutdown, "__self__", None)
+        pids = getattr(launcher, "worker_pids", None)
+        return list(pids()) if callable(pids) else []
+
     def check_health(self) -> None:
         if self.failure is not None:
             raise self.failure

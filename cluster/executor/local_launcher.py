@@ -85,6 +85,10 @@ class LocalWorkerLauncher:
             raise RuntimeError(f"worker rank {rank} did not start within {timeout}s (exit code {process.poll()})")
         return found[0]
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers still running, in rank order."""
+        return [process.pid for process in self.processes if process.poll() is None]
+
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the workers (idempotent)."""
         for process in self.processes:

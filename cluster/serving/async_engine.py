@@ -110,6 +110,12 @@ class AsyncEngine:
         return self.failure is None
 
     @property
+    def error(self) -> BaseException | None:
+        """The failure that stopped the engine for good (None while it may serve: a worker
+        being replaced, or a paused loop, is no such failure)."""
+        return self._error
+
+    @property
     def failure(self) -> str | None:
         """Why the engine is not serving (None while it is healthy)."""
         if self._error is not None:

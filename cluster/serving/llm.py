@@ -27,22 +27,44 @@ class LLM:
     def __init__(self, model: str | None = None, tensor_parallel_size: int = 1, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, num_kv_blocks: int | None = None,
                  dtype: str = "auto", seed: int = 0, max_model_len: int | None = None, tokenizer: str | None = None,
-                 skip_tokenizer_init: bool = False, **kwargs):
+                 skip_tokenizer_init: bool = False, data_parallel_size: int = 1, routing_policy: str = "cache_aware",
+                 **kwargs):
         """`tokenizer`: a tokenizer directory, for a checkpoint without one (default: the checkpoint's).
         `skip_tokenizer_init`: load none; prompts are then token ids, outputs have token ids and no text.
-        Without `model`, the built-in default model (built locally on first use)."""
+        Without `model`, the built-in default model (built locally on first use).
+        `data_parallel_size` > 1: that many replicas of the whole engine as Ray actors behind a
+        router choosing by `routing_policy` (`self.engine` is then None: the engines live in
+        the actors); 1: one engine in this process."""
+        if isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+            raise ValueError(f"`data_parallel_size` must be a positive integer (got {data_parallel_size!r})")
         if model is None:
             model = str(default_model_dir())
-        self.config = EngineConfig.from_kwargs(
+        engine_kwargs = dict(
             model=model, tensor_parallel_size=tensor_parallel_size, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks, dtype=dtype, seed=seed,
             max_model_len=max_model_len, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init, **kwargs)
-        # The engine behind the client, for inspection between `generate` calls (no thread
-        # touches it then: the client's loop runs only while a call does).
-        self.engine = Engine(self.config)
-        self._async_engine = AsyncEngine(self.engine)
-        self.client: EngineClient = self._async_engine
-        self._loop = asyncio.new_event_loop()
+        self.config = EngineConfig.from_kwargs(**engine_kwargs)
+        self._async_engine: AsyncEngine | None = None
+        self._replica_factory = None
+        if data_parallel_size == 1:
+            # The engine behind the client, for inspection between `generate` calls (no thread
+            # touches it then: the client's loop runs only while a call does).
+            self.engine: Engine | None = Engine(self.config)
+            self._async_engine = AsyncEngine(self.engine)
+            self.client: EngineClient = self._async_engine
+            self._loop = asyncio.new_event_loop()
+        else:
+            from quire.cluster.serving.ray_replicas import start_router
+
+            self.engine = None
+            # The router lives on this loop: its polls run while a call does.
+            self._loop = asyncio.new_event_loop()
+            try:
+                self.client, self._replica_factory = self._loop.run_until_complete(
+                    start_router(engine_kwargs, data_parallel_size, policy=routing_policy))
+            except BaseException:
+                self._loop.close()
+                raise
 
     def get_tokenizer(self):
         """The tokenizer; None with `skip_tokenizer_init`."""
@@ -72,7 +94,8 @@ class LLM:
                 raise error.__cause__ from None  # offline callers get the engine's own failure (e.g. WorkerFailure)
             raise
         finally:
-            self._async_engine.pause()  # no thread touches the engine between calls
+            if self._async_engine is not None:
+                self._async_engine.pause()  # no thread touches the engine between calls
 
     async def _generate_all(self, prompts: list, params: list[SamplingParams], cache_salt: str | None,
                             use_tqdm: bool) -> list[RequestOutput]:
@@ -96,7 +119,7 @@ class LLM:
             # start, so it admits them all before its first step, whatever the timing: the
             # batches, and so the tokens, are the same from run to run.
             await asyncio.sleep(0)
-            self._async_engine.start()
+            self.client.start()  # resumes a paused engine; a router starts polling its replicas once
             await asyncio.gather(*tasks)
         finally:  # a refusal or an interrupt: the others end too (closing a stream aborts its request)
             for task in tasks:
@@ -106,5 +129,10 @@ class LLM:
         return [accumulator.result() for accumulator in accumulators]
 
     def shutdown(self) -> None:
-        self._async_engine.shutdown()
+        """Stop the engine, or the router and every replica it ran (idempotent)."""
+        if self._loop.is_closed():
+            return
+        self.client.shutdown()
+        if self._replica_factory is not None:  # also replicas the router replaced
+            self._loop.run_until_complete(self._replica_factory.shutdown_all())
         self._loop.close()

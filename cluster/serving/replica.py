@@ -253,38 +253,36 @@ class ReplicaHandle(Protocol):
     async def shutdown(self) -> None: ...
 
 
-class InprocReplica:
-    """A replica in the router's own process and event loop (tests, benchmarks, and a
-    data-parallel deployment on one host without Ray). `kill` makes it fail like a dead one."""
+class HostedReplica:
+    """The replica calls a `ReplicaHost` in this process answers (the in-process handle and
+    the Ray actor's body share them). Once the host has stopped for good every call raises
+    ReplicaDeadError, but a poll first hands over what the host still holds (the deltas it
+    made, the streams' "dead" errors): fewer tokens to compute again elsewhere."""
 
-    def __init__(self, replica_id: str, host: ReplicaHost):
-        self.replica_id, self.host = replica_id, host
-        self._dead: str | None = None
+    replica_id: str
+    host: ReplicaHost
+
+    def stopped_for_good(self) -> str | None:
+        """Why the replica will never serve again; None while it serves (also while it
+        replaces dead workers: a recorded loop error is final, a worker being down is not)."""
+        async_engine = self.host.async_engine
+        return async_engine.failure if async_engine.error is not None else None
 
     def _check(self) -> None:
-        if self._dead is not None:
-            raise ReplicaDeadError(f"replica {self.replica_id} is gone: {self._dead}")
-        failure = self.host.async_engine.failure
-        if failure is not None and self.host.async_engine._error is not None:
-            raise ReplicaDeadError(f"replica {self.replica_id} failed: {failure}")
-
-    def kill(self, why: str = "killed") -> None:
-        """Stop the replica at once, as a crash would (its streams are the router's to move)."""
-        self._dead = why
-        self.host.shutdown()
+        why = self.stopped_for_good()
+        if why is not None:
+            raise ReplicaDeadError(f"replica {self.replica_id} is gone: {why}")
 
     async def add(self, request: ReplicaRequest) -> None:
         self._check()
         await self.host.add(request)
 
-    async def abort(self, request_id: str) -> None:
-        if self._dead is None:
-            await self.host.abort(request_id)
-
     async def poll(self, timeout: float) -> ReplicaUpdate:
-        self._check()
+        if self.stopped_for_good() is not None:
+            timeout = 0  # nothing will come but what is there already
         update = await self.host.poll(timeout)
-        self._check()
+        if not update.outputs:
+            self._check()
         return update
 
     async def kv_snapshot(self) -> KVSnapshot:
@@ -294,6 +292,27 @@ class InprocReplica:
     async def inspect(self) -> ReplicaInspection:
         self._check()
         return await self.host.inspect()
+
+
+class InprocReplica(HostedReplica):
+    """A replica in the router's own process and event loop (tests, benchmarks, and a
+    data-parallel deployment on one host without Ray). `kill` makes it fail like a dead one."""
+
+    def __init__(self, replica_id: str, host: ReplicaHost):
+        self.replica_id, self.host = replica_id, host
+        self._dead: str | None = None
+
+    def stopped_for_good(self) -> str | None:
+        return self._dead or super().stopped_for_good()
+
+    def kill(self, why: str = "killed") -> None:
+        """Stop the replica at once, as a crash would (its streams are the router's to move)."""
+        self._dead = why
+        self.host.shutdown()
+
+    async def abort(self, request_id: str) -> None:
+        if self._dead is None:
+            await self.host.abort(request_id)
 
     async def shutdown(self) -> None:
         if self._dead is None:

@@ -42,7 +42,7 @@ from quire.protos.step import SamplingParams
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5        # a poll returns at once when there is news, else after this long
-RESTART_BACKOFF_SECONDS = 1.0
+RESTART_BACKOFF_SECONDS = (1.0, 30.0)  # first and longest pause between failed restarts (doubling)
 
 
 def served_model(engine_kwargs: dict, num_kv_blocks: int) -> ServedModel:
@@ -291,6 +291,10 @@ class Router:
             await replica.handle.add(request)
         except ReplicaDeadError as error:
             await self._on_replica_dead(decision.replica_id, str(error))
+        except Exception as error:  # noqa: BLE001 - this request could not be sent: it alone fails
+            logger.exception("sending %s to replica %s failed", sub_id, decision.replica_id)
+            self._unplace(placement)
+            self._fail_stream(stream, RequestFailedError(f"the request could not be sent to a replica: {error!r}"))
 
     def _unplace(self, placement: Placement) -> None:
         self._placements.pop(placement.sub_id, None)
@@ -359,14 +363,16 @@ class Router:
 
     async def _restart(self, replica_id: str) -> None:
         """Recreate a dead replica through the factory (retrying), then serve parked samples."""
+        pause, longest = RESTART_BACKOFF_SECONDS
         try:
             while not self._stopped:
                 try:
                     handle = await self.replica_factory(replica_id)
                     break
-                except Exception:  # noqa: BLE001 - logged; retried after a pause
-                    logger.exception("restarting replica %s failed; retrying", replica_id)
-                    await asyncio.sleep(RESTART_BACKOFF_SECONDS)
+                except Exception:  # noqa: BLE001 - logged; retried after a growing pause
+                    logger.exception("restarting replica %s failed; retrying in %.0fs", replica_id, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, longest)
             else:
                 return
             self.counters.replica_restarts += 1

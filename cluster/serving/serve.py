@@ -9,6 +9,7 @@ prints `quire: gRPC on HOST:PORT` and then `quire: serving MODEL on http://HOST:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
@@ -47,6 +48,23 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="Jinja chat template (a file or the template itself) for models without one")
 
 
+def _start_replicas(args: argparse.Namespace, engine_kwargs: dict):
+    """Start `--data-parallel-size` replicas on Ray and the router over them: (router, its
+    replica factory), or None after printing why they did not start (the caller exits 1)."""
+    from quire.cluster.serving.ray_replicas import start_router
+    from quire.cluster.serving.router_metrics import RouterMetrics
+
+    try:
+        # The replicas' start is over before serving begins; the router starts on the server's loop.
+        return asyncio.run(start_router(engine_kwargs, args.data_parallel_size, policy=args.routing_policy,
+                                        max_queue_len=args.max_queue_len, make_metrics=RouterMetrics))
+    except ValueError:
+        raise  # bad configuration: the command line reports it
+    except Exception as error:  # noqa: BLE001 - any failure to start: say which and why, then exit non-zero
+        print(f"quire: {error}; exiting", file=sys.stderr, flush=True)
+        return None
+
+
 def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     import uvicorn
     from quire.cluster.serving.api_server import build_app
@@ -67,26 +85,37 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
         from quire.cluster.tools.default_model import default_model_dir
 
         engine_kwargs = {**engine_kwargs, "model": str(default_model_dir())}
-    engine = Engine(EngineConfig.from_kwargs(**engine_kwargs))
-    if args.chat_template:
-        engine.tokenizer.chat_template = _chat_template(args.chat_template)
-    metrics = ServerMetrics(engine.info.name)
+    dp = args.data_parallel_size
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"`data_parallel_size` must be a positive integer (got {dp!r})")
     engine_failures: list[BaseException] = []
+    replica_factory = None
+    if dp == 1:
+        engine = Engine(EngineConfig.from_kwargs(**engine_kwargs))
+        metrics = ServerMetrics(engine.info.name)
 
-    def on_engine_dead(error: BaseException) -> None:
-        # A failure that belongs to no request: stop serving and exit non-zero, so that a
-        # supervisor (Kubernetes, systemd, Ray) restarts the process instead of it answering
-        # 503 forever. /health says why until the server has closed.
-        engine_failures.append(error)
-        server.should_exit = True
+        def on_engine_dead(error: BaseException) -> None:
+            # A failure that belongs to no request: stop serving and exit non-zero, so that a
+            # supervisor (Kubernetes, systemd, Ray) restarts the process instead of it answering
+            # 503 forever. /health says why until the server has closed.
+            engine_failures.append(error)
+            server.should_exit = True
 
-    async_engine = AsyncEngine(engine, max_queue_len=args.max_queue_len, metrics=metrics, on_dead=on_engine_dead)
+        client = AsyncEngine(engine, max_queue_len=args.max_queue_len, metrics=metrics, on_dead=on_engine_dead)
+    else:
+        started = _start_replicas(args, engine_kwargs)
+        if started is None:
+            return 1
+        client, replica_factory = started
+        metrics = client.metrics
+    if args.chat_template:
+        client.model.tokenizer.chat_template = _chat_template(args.chat_template)
     grpc_frontend: list[GrpcFrontend] = []
 
     async def start_grpc():
         if args.grpc_port < 0:
             return
-        frontend = GrpcFrontend(async_engine, f"{args.host}:{args.grpc_port}", api_key=args.api_key, tls=tls,
+        frontend = GrpcFrontend(client, f"{args.host}:{args.grpc_port}", api_key=args.api_key, tls=tls,
                                 max_message_bytes=args.max_request_bytes)
         await frontend.start()
         grpc_frontend.append(frontend)
@@ -95,8 +124,10 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     async def stop_grpc():
         for frontend in grpc_frontend:
             await frontend.stop()
+        if replica_factory is not None:
+            client.shutdown()  # on the server's loop, which its polls run on, while it still runs
 
-    app = build_app(async_engine, api_key=args.api_key, metrics=metrics, max_request_bytes=args.max_request_bytes,
+    app = build_app(client, api_key=args.api_key, metrics=metrics, max_request_bytes=args.max_request_bytes,
                     on_startup=start_grpc, on_shutdown=stop_grpc)
     scheme = "https" if tls else "http"
 
@@ -105,7 +136,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
             await super().startup(sockets)
             if self.started:  # sockets are bound now, so the port is known even for --port 0
                 port = self.servers[0].sockets[0].getsockname()[1]
-                print(f"quire: serving {async_engine.model.name} on {scheme}://{_bracketed(args.host)}:{port}",
+                print(f"quire: serving {client.model.name} on {scheme}://{_bracketed(args.host)}:{port}",
                       flush=True)
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -114,7 +145,9 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
     try:
         server.run()
     finally:
-        async_engine.shutdown()
+        client.shutdown()
+        if replica_factory is not None:  # every replica, also those the router replaced; the server's loop is gone
+            asyncio.run(replica_factory.shutdown_all())
     if engine_failures:
         print(f"quire: the engine stopped ({engine_failures[0]!r}); exiting", file=sys.stderr, flush=True)
         return 1
