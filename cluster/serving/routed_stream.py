@@ -73,4 +73,3 @@ class Placement:
     stream: RoutedStream
     replica_id: str
     indexes: list[int]                 # the client's sample indexes it serves (its own index i → indexes[i])
-    queued_prefill: int = 0            # counted in the replica's load until its first token

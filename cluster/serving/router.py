@@ -22,7 +22,6 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 from quire.cluster.core.block_hash import BlockHasher, check_cache_salt
 from quire.cluster.core.outputs import RequestOutput
@@ -33,16 +32,13 @@ from quire.cluster.serving.engine_client import (
     ServedModel,
     StatsSnapshot,
 )
-from quire.cluster.serving.prefix_mirror import PrefixMirror
 from quire.cluster.serving.replica import ReplicaDeadError, ReplicaHandle, ReplicaOutput, ReplicaRequest
 from quire.cluster.serving.routed_stream import Placement, RoutedStream
-from quire.cluster.serving.routing import ReplicaLoad, make_policy
+from quire.cluster.serving.replica_pool import POLL_SECONDS, ReplicaPool, RouterCounters
+from quire.cluster.serving.routing import make_policy
 from quire.protos.step import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-POLL_SECONDS = 0.5        # a poll returns at once when there is news, else after this long
-RESTART_BACKOFF_SECONDS = (1.0, 30.0)  # first and longest pause between failed restarts (doubling)
 
 
 def served_model(engine_kwargs: dict, num_kv_blocks: int) -> ServedModel:
@@ -59,28 +55,6 @@ def served_model(engine_kwargs: dict, num_kv_blocks: int) -> ServedModel:
                        tensor_parallel_size=config.parallel.tensor_parallel_size, encoder=info)
 
 
-@dataclass
-class RouterCounters:
-    """What the router did, for metrics and benchmarks."""
-    decisions: dict[str, int] = field(default_factory=dict)  # by policy
-    predicted_cached_tokens: int = 0   # prompt tokens the mirror said the chosen replica held
-    prompt_tokens: int = 0
-    migrations: int = 0                # samples moved to another replica
-    mirror_resyncs: int = 0
-    replica_restarts: int = 0
-
-
-@dataclass
-class _Replica:
-    handle: ReplicaHandle
-    load: ReplicaLoad
-    state: str = "serving"             # serving | dead
-    epoch: str | None = None
-    stats: StatsSnapshot = field(default_factory=lambda: StatsSnapshot(0, 0, 0.0, None))
-    placements: set[str] = field(default_factory=set)  # sub-request ids live here
-    task: asyncio.Task | None = None
-
-
 class Router:
     """Implements EngineClient over `replicas` (handles in a stable order). Single event loop:
     every method but `model`, `stats`, `healthy` and `failure` runs on the loop that called
@@ -90,23 +64,40 @@ class Router:
                  policy: str = "cache_aware",
                  replica_factory: Callable[[str], Awaitable[ReplicaHandle]] | None = None,
                  max_queue_len: int = 0, metrics=None, poll_seconds: float = POLL_SECONDS):
-        if not replicas:
-            raise ValueError("a router needs at least one replica")
         self._model = model
         self.policy = make_policy(policy)
         self.hasher = BlockHasher(model.block_size, bytes.fromhex(hash_seed))
-        self.mirror = PrefixMirror()
         self.counters = RouterCounters()
-        self.replica_factory = replica_factory
-        self.max_queue_len, self.metrics, self.poll_seconds = max_queue_len, metrics, poll_seconds
-        self._replicas: dict[str, _Replica] = {h.replica_id: _Replica(h, ReplicaLoad(h.replica_id)) for h in replicas}
+        self.max_queue_len, self._metrics = max_queue_len, metrics
+        self.pool = ReplicaPool(replicas, on_news=self._deliver, on_dead=self._move, on_ready=self._unpark,
+                                factory=replica_factory, poll_seconds=poll_seconds, metrics=metrics,
+                                counters=self.counters)
         self._placements: dict[str, Placement] = {}
         self._streams: dict[str, RoutedStream] = {}
-        self._orphans: list[tuple[RoutedStream, list[int]]] = []  # samples waiting for a live replica
-        self._restarting: set[str] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._parked: list[tuple[RoutedStream, list[int]]] = []  # samples waiting for a live replica
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+
+    @property
+    def mirror(self):
+        return self.pool.mirror
+
+    @property
+    def metrics(self):
+        """A `RouterMetrics` the router and its pool record into (None: none)."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics) -> None:
+        self._metrics = self.pool.metrics = metrics
+
+    @property
+    def replica_factory(self):
+        return self.pool.factory
+
+    @replica_factory.setter
+    def replica_factory(self, factory) -> None:
+        self.pool.factory = factory
 
     # -- EngineClient: facts and health ----------------------------------------------------
     @property
@@ -117,7 +108,7 @@ class Router:
     def failure(self) -> str | None:
         if self._stopped:
             return "the router was shut down"
-        if not any(r.state == "serving" and r.stats.healthy for r in self._replicas.values()):
+        if not self.pool.any_healthy():
             return "no replica is serving"
         return None
 
@@ -126,21 +117,17 @@ class Router:
         return self.failure is None
 
     def stats(self) -> StatsSnapshot:
-        per_replica = tuple(
-            StatsSnapshot(r.stats.num_running, r.stats.num_waiting, r.stats.kv_usage,
-                          r.stats.failure if r.state == "serving" else f"replica is {r.state}",
-                          r.stats.max_queue_len, name=replica_id, state=r.state)
-            for replica_id, r in self._replicas.items())
+        per_replica = self.pool.stats()
         serving = [s for s in per_replica if s.state == "serving"]
         kv = sum(s.kv_usage for s in serving) / len(serving) if serving else 0.0
         return StatsSnapshot(sum(s.num_running for s in serving), sum(s.num_waiting for s in serving), kv,
                              self.failure, self.max_queue_len, replicas=per_replica)
 
     def replica_ids(self, state: str = "serving") -> list[str]:
-        return [replica_id for replica_id, r in self._replicas.items() if r.state == state]
+        return self.pool.ids(state)
 
     def handle(self, replica_id: str) -> ReplicaHandle:
-        return self._replicas[replica_id].handle
+        return self.pool.records[replica_id].handle
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,36 +136,17 @@ class Router:
         if self._loop is not None and self._loop is not loop:
             raise RuntimeError("a router serves one event loop")
         self._loop = loop
-        for replica_id, replica in self._replicas.items():
-            if replica.task is None and replica.state == "serving":
-                replica.task = self._spawn(self._poll_loop(replica_id))
-
-    def _spawn(self, coroutine) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self.pool.start()
 
     def shutdown(self) -> None:
         """Stop polling, end every open stream with EngineDeadError, shut the replicas down."""
         if self._stopped:
             return
         self._stopped = True
-        for task in list(self._tasks):
-            task.cancel()
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(EngineDeadError("the router was shut down"))
         self._streams.clear()
-        replicas = [r.handle for r in self._replicas.values() if r.state == "serving"]
-        for replica in self._replicas.values():
-            replica.state = "stopped"
-        if self._loop is not None and not self._loop.is_closed():
-            async def stop_all():
-                await asyncio.gather(*(h.shutdown() for h in replicas), return_exceptions=True)
-            if self._loop.is_running():
-                self._spawn(stop_all())
-            else:
-                self._loop.run_until_complete(stop_all())
+        self.pool.shutdown(self._loop)
 
     # -- EngineClient: requests ------------------------------------------------------------
     def is_live(self, request_id: str) -> bool:
@@ -201,7 +169,7 @@ class Router:
         EngineDeadError) come before any output; a replica dying mid-stream is invisible."""
         if self._loop is None:
             self.start()
-        if self.failure is not None and not self._restarting:
+        if self.failure is not None and not self.pool.restarting:
             raise EngineDeadError(f"the router cannot serve: {self.failure}")
         params.validate(vocab_size=self._model.vocab_size)
         check_cache_salt(cache_salt)
@@ -212,7 +180,7 @@ class Router:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"`request_id` {request_id!r} is already in use")
-        waiting = sum(r.stats.num_waiting for r in self._replicas.values() if r.state == "serving")
+        waiting = sum(r.num_waiting for r in self.pool.stats() if r.state == "serving")
         if self.max_queue_len and waiting >= self.max_queue_len:
             self._record("on_rejected", "queue_full")
             raise QueueFullError(f"{waiting} requests are waiting (max_queue_len={self.max_queue_len}); retry later")
@@ -261,10 +229,10 @@ class Router:
         """Choose a replica for `indexes` of the stream (tokens so far: `resume`) and send it
         there; with none live, park it until one is (or fail the stream when none can come)."""
         token_ids = stream.prompt_token_ids + (resume or [])
-        loads = [r.load for r in self._replicas.values() if r.state == "serving"]
+        loads = self.pool.serving_loads()
         if not loads:
-            if self.replica_factory is not None and not self._stopped:
-                self._orphans.append((stream, indexes))
+            if self.pool.factory is not None and not self._stopped:
+                self._parked.append((stream, indexes))
                 return
             self._fail_stream(stream, EngineDeadError("no replica is serving"))
             return
@@ -278,150 +246,54 @@ class Router:
         counters.prompt_tokens += len(token_ids)
         if self.metrics is not None:
             self.metrics.on_routed(self.policy.name, str(decision.replica_id), cached_tokens)
-        replica = self._replicas[decision.replica_id]
-        placement = Placement(sub_id, stream, decision.replica_id, indexes,
-                               queued_prefill=max(0, len(token_ids) - cached_tokens))
-        self._placements[sub_id] = placement
-        replica.placements.add(sub_id)
-        replica.load.live_requests += 1
-        replica.load.queued_prefill_tokens += placement.queued_prefill
+        placement = self._placements[sub_id] = Placement(sub_id, stream, decision.replica_id, indexes)
+        self.pool.assign(decision.replica_id, sub_id, max(0, len(token_ids) - cached_tokens))
         request = ReplicaRequest(sub_id, stream.prompt, stream.prompt_token_ids, params, stream.cache_salt,
                                  stream.priority, resume)
         try:
-            await replica.handle.add(request)
+            await self.pool.records[decision.replica_id].handle.add(request)
         except ReplicaDeadError as error:
-            await self._on_replica_dead(decision.replica_id, str(error))
+            await self.pool.mark_dead(decision.replica_id, str(error))
         except Exception as error:  # noqa: BLE001 - this request could not be sent: it alone fails
             logger.exception("sending %s to replica %s failed", sub_id, decision.replica_id)
             self._unplace(placement)
             self._fail_stream(stream, RequestFailedError(f"the request could not be sent to a replica: {error!r}"))
 
-    def _unplace(self, placement: Placement) -> None:
+    def _unplace(self, placement: Placement) -> bool:
+        """Forget a placement; returns whether its replica still counted it."""
         self._placements.pop(placement.sub_id, None)
-        replica = self._replicas.get(placement.replica_id)
-        if replica is not None and placement.sub_id in replica.placements:
-            replica.placements.discard(placement.sub_id)
-            replica.load.live_requests -= 1
-            replica.load.queued_prefill_tokens -= placement.queued_prefill
-            placement.queued_prefill = 0
+        return self.pool.release(placement.replica_id, placement.sub_id)
 
     def _release(self, stream: RoutedStream) -> None:
         """Forget a stream that ended early, aborting its live placements on their replicas."""
-        self._orphans = [(s, i) for s, i in self._orphans if s is not stream]
+        self._parked = [(s, i) for s, i in self._parked if s is not stream]
         for placement in [p for p in self._placements.values() if p.stream is stream]:
-            self._unplace(placement)
-            replica = self._replicas.get(placement.replica_id)
-            if replica is not None and replica.state == "serving":
-                self._spawn(self._abort_quietly(replica.handle, placement.sub_id))
+            if self._unplace(placement):
+                self.pool.abort(placement.replica_id, placement.sub_id)
 
-    @staticmethod
-    async def _abort_quietly(handle: ReplicaHandle, sub_id: str) -> None:
-        try:
-            await handle.abort(sub_id)
-        except ReplicaDeadError:
-            pass  # its poll loop finds the replica dead and handles it
+    async def _move(self, request_ids: list[str]) -> None:
+        """A replica died holding these requests: continue each one's unfinished samples
+        elsewhere, one request per sample, from the tokens its client has received."""
+        for request_id in request_ids:
+            placement = self._placements.pop(request_id, None)
+            if placement is None:
+                continue
+            stream = placement.stream
+            if self._streams.get(stream.request_id) is not stream:
+                continue
+            for index in stream.unfinished(placement.indexes):
+                self.counters.migrations += 1
+                self._record("on_migrated")
+                await self._place(stream, [index], *stream.continuation(index))
 
-    @staticmethod
-    async def _shutdown_quietly(handle: ReplicaHandle) -> None:
-        try:
-            await handle.shutdown()
-        except Exception:  # noqa: BLE001 - it is gone either way
-            logger.debug("shutting a dead replica down failed", exc_info=True)
-
-    async def _migrate(self, placement: Placement) -> None:
-        """Continue the placement's unfinished samples elsewhere, one request per sample."""
-        stream = placement.stream
-        if self._streams.get(stream.request_id) is not stream:
-            return
-        for index in stream.unfinished(placement.indexes):
-            self.counters.migrations += 1
-            self._record("on_migrated")
-            await self._place(stream, [index], *stream.continuation(index))
-
-    async def _on_replica_dead(self, replica_id: str, why: str) -> None:
-        replica = self._replicas.get(replica_id)
-        if replica is None or replica.state != "serving":
-            return
-        logger.error("replica %s is gone (%s); moving %d streams", replica_id, why, len(replica.placements))
-        replica.state = "dead"
-        if self.metrics is not None:
-            self.metrics.publish_replica(replica_id, False, 0, 0, 0.0, {})
-        if replica.task is not None and replica.task is not asyncio.current_task():
-            replica.task.cancel()
-        self.mirror.remove_replica(replica_id)
-        # A replica that stopped answering may still be computing: stop it for good, so it
-        # frees its resources and no stream ever has two producers.
-        self._spawn(self._shutdown_quietly(replica.handle))
-        moved = [self._placements[sub_id] for sub_id in sorted(replica.placements) if sub_id in self._placements]
-        for placement in moved:
-            self._unplace(placement)
-        if self.replica_factory is not None and not self._stopped:
-            self._restarting.add(replica_id)
-            self._spawn(self._restart(replica_id))
-        for placement in moved:
-            await self._migrate(placement)
-
-    async def _restart(self, replica_id: str) -> None:
-        """Recreate a dead replica through the factory (retrying), then serve parked samples."""
-        pause, longest = RESTART_BACKOFF_SECONDS
-        try:
-            while not self._stopped:
-                try:
-                    handle = await self.replica_factory(replica_id)
-                    break
-                except Exception:  # noqa: BLE001 - logged; retried after a growing pause
-                    logger.exception("restarting replica %s failed; retrying in %.0fs", replica_id, pause)
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, longest)
-            else:
-                return
-            self.counters.replica_restarts += 1
-            replica = self._replicas[replica_id] = _Replica(handle, ReplicaLoad(replica_id))
-            replica.task = self._spawn(self._poll_loop(replica_id))
-        finally:
-            self._restarting.discard(replica_id)
-        orphans, self._orphans = self._orphans, []
-        for stream, indexes in orphans:
+    async def _unpark(self) -> None:
+        """A replica came (back) into service: place the samples that waited for one."""
+        parked, self._parked = self._parked, []
+        for stream, indexes in parked:
             for index in stream.unfinished(indexes):
                 await self._place(stream, [index], *stream.continuation(index))
 
-    # -- the poll loop ---------------------------------------------------------------------
-    async def _poll_loop(self, replica_id: str) -> None:
-        replica = self._replicas[replica_id]
-        handle = replica.handle
-        try:
-            while replica.state == "serving":
-                update = await handle.poll(self.poll_seconds)
-                replica.stats = update.stats
-                replica.load.kv_usage = update.stats.kv_usage
-                if self.metrics is not None:
-                    self.metrics.publish_replica(replica_id, True, update.stats.num_running, update.stats.num_waiting,
-                                                 update.stats.kv_usage, update.counters)
-                if replica.epoch != update.kv_epoch or not self.mirror.apply(
-                        replica_id, update.kv_events, update.kv_next_seq):
-                    snapshot = await handle.kv_snapshot()
-                    self.mirror.resync(replica_id, snapshot)
-                    if replica.epoch is not None:
-                        self.counters.mirror_resyncs += 1
-                        if self.metrics is not None:
-                            self.metrics.on_mirror_resync()
-                    replica.epoch = update.kv_epoch
-                dead = None
-                for output in update.outputs:
-                    if output.error_kind == "dead":
-                        dead = output.error
-                    else:
-                        self._deliver(output)
-                if dead is not None:
-                    await self._on_replica_dead(replica_id, dead)
-        except ReplicaDeadError as error:
-            await self._on_replica_dead(replica_id, str(error))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - a replica we cannot read is a replica we cannot use
-            logger.exception("polling replica %s failed", replica_id)
-            await self._on_replica_dead(replica_id, f"{type(error).__name__}: {error}")
-
+    # -- news from the replicas -----------------------------------------------------------
     def _deliver(self, news: ReplicaOutput) -> None:
         """Hand a replica's news on to its stream, in the client's sample indexes."""
         placement = self._placements.get(news.request_id)
@@ -439,11 +311,8 @@ class Router:
             self._fail_stream(stream, error)
             return
         output = news.output
-        if placement.queued_prefill and any(c.token_ids for c in output.outputs):
-            replica = self._replicas.get(placement.replica_id)
-            if replica is not None and news.request_id in replica.placements:
-                replica.load.queued_prefill_tokens -= placement.queued_prefill
-            placement.queued_prefill = 0
+        if any(c.token_ids for c in output.outputs):
+            self.pool.prefill_done(placement.replica_id, placement.sub_id)
         delta, new_tokens = stream.accept(placement.indexes, output)
         for completion in delta.outputs:
             if completion.finish_reason is not None:
