@@ -39,7 +39,12 @@ Two parts, one JSON report (`<out>/routing.json`) and one chart (`<out>/routing.
   fresh replicas, driven in real time by a smaller workload (`--dp-*` flags). Per policy:
   prefix hit rate and prefill tokens computed (the replicas' own counters, a warm-up
   excluded), TTFT (submit to the first delta with tokens; mean, p50, p90), output tokens
-  per second over the run's wall time, and the oracle fed the same requests.
+  per second over the run's wall time, and the oracle fed the same requests. One run per
+  `--dp-pool-slack` (the KV blocks across the replicas, and the oracle's, over the working
+  set): the goals are read at the first, 0.6 by default (a cache somewhat smaller than every
+  conversation ever held, as in service: round_robin must keep every system prompt on every
+  replica and evicts), and 1.1 shows the gap closing when everything fits anywhere (with
+  two replicas the oracle itself then computes about half of round_robin's prefill).
 
 Goals checked and printed: cache_aware computes at most half the prefill tokens of
 round_robin (dp2) and reaches a hit rate within 5% (relative) of the oracle (dp2, and per N
@@ -59,7 +64,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import heapq
-import inspect
 import json
 import math
 import os
@@ -469,8 +473,9 @@ def dp_workload(args) -> Workload:
                          args.dp_turns, args.user_len, args.dp_output_len, args.dp_think_s, args.block_size)
 
 
-async def dp_run(args, model_path: str, policy_name: str, workload: Workload) -> dict:
-    """The workload through the Router over `--dp-size` fresh in-process replicas, in real time."""
+async def dp_run(args, model_path: str, policy_name: str, workload: Workload, pool_slack: float) -> dict:
+    """The workload through the Router over `--dp-size` fresh in-process replicas, in real time,
+    with `pool_slack` times the working set in KV blocks across them."""
     from quire.cluster.core.config import EngineConfig
     from quire.cluster.core.engine import Engine
     from quire.cluster.serving.replica import InprocReplica, ReplicaHost
@@ -478,16 +483,14 @@ async def dp_run(args, model_path: str, policy_name: str, workload: Workload) ->
 
     seed = new_hash_seed()
     size = workload.block_size
-    oracle_blocks = max(math.ceil(args.pool_slack * workload.working_set_blocks()), 1)
+    oracle_blocks = max(math.ceil(pool_slack * workload.working_set_blocks()), 1)
     per_replica = max(math.ceil(oracle_blocks / args.dp_size), 2 * -(-workload.max_len() // size))
     engine_kwargs = dict(model=model_path, dtype="float32", kv_events=True, hash_seed=seed, num_kv_blocks=per_replica,
                          block_size=size, max_model_len=args.dp_max_model_len,
                          max_num_batched_tokens=args.dp_max_num_batched_tokens, max_num_seqs=args.dp_max_num_seqs)
     replicas = [InprocReplica(f"r{i}", ReplicaHost.build(Engine(EngineConfig.from_kwargs(**engine_kwargs))))
                 for i in range(args.dp_size)]
-    model_kwargs = {k: v for k, v in engine_kwargs.items() if k != "num_kv_blocks"}
-    model = (served_model(model_kwargs, per_replica) if "num_kv_blocks" in inspect.signature(served_model).parameters
-             else served_model(engine_kwargs))
+    model = served_model(engine_kwargs, per_replica)
     router = Router(replicas, model, seed, policy=policy_name)
     router.start()
     oracle = Oracle(per_replica * args.dp_size, size, bytes.fromhex(seed))
@@ -559,13 +562,17 @@ def run_dp(args, model_path: str) -> dict:
     if workload.max_len() > args.dp_max_model_len:
         raise SystemExit(f"the dp workload's longest conversation has {workload.max_len()} tokens, over "
                          f"--dp-max-model-len {args.dp_max_model_len}")
-    results = {}
-    for name in args.policies:
-        results[name] = asyncio.run(dp_run(args, model_path, name, workload))
-        row = results[name]
-        print(f"[routing] dp{args.dp_size} {name:<13} hit {row['hit_rate']:6.1%} (oracle {row['oracle_hit_rate']:6.1%}) "
-              f"prefill {row['prefill_tokens']:>8,} TTFT p50 {row['ttft_s_p50']:.3f}s "
-              f"{row['output_tokens_per_s']:.1f} tok/s wall {row['wall_seconds']:.1f}s", file=sys.stderr, flush=True)
+    by_slack: dict[str, dict] = {}
+    for slack in args.dp_pool_slack:
+        results = by_slack[str(slack)] = {}
+        for name in args.policies:
+            results[name] = asyncio.run(dp_run(args, model_path, name, workload, slack))
+            row = results[name]
+            print(f"[routing] dp{args.dp_size} slack {slack} {name:<13} hit {row['hit_rate']:6.1%} "
+                  f"(oracle {row['oracle_hit_rate']:6.1%}) prefill {row['prefill_tokens']:>8,} "
+                  f"TTFT p50 {row['ttft_s_p50']:.3f}s {row['output_tokens_per_s']:.1f} tok/s "
+                  f"wall {row['wall_seconds']:.1f}s", file=sys.stderr, flush=True)
+    results = by_slack[str(args.dp_pool_slack[0])]
     return {"workload": {"conversations": len(workload.conversations), "requests": workload.num_requests,
                          "prompt_tokens": workload.prompt_tokens(),
                          "working_set_blocks": workload.working_set_blocks(), "max_len": workload.max_len(),
@@ -575,8 +582,9 @@ def run_dp(args, model_path: str) -> dict:
                                   f"(the simulation: {args.sim_conversations_per_replica} conversations per replica "
                                   f"of {args.turns[0]}-{args.turns[1]} turns, answers of {args.output_len[0]}-"
                                   f"{args.output_len[1]} tokens, think {args.think_s} s); same tenants, system "
-                                  "prompts and user turn lengths")},
-            "results": results}
+                                  "prompts and user turn lengths"),
+                         "pool_slack": args.dp_pool_slack[0]},
+            "results": results, "by_pool_slack": by_slack}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -743,7 +751,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dp-conversations", type=int, default=64)
     p.add_argument("--dp-rate", type=float, default=4.0, help="conversation starts per second")
     p.add_argument("--dp-turns", type=span, default=(2, 4))
-    p.add_argument("--dp-output-len", type=span, default=(8, 32))
+    p.add_argument("--dp-output-len", type=span, default=(32, 128))
+    p.add_argument("--dp-pool-slack", default="0.6,1.1",
+                   help="KV blocks across the replicas (and the oracle's) over the working set, one run per value; "
+                        "the goals are checked at the first (a cache a little smaller than every conversation ever "
+                        "held, as in service), the others show how the gap closes when everything fits")
     p.add_argument("--dp-think-s", type=float, default=0.2)
     p.add_argument("--dp-max-model-len", type=int, default=2048)
     p.add_argument("--dp-max-num-batched-tokens", type=int, default=2048)
@@ -757,8 +769,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sim_conversations_per_replica, args.decision_samples, args.decision_prompt_len = 6, 100, 128
         args.decision_repeats = 1
         args.dp_conversations, args.dp_rate, args.dp_turns, args.dp_output_len = 8, 50.0, (2, 2), (2, 4)
-        args.dp_think_s, args.dp_max_model_len = 0.0, 512
+        args.dp_think_s, args.dp_max_model_len, args.dp_pool_slack = 0.0, 512, "1.1"
     args.replicas = sorted({int(n) for n in str(args.replicas).split(",") if n.strip()})
+    args.dp_pool_slack = [float(v) for v in str(args.dp_pool_slack).split(",") if v.strip()]
+    if not args.dp_pool_slack or any(v <= 0 for v in args.dp_pool_slack):
+        p.error("--dp-pool-slack takes positive numbers")
     args.policies = [name.strip() for name in args.policies.split(",") if name.strip()]
     if unknown := set(args.policies) - set(POLICIES):
         p.error(f"unknown policies: {sorted(unknown)}")
