@@ -133,6 +133,8 @@ def test_grpc_frontend_serves_any_engine_client():
     assert [m.usage.completion_tokens for m in messages if m.finish_reason] == [2, 2]
     assert (info.model, info.block_size, info.num_kv_blocks) == ("scripted", 16, 8)
     assert (server.num_running, server.num_waiting, server.healthy) == (1, 2, True)
+    assert [(r.num_running, r.num_waiting, r.kv_cache_usage, r.healthy) for r in server.replicas] == [
+        (1, 0, 0.25, True), (0, 2, 0.5, False)]
 
 
 @settings(max_examples=200, derandomize=True, deadline=None)
