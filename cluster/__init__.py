@@ -7,7 +7,24 @@ or transformers."""
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+
+def _unshadow_checkout() -> None:
+    """Drop a quire checkout's root from sys.path. Installed editable, quire's folders are
+    its sub-packages (quire.kernels is <checkout>/kernels); but a process whose sys.path
+    holds the checkout itself (`python -m` run there, or a Ray worker, to which Ray hands its
+    driver's directory) would also import them as top-level packages, shadowing installed
+    ones of the same name: transformers imports a `kernels` package. An installed wheel
+    (quire/ in site-packages) leaves sys.path alone."""
+    checkout = Path(__file__).resolve().parent.parent
+    if checkout.name != "quire" and (checkout / "kernels" / "__init__.py").is_file():
+        sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != checkout]
+
+
+_unshadow_checkout()
 
 _EXPORTS = {  # public name -> the module defining it
     "LLM": "quire.cluster.serving.llm",

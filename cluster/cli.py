@@ -171,11 +171,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> NoReturn:
-    """Become `python -m quire.worker.server ARGS`, the process `LocalWorkerLauncher` starts.
+    """Become the worker process `LocalWorkerLauncher` starts (`quire.worker.server ARGS`).
     Exec, not import: the worker pulls in torch, and the controller stays free of it."""
+    from quire.cluster.executor.local_launcher import worker_command
+
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "quire.worker.server", *args.worker_args])
+    command = worker_command(*args.worker_args)
+    os.execv(command[0], command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `python -m pytest` puts the current directory on sys.path: from the checkout's root, its
+# top-level folders (kernels/, worker/) would shadow installed packages of the same name
+# (transformers imports a `kernels` package). quire itself is installed; drop that entry.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 
 @pytest.fixture(scope="session")

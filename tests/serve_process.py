@@ -16,7 +16,9 @@ GRPC_LINE = re.compile(r"quire: gRPC on (\S+:(\d+))$")
 
 def quire_command() -> list[str]:
     script = Path(sys.executable).with_name("quire")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "quire.cluster.cli"]
+    # (Not `python -m`: from the checkout's root its folders would shadow installed packages.)
+    run_cli = "import sys; del sys.path[0]; from quire.cluster.cli import main; sys.exit(main())"
+    return [str(script)] if script.is_file() else [sys.executable, "-c", run_cli]
 
 
 class ServeProcess:

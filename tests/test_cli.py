@@ -23,7 +23,9 @@ SMALL = ["--num-kv-blocks", "16", "--max-model-len", "64"]
 
 def quire_command() -> list[str]:
     script = Path(sys.executable).with_name("quire")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "quire.cluster.cli"]
+    # (Not `python -m`: from the checkout's root its folders would shadow installed packages.)
+    run_cli = "import sys; del sys.path[0]; from quire.cluster.cli import main; sys.exit(main())"
+    return [str(script)] if script.is_file() else [sys.executable, "-c", run_cli]
 
 
 @pytest.fixture(scope="module")

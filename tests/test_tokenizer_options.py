@@ -79,7 +79,9 @@ def test_missing_tokenizer_is_a_clear_error(bare_checkpoint, tmp_path):
 
 def test_cli_reports_missing_tokenizer_without_traceback(bare_checkpoint):
     # A subprocess: only there would transformers' own logging or a traceback show on stderr.
-    result = subprocess.run([sys.executable, "-m", "quire.cluster.cli", "generate", "--model", str(bare_checkpoint),
+    from test_cli import quire_command
+
+    result = subprocess.run([*quire_command(), "generate", "--model", str(bare_checkpoint),
                              "--prompt", "Hello", "--num-kv-blocks", "16", "--max-model-len", "64"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr

@@ -10,6 +10,19 @@ import threading
 from collections.abc import Iterable
 
 
+
+# `python -m` would put the current directory first on sys.path: started from a checkout,
+# its top-level folders (kernels/, worker/) would shadow installed packages of the same name
+# (transformers imports a `kernels` package). So the worker module runs through runpy, with
+# that entry dropped; the same on every Python version quire supports.
+_RUN_WORKER = ("import runpy, sys; del sys.path[0]; "
+               "runpy.run_module('quire.worker.server', run_name='__main__', alter_sys=True)")
+
+
+def worker_command(*args: str) -> list[str]:
+    """The command line of a worker process (`quire.worker.server`) with `args`."""
+    return [sys.executable, "-c", _RUN_WORKER, *args]
+
 def partition_cores(cores: Iterable[int], world_size: int) -> list[list[int]] | None:
     """Disjoint CPU cores for each rank's worker: the first core stays with the controller,
     the others are split into `world_size` equal runs of neighbouring cores (a remainder
@@ -57,8 +70,8 @@ class LocalWorkerLauncher:
             for rank, cores in enumerate(self.cpu_cores):
                 binding = ["--cpu-cores", ",".join(map(str, cores))] if cores else []
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "quire.worker.server", "--rank", str(rank), "--world-size",
-                     str(world_size), "--listen", f"{host}:0", *binding],
+                    worker_command("--rank", str(rank), "--world-size", str(world_size), "--listen", f"{host}:0",
+                                   *binding),
                     stdout=subprocess.PIPE, text=True,
                     env={**os.environ, "OMP_NUM_THREADS": default_num_threads(cores, world_size)}))
             for rank, process in enumerate(self.processes):
