@@ -1,4 +1,4 @@
-"""deploy/: the Ray cluster launcher configs, the Dockerfile and the KubeRay manifest.
+"""deploy/: the Ray cluster launcher configs, the Dockerfile and the KubeRay manifests.
 
 Nothing here starts a cluster, builds an image or uses the network; the shell commands
 the files run are executed only with stub `ray`/`python`/`quire` programs.
@@ -28,6 +28,12 @@ key cannot hide behind a default. The schema leaves `provider` open and `node_co
 free-form (instance-API fields are checked by the cloud at launch), and it sees commands
 only as strings: their shell syntax is checked with `bash -n`, and the ones that start
 quire are run with stubs and their `quire serve` flags parsed by quire's own CLI parser.
+
+The KubeRay manifests (deploy/kubernetes/*.yaml) are not checked against KubeRay's CRD
+schema (not installed here); their fields are checked one by one, and the RayCluster goes
+through the config Ray's autoscaler derives from it on KubeRay
+(ray.autoscaler._private.kuberay.autoscaling_config: node types, resources and bounds from
+the groups) and Ray's validate_config.
 """
 from __future__ import annotations
 
@@ -54,14 +60,22 @@ RAY_DIR = DEPLOY / "ray"
 SINGLE_NODE_GPU_YAMLS = ["gcp-a100x4.yaml", "aws-a100x4.yaml"]
 # Head + one worker node, data-parallel replicas across both; the serve command waits for every GPU.
 MULTI_NODE_GPU_YAMLS = ["gcp-a100x4-dp2.yaml", "aws-a100x4-dp4.yaml"]
-GPU_YAMLS = SINGLE_NODE_GPU_YAMLS + MULTI_NODE_GPU_YAMLS
+# A CPU head (router, frontends) and a GPU worker type that Ray's autoscaler grows and shrinks
+# with quire's replicas (--min-replicas/--max-replicas); no wait for GPUs.
+AUTOSCALE_GPU_YAMLS = ["gcp-a100x4-autoscale.yaml", "aws-a100x4-autoscale.yaml"]
+GPU_YAMLS = SINGLE_NODE_GPU_YAMLS + MULTI_NODE_GPU_YAMLS + AUTOSCALE_GPU_YAMLS
 LOCAL_YAMLS = ["local-cpu.yaml", "local-cpu-dp2.yaml"]
 RAY_YAMLS = GPU_YAMLS + LOCAL_YAMLS
 # The tensor-parallel size (ranks per replica) and the data-parallel size (replicas) each file serves with.
+# For the autoscaling files DP is the replicas quire starts with (--data-parallel-size).
 TP = {"gcp-a100x4.yaml": 4, "aws-a100x4.yaml": 4, "gcp-a100x4-dp2.yaml": 4, "aws-a100x4-dp4.yaml": 4,
+      "gcp-a100x4-autoscale.yaml": 4, "aws-a100x4-autoscale.yaml": 4,
       "local-cpu.yaml": 2, "local-cpu-dp2.yaml": 1}
 DP = {"gcp-a100x4.yaml": 1, "aws-a100x4.yaml": 1, "gcp-a100x4-dp2.yaml": 2, "aws-a100x4-dp4.yaml": 4,
+      "gcp-a100x4-autoscale.yaml": 1, "aws-a100x4-autoscale.yaml": 2,
       "local-cpu.yaml": 1, "local-cpu-dp2.yaml": 2}
+# The autoscaling bounds (--min-replicas, --max-replicas) each autoscaling file serves with.
+REPLICA_BOUNDS = {"gcp-a100x4-autoscale.yaml": (1, 4), "aws-a100x4-autoscale.yaml": (2, 8)}
 BASH = "/bin/bash"
 
 
@@ -269,7 +283,7 @@ def test_head_commands_record_quires_pid_and_stop_it_on_the_next_ray_up(name, tm
     assert wait_for(home / "quire-serve.pid").strip() == wait_for(out / "quire.pid").strip()
     (call,) = stub_calls(out, "quire")
     assert call[:1] == ["serve"] and call[call.index("--tensor-parallel-size") + 1] == str(TP[name])
-    if DP[name] > 1:
+    if DP[name] > 1 or name in AUTOSCALE_GPU_YAMLS:  # an elastic deployment names its first size
         assert call[call.index("--data-parallel-size") + 1] == str(DP[name])
     else:  # one replica: the flag's default, as before data parallelism
         assert "--data-parallel-size" not in call
@@ -413,6 +427,194 @@ def test_multi_node_serve_waits_for_every_gpu_in_the_ray_cluster(name, tmp_path)
     assert stub_calls(out, "quire") == []
 
 
+# --------------------------------------------------------------------------- autoscaling Ray YAMLs
+
+
+def replica_bounds_check(serve, gpus_per_node: int, min_nodes: int, max_nodes: int, cpus_per_node: int) -> None:
+    """A GPU node type sized in whole replicas, with node bounds that hold --min-replicas and
+    --max-replicas: ceil(replicas x TP / GPUs per node) nodes, and exactly the CPUs Ray needs
+    for the replicas a node holds (1 per replica actor + 1 per rank, as RayReplicaFactory
+    counts them), so a replica's actor cannot land on a node its ranks do not fit on."""
+    tp = serve.tensor_parallel_size
+    assert serve.min_replicas is not None and serve.max_replicas is not None
+    assert 1 <= serve.min_replicas < serve.max_replicas  # elastic
+    assert gpus_per_node % tp == 0  # STRICT_PACK: whole replicas per node
+    assert min_nodes == -(-serve.min_replicas * tp // gpus_per_node) >= 1
+    assert max_nodes == -(-serve.max_replicas * tp // gpus_per_node)
+    assert cpus_per_node == gpus_per_node // tp * (1 + tp)
+
+
+def serve_command(config: dict) -> str:
+    (command,) = [c for c in config["head_start_ray_commands"] if "quire serve" in c]
+    return command
+
+
+@pytest.mark.parametrize("name", AUTOSCALE_GPU_YAMLS)
+def test_autoscale_head_node_type_is_cpu_only_and_takes_no_replica(name):
+    config = load_ray_yaml(name)
+    head = _node_type(config)
+    # Ray schedules nothing of quire's on the head: no GPUs, and no CPUs for a replica's actor.
+    assert head["resources"] == {"CPU": 0, "GPU": 0}
+    node_config = head["node_config"]
+    if name.startswith("gcp"):
+        assert "guestAccelerators" not in node_config
+        assert not node_config["machineType"].startswith(("a2-", "a3-", "a4-", "g2-"))
+        image = node_config["disks"][0]["initializeParams"]["sourceImage"]
+        worker_image = _worker_type(config)["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+    else:
+        assert not node_config["InstanceType"].startswith(("p", "g", "inf", "trn"))
+        image, worker_image = node_config["ImageId"], _worker_type(config)["node_config"]["ImageId"]
+    assert image == worker_image  # one OS and Python on every node, as Ray needs
+    (ray_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--num-cpus=0" in ray_start and "--num-gpus=0" in ray_start
+    sdk = "google-api-python-client" if name.startswith("gcp") else "boto3"
+    assert any(sdk in c for c in config["head_setup_commands"])  # the autoscaler creates the workers
+
+
+def _worker_type(config: dict) -> dict:
+    (worker,) = [v for k, v in config["available_node_types"].items() if k != config["head_node_type"]]
+    return worker
+
+
+@pytest.mark.parametrize("name", AUTOSCALE_GPU_YAMLS)
+def test_autoscale_worker_bounds_match_the_replica_bounds(name):
+    config = load_ray_yaml(name)
+    prepared = validate_like_ray_up(copy.deepcopy(config))
+    serve = parse_serve(serve_command(config))
+    assert (serve.min_replicas, serve.max_replicas) == REPLICA_BOUNDS[name]
+    assert serve.tensor_parallel_size == TP[name]
+    if {"--data-parallel-size", "-dp"} & set(quire_serve_args(serve_command(config))):
+        assert serve.min_replicas <= serve.data_parallel_size <= serve.max_replicas
+    worker = _worker_type(config)
+    _check_a100_node(name, worker)
+    resources = worker["resources"]
+    replica_bounds_check(serve, resources["GPU"], worker["min_workers"], worker["max_workers"], resources["CPU"])
+    assert config["max_workers"] == worker["max_workers"]  # the cluster-wide cap does not cut the type's
+    head_type = config["head_node_type"]
+    assert prepared["available_node_types"][head_type]["max_workers"] == 0
+    # The worker joins the head's Ray.
+    assert any(re.search(r"ray start --address=\$RAY_HEAD_IP:6379", c) for c in config["worker_start_ray_commands"])
+    # Scaling: upscaling at least as fast as the router asks (one replica at a time), and an
+    # idle node kept a while (a new one takes 10-20 minutes) but not for long.
+    assert config["upscaling_speed"] >= 1
+    assert 5 <= config["idle_timeout_minutes"] <= 30
+
+
+@pytest.mark.parametrize("name", AUTOSCALE_GPU_YAMLS)
+def test_autoscale_serve_starts_at_once_without_waiting_for_gpus(name, tmp_path):
+    config = load_ray_yaml(name)
+    command = serve_command(config)
+    assert "cluster_resources" not in command and "until " not in command
+    assert "QUIRE_GPU_WAIT_MINUTES" not in json.dumps(config)
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", ["quire", "python"], out)
+    env = {"HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run([BASH, "-c", f"({config['setup_commands'][0]})"], env=env, check=True)
+    subprocess.run([BASH, "-c", f"({command})"], env=env, check=True, capture_output=True, timeout=30)
+    assert wait_for(home / "quire-serve.pid").strip() == wait_for(out / "quire.pid").strip()
+    (call,) = stub_calls(out, "quire")
+    args = serve_parser().parse_args(call)
+    assert (args.min_replicas, args.max_replicas, args.data_parallel_size) == (*REPLICA_BOUNDS[name], DP[name])
+    assert args.drain_grace_seconds > 0 and args.routing_policy == "cache_aware"
+    assert stub_calls(out, "python") == []
+
+
+@pytest.mark.parametrize("name", AUTOSCALE_GPU_YAMLS)
+@pytest.mark.parametrize("has_gpu", [True, False])
+def test_autoscale_nodes_wait_for_the_nvidia_driver_only_where_there_is_a_gpu(name, has_gpu, tmp_path):
+    (command,) = load_ray_yaml(name)["initialization_commands"]
+    assert command.count("/sys/bus/pci/devices/*/vendor") == 1
+    devices = tmp_path / "devices"
+    for address, vendor in [("0000:00:01.0", "0x8086"), ("0000:00:04.0", "0x10de" if has_gpu else "0x1af4")]:
+        (devices / address).mkdir(parents=True)
+        (devices / address / "vendor").write_text(vendor + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", ["nvidia-smi"], out)
+    env = {"PATH": f"{stubs}:{os.environ['PATH']}"}
+    command = command.replace("/sys/bus/pci/devices", str(devices))
+    subprocess.run([BASH, "-c", f"({command})"], env=env, check=True, timeout=30)
+    assert len(stub_calls(out, "nvidia-smi")) == (1 if has_gpu else 0)
+
+
+def sync_excludes(cli: str, call: list[str], relative: str) -> bool:
+    """Whether a `gcloud storage rsync` (--exclude: a Python regex searched in the relative
+    path) or `aws s3 sync` (--exclude: a glob on the relative path) call skips `relative`."""
+    import fnmatch
+
+    patterns = [a.split("=", 1)[1] for a in call if a.startswith("--exclude=")]
+    patterns += [call[i + 1] for i, a in enumerate(call[:-1]) if a == "--exclude"]
+    if cli == "gcloud":
+        return any(re.search(p, relative) for p in patterns)
+    return any(fnmatch.fnmatchcase(relative, p) for p in patterns)
+
+
+@pytest.mark.parametrize("name", AUTOSCALE_GPU_YAMLS)
+def test_autoscale_every_worker_downloads_the_checkpoint_before_it_joins(name, tmp_path):
+    config = load_ray_yaml(name)
+    cli, scheme = ("gcloud", "gs://") if name.startswith("gcp") else ("aws", "s3://")
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    stubs = write_stubs(tmp_path / "bin", [cli], out)
+    env = {"HOME": str(home), "PATH": f"{stubs}:{os.environ['PATH']}"}
+    subprocess.run([BASH, "-c", f"({config['setup_commands'][0]})"], env=env, check=True)
+    env_file = home / "quire.env"
+    model = tmp_path / "models" / "llama"
+    uri = f"{scheme}REPLACE_ME_BUCKET/models/Meta-Llama-3-70B-Instruct"
+    assert uri in env_file.read_text()
+    # The bucket is a placeholder until the user sets it (or empties it); setup stops there.
+    (guard,) = [c for c in config["setup_commands"] if "QUIRE_MODEL_URI" in c and "exit 1" in c]
+    refused = subprocess.run([BASH, "-c", f"({guard})"], env=env, capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "QUIRE_MODEL_URI" in refused.stderr
+    env_file.write_text(env_file.read_text().replace(uri, f"{scheme}bucket/llama")
+                        .replace("/data/models/Meta-Llama-3-70B-Instruct", str(model)))
+    subprocess.run([BASH, "-c", f"({guard})"], env=env, check=True)
+
+    def run_all(commands):
+        results = [subprocess.run([BASH, "-c", f"({c})"], env=env, capture_output=True, text=True, check=False)
+                   for c in commands]
+        return [r.returncode for r in results], "".join(r.stderr for r in results)
+
+    head_sync = [c for c in config["head_setup_commands"] if "QUIRE_MODEL_URI" in c]
+    worker_setup = config["worker_setup_commands"]
+    # The head: config and tokenizer only, no weight shards.
+    assert run_all(head_sync)[0] == [0]
+    (head_call,) = stub_calls(out, cli)
+    assert head_call[-2:] == [f"{scheme}bucket/llama", str(model)]
+    for weights in ["model-00001-of-00030.safetensors", "pytorch_model-00001-of-00002.bin", "consolidated.00.pth"]:
+        assert sync_excludes(cli, head_call, weights), weights
+    for needed in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "model.safetensors.index.json", "tokenizer.model"]:
+        assert not sync_excludes(cli, head_call, needed), needed
+    (out / f"{cli}.args").unlink()
+    # A worker: everything, then its setup stops unless the checkpoint is there (the stub downloads nothing).
+    codes, stderr = run_all(worker_setup)
+    assert codes == [0, 1] and f"no checkpoint at {model}" in stderr
+    (worker_call,) = stub_calls(out, cli)
+    assert worker_call[-2:] == [f"{scheme}bucket/llama", str(model)] and "safetensors" not in " ".join(worker_call)
+    expected = ["storage", "rsync", "--recursive"] if cli == "gcloud" else ["s3", "sync", "--only-show-errors"]
+    assert worker_call[:3] == expected
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert run_all(worker_setup)[0] == [0, 0]
+    # Without a bucket (a checkpoint baked into the image) nothing is downloaded.
+    (out / f"{cli}.args").unlink()
+    env_file.write_text(env_file.read_text().replace(f"{scheme}bucket/llama", ""))
+    assert run_all(head_sync + worker_setup)[0] == [0, 0, 0]
+    assert stub_calls(out, cli) == []
+    # The workers may read the bucket: GCP with a service account of this project, AWS with an instance profile.
+    node_config = _worker_type(config)["node_config"]
+    if cli == "gcloud":
+        (account,) = node_config["serviceAccounts"]
+        assert account["email"].split("@")[1] == f"{config['provider']['project_id']}.iam.gserviceaccount.com"
+        assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"]
+    else:
+        assert re.fullmatch(r"arn:aws:iam::\S+:instance-profile/\S+", node_config["IamInstanceProfile"]["Arn"])
+
+
 @pytest.mark.parametrize("name", LOCAL_YAMLS)
 def test_local_yaml_is_cpu_only_with_placeholders(name):
     config = load_ray_yaml(name)
@@ -553,17 +755,20 @@ def test_dockerignore_sits_where_buildkit_reads_it_and_keeps_what_pip_install_ne
         assert excluded(path, rules), path
 
 
-# --------------------------------------------------------------------------- KubeRay manifest
+# --------------------------------------------------------------------------- KubeRay manifests
 
-K8S = DEPLOY / "kubernetes" / "quire-raycluster.yaml"
+K8S = DEPLOY / "kubernetes" / "quire-raycluster.yaml"  # a fixed number of worker pods
+K8S_AUTOSCALE = DEPLOY / "kubernetes" / "quire-raycluster-autoscale.yaml"  # Ray's autoscaler sizes the worker group
+K8S_MANIFESTS = [K8S, K8S_AUTOSCALE]
+k8s_manifests = pytest.mark.parametrize("manifest", K8S_MANIFESTS, ids=lambda path: path.name)
 
 
-def k8s_documents() -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(K8S.read_text()) if doc]
+def k8s_documents(manifest: Path = K8S) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc]
 
 
-def raycluster() -> dict:
-    (cluster,) = [d for d in k8s_documents() if d["kind"] == "RayCluster"]
+def raycluster(manifest: Path = K8S) -> dict:
+    (cluster,) = [d for d in k8s_documents(manifest) if d["kind"] == "RayCluster"]
     return cluster
 
 
@@ -579,8 +784,9 @@ def container_script(container: dict) -> str:
     return script
 
 
-def test_raycluster_has_the_fields_kuberay_requires():
-    cluster = raycluster()
+@k8s_manifests
+def test_raycluster_has_the_fields_kuberay_requires(manifest):
+    cluster = raycluster(manifest)
     assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", cluster["metadata"]["name"])
     head = cluster["spec"]["headGroupSpec"]
@@ -597,8 +803,9 @@ def test_raycluster_has_the_fields_kuberay_requires():
     assert worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
 
 
-def test_raycluster_serves_tp4_on_a_four_gpu_worker():
-    cluster = raycluster()
+@k8s_manifests
+def test_raycluster_serves_tp4_on_a_four_gpu_worker(manifest):
+    cluster = raycluster(manifest)
     args = parse_serve(container_script(quire_container(cluster)))
     assert args.tensor_parallel_size == 4
     assert (args.host, args.port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
@@ -614,8 +821,9 @@ def test_raycluster_serves_tp4_on_a_four_gpu_worker():
     assert cluster["spec"]["headGroupSpec"]["headService"]["spec"]["publishNotReadyAddresses"] is True
 
 
-def test_quire_container_probes_health_on_the_served_port():
-    cluster = raycluster()
+@k8s_manifests
+def test_quire_container_probes_health_on_the_served_port(manifest):
+    cluster = raycluster(manifest)
     container = quire_container(cluster)
     port = parse_serve(container_script(container)).port
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -628,9 +836,10 @@ def test_quire_container_probes_health_on_the_served_port():
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60
 
 
-def test_service_exposes_http_and_grpc_of_the_head_pod():
-    cluster = raycluster()
-    (service,) = [d for d in k8s_documents() if d["kind"] == "Service"]
+@k8s_manifests
+def test_service_exposes_http_and_grpc_of_the_head_pod(manifest):
+    cluster = raycluster(manifest)
+    (service,) = [d for d in k8s_documents(manifest) if d["kind"] == "Service"]
     assert service["apiVersion"] == "v1"
     # KubeRay labels the head pod with these.
     assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
@@ -642,8 +851,9 @@ def test_service_exposes_http_and_grpc_of_the_head_pod():
     assert targets == {8000: args.port, 50051: args.grpc_port}
 
 
-def test_every_ray_container_runs_kuberays_ray_start_under_the_overwrite_annotation():
-    cluster = raycluster()
+@k8s_manifests
+def test_every_ray_container_runs_kuberays_ray_start_under_the_overwrite_annotation(manifest):
+    cluster = raycluster(manifest)
     assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
     groups = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
     for group in groups:
@@ -656,8 +866,9 @@ GENERATED = ("ray start --head  --block  --dashboard-agent-listen-port=52365  --
              "--metrics-export-port=8080  --num-cpus=0  --resources='{\"quire\": 1}' ")
 
 
-def test_head_script_starts_ray_in_the_background_waits_for_gpus_then_execs_quire(tmp_path):
-    cluster = raycluster()
+@k8s_manifests
+def test_head_script_starts_ray_in_the_background_then_execs_quire(manifest, tmp_path):
+    cluster = raycluster(manifest)
     container = quire_container(cluster)
     out = tmp_path / "out"
     out.mkdir()
@@ -670,7 +881,9 @@ def test_head_script_starts_ray_in_the_background_waits_for_gpus_then_execs_quir
     (ray_call,) = stub_calls(out, "ray")
     assert ray_call[:2] == ["start", "--head"] and "--block" not in ray_call
     assert '--resources={"quire": 1}' in ray_call  # KubeRay's quoting survives
-    assert len(stub_calls(out, "python")) == 1  # the stub says the GPUs are there at once
+    # The fixed cluster waits for its GPUs (the stub says they are there at once); the
+    # autoscaling one starts at once: its replicas wait for the pods Ray's autoscaler adds.
+    assert len(stub_calls(out, "python")) == (0 if manifest == K8S_AUTOSCALE else 1)
     (quire_call,) = stub_calls(out, "quire")
     args = serve_parser().parse_args(quire_call)
     assert args.model == container["env"][0]["value"] and args.tensor_parallel_size == 4
@@ -682,8 +895,9 @@ def test_head_script_starts_ray_in_the_background_waits_for_gpus_then_execs_quir
     assert stopped.returncode == 1 and "KubeRay >= 1.1" in stopped.stderr
 
 
-def test_worker_script_runs_kuberays_ray_start_with_block(tmp_path):
-    (worker,) = raycluster()["spec"]["workerGroupSpecs"]
+@k8s_manifests
+def test_worker_script_runs_kuberays_ray_start_with_block(manifest, tmp_path):
+    (worker,) = raycluster(manifest)["spec"]["workerGroupSpecs"]
     out = tmp_path / "out"
     out.mkdir()
     stubs = write_stubs(tmp_path / "bin", ["ray"], out)
@@ -693,3 +907,66 @@ def test_worker_script_runs_kuberays_ray_start_with_block(tmp_path):
     subprocess.run([BASH, "-c", "--", script], env=env, check=True, timeout=30)
     (call,) = stub_calls(out, "ray")
     assert call == generated.split()[1:]
+
+
+def kuberay_autoscaling_config(cluster: dict) -> dict:
+    """The autoscaling config Ray's autoscaler derives from the RayCluster on KubeRay (its
+    own translation: node types from the groups, resources from rayStartParams or the Ray
+    container's limits, bounds from min/maxReplicas, autoscalerOptions), through Ray's
+    validate_config."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.autoscaler._private.util import validate_config
+
+    cluster = copy.deepcopy(cluster)
+    cluster["metadata"].setdefault("namespace", "default")  # the API server fills it in
+    config = _derive_autoscaling_config_from_ray_cr(cluster)
+    validate_config(config)
+    return config
+
+
+@k8s_manifests
+def test_raycluster_passes_the_kuberay_autoscalers_own_translation(manifest):
+    cluster = raycluster(manifest)
+    config = kuberay_autoscaling_config(cluster)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"].get("GPU", 0) == 0
+    (worker,) = cluster["spec"]["workerGroupSpecs"]
+    node = config["available_node_types"][worker["groupName"]]
+    assert node["resources"]["GPU"] == 4
+    assert (node["min_workers"], node["max_workers"]) == (worker["minReplicas"], worker["maxReplicas"])
+    args = parse_serve(container_script(quire_container(cluster)))
+    if manifest == K8S:  # fixed: as many pods as replicas, all of them kept
+        assert worker["minReplicas"] == worker["replicas"] == worker["maxReplicas"] == args.data_parallel_size
+
+
+def test_autoscaling_raycluster_lets_rays_autoscaler_follow_the_replica_bounds():
+    cluster = raycluster(K8S_AUTOSCALE)
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    options = spec["autoscalerOptions"]
+    assert options["upscalingMode"] in {"Default", "Aggressive", "Conservative"}
+    assert isinstance(options["idleTimeoutSeconds"], int) and 300 <= options["idleTimeoutSeconds"] <= 1800
+    config = kuberay_autoscaling_config(cluster)
+    assert config["idle_timeout_minutes"] == options["idleTimeoutSeconds"] / 60
+    # The head: Ray's head, the autoscaler and the router; no GPU and no CPU for a replica.
+    head_params = spec["headGroupSpec"]["rayStartParams"]
+    assert head_params["num-cpus"] == "0" and head_params["num-gpus"] == "0"
+    head_container = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})
+    # The router's bounds, and the worker group's in pods of 4 GPUs.
+    serve = parse_serve(container_script(quire_container(cluster)))
+    assert (serve.min_replicas, serve.max_replicas, serve.tensor_parallel_size) == (1, 4, 4)
+    assert serve.min_replicas <= serve.data_parallel_size <= serve.max_replicas
+    (worker,) = spec["workerGroupSpecs"]
+    node = config["available_node_types"][worker["groupName"]]
+    replica_bounds_check(serve, node["resources"]["GPU"], worker["minReplicas"], worker["maxReplicas"],
+                         node["resources"]["CPU"])
+    assert worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
+    assert int(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 4
+    # No wait for GPUs before quire starts.
+    assert "cluster_resources" not in container_script(quire_container(cluster))
+    # Next to the fixed manifest in one namespace: its own names.
+    fixed = raycluster(K8S)
+    assert cluster["metadata"]["name"] != fixed["metadata"]["name"]
+    names = {d["metadata"]["name"] for d in k8s_documents(K8S_AUTOSCALE) if d["kind"] == "Service"}
+    assert not names & {d["metadata"]["name"] for d in k8s_documents(K8S) if d["kind"] == "Service"}

@@ -48,7 +48,7 @@ class RayWorkerGroup:
     Ray this process started (so on this host) are pinned to disjoint cores
     (`partition_cores`); on a cluster joined by address the node's cores are not ours to split."""
 
-    def __init__(self, world_size: int, ray_address: str | None = None, start_timeout: float = 300.0,
+    def __init__(self, world_size: int, ray_address: str | None = None, start_timeout: float | None = None,
                  bind_cpu_cores: bool = True):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -67,8 +67,18 @@ class RayWorkerGroup:
                                f"{world_size} (a cluster with no GPUs runs the workers on CPUs)")
         use_gpu = num_gpus >= world_size
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        if start_timeout is None:
+            # On a cluster that adds nodes on demand, a new node takes minutes to boot and join.
+            start_timeout = 1800.0 if address else 300.0
         self.placement_group = placement_group([bundle] * world_size, strategy="STRICT_PACK")
-        ray.get(self.placement_group.ready(), timeout=start_timeout)
+        try:
+            ray.get(self.placement_group.ready(), timeout=start_timeout)
+        except BaseException:
+            # Never placed (or interrupted): give the request up, or it would claim a node's
+            # GPUs later for nobody.
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+            raise
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_WorkerActor)
         self.cpu_cores = cores_per_rank(world_size, bind_cpu_cores and not use_gpu and not address)
         self.actors = [

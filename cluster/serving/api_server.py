@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP frontend over an `EngineClient`: `/v1/completions`,
 `/v1/chat/completions` (streaming or not, `n` parallel samples), `/v1/models`,
-`/health` and `/metrics`.
+`/health` and `/metrics`, and the replica admin routes under `/admin` (`admin_api`).
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: a bad
 request is a 400 whose message and `param` name the field; an unknown model a 404; a
@@ -153,6 +153,9 @@ def build_app(engine: EngineClient, api_key: str | None = None, metrics: ServerM
         if metrics is None:
             raise APIError(404, "metrics are not enabled on this server", code=404)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    from quire.cluster.serving.admin_api import add_admin_routes  # here: it builds on this module's errors
+    add_admin_routes(app, engine)
 
     @app.get("/v1/models")
     async def models():

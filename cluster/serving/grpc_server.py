@@ -1,12 +1,13 @@
-"""The gRPC frontend: `quire.v1.Generate` over an `EngineClient`, with the standard
-`grpc.health.v1` service (NOT_SERVING while the engine or any worker is down) and server
-reflection beside it, all on one asyncio server that shares the HTTP server's loop.
+"""The gRPC frontend: `quire.v1.Generate` and `quire.v1.Admin` (replicas, see `admin_api`)
+over an `EngineClient`, with the standard `grpc.health.v1` service (NOT_SERVING while the
+engine or any worker is down) and server reflection beside it, all on one asyncio server
+that shares the HTTP server's loop.
 
 Contracts: a bad request fails with INVALID_ARGUMENT naming the field, an unknown model
 with NOT_FOUND, a full queue with RESOURCE_EXHAUSTED, a dead engine with UNAVAILABLE; a
 cancelled call or a passed deadline aborts its request (freeing its blocks). With an
-API key, calls of `quire.v1.Generate` need `authorization: Bearer KEY` metadata
-(UNAUTHENTICATED otherwise); health and reflection stay open.
+API key, calls of `quire.v1.Generate` and `quire.v1.Admin` need `authorization: Bearer KEY`
+metadata (UNAUTHENTICATED otherwise); health and reflection stay open.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from quire.cluster.serving.auth import key_matches
 from quire.cluster.core.outputs import CompletionOutput, best_candidates
 from quire.cluster.serving.engine_client import EngineClient, EngineDeadError, QueueFullError, RequestFailedError
+from quire.protos import admin_pb2, admin_pb2_grpc
 from quire.protos import generate_pb2 as pb
 from quire.protos import generate_pb2_grpc
 from quire.protos.limits import shown
@@ -29,6 +31,8 @@ from quire.protos.step import SamplingParams
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generate"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+GUARDED = (f"/{SERVICE}/", f"/{ADMIN_SERVICE}/")  # the API key's services: all but health and reflection
 HEALTH_POLL_SECONDS = 0.5
 
 
@@ -54,13 +58,13 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 
 
 class _ParseInHandler(grpc.aio.ServerInterceptor):
-    """Parses the Generate service's request messages inside the call, so that bytes that are
+    """Parses the guarded services' request messages inside the call, so that bytes that are
     not a valid message (truncated, corrupt, a string that is not UTF-8) are INVALID_ARGUMENT,
     as any other bad input, instead of the UNKNOWN gRPC answers for a failed deserializer."""
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE}/") or handler.request_deserializer is None:
+        if handler is None or not details.method.startswith(GUARDED) or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
 
@@ -180,7 +184,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls of the Generate service without the right `authorization` metadata."""
+    """Refuses calls of the guarded services without the right `authorization` metadata."""
 
     def __init__(self, api_key: str):
         self.api_key = api_key
@@ -193,7 +197,7 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        if details.method.startswith(f"/{SERVICE}/"):
+        if details.method.startswith(GUARDED):
             given = dict(details.invocation_metadata or ()).get("authorization")
             if not key_matches(given, self.api_key):
                 return self._refusal
@@ -201,7 +205,7 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 class GrpcFrontend:
-    """The asyncio gRPC server: Generate, health and reflection. `start()` and `stop()`
+    """The asyncio gRPC server: Generate, Admin, health and reflection. `start()` and `stop()`
     must run on the event loop that serves it (the HTTP server's, under `quire serve`)."""
 
     def __init__(self, engine: EngineClient, address: str, api_key: str | None = None,
@@ -213,11 +217,13 @@ class GrpcFrontend:
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes)])
         generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(engine), self.server)
+        from quire.cluster.serving.admin_api import AdminServicer  # here: it builds on this module's helpers
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(engine), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+            [SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
         if tls is None:
             self.port = self.server.add_insecure_port(address)
         else:

@@ -70,6 +70,7 @@ class ReplicaFacts:
     max_model_len: int
     tensor_parallel_size: int
     block_size: int
+    node: str = ""  # the Ray node the actor runs on
 
 
 class ReplicaActor(HostedReplica):
@@ -90,9 +91,13 @@ class ReplicaActor(HostedReplica):
             raise
 
     async def ready(self) -> ReplicaFacts:
-        """The served model's facts, once the constructor has loaded it."""
+        """The served model's facts, once the constructor has loaded it and a warm-up step ran."""
+        import ray
+
+        await self.host.warm_up()
         model = self.host.async_engine.model
-        return ReplicaFacts(model.num_kv_blocks, model.max_model_len, model.tensor_parallel_size, model.block_size)
+        return ReplicaFacts(model.num_kv_blocks, model.max_model_len, model.tensor_parallel_size, model.block_size,
+                            ray.get_runtime_context().get_node_id())
 
     async def abort(self, request_id: str) -> None:
         await self.host.abort(request_id)
@@ -133,6 +138,11 @@ class RayReplica:
         self.replica_id, self.actor, self.facts = replica_id, actor, facts
         self.poll_grace = poll_grace
         self._dead: str | None = None
+
+    @property
+    def node(self) -> str:
+        """The Ray node the replica's actor runs on (known once it is ready)."""
+        return self.facts.node if self.facts is not None else ""
 
     async def _call(self, method: str, *args, timeout: float | None = None):
         if self._dead is not None:
@@ -297,26 +307,31 @@ class RayReplicaFactory:
 
 async def start_router(engine_kwargs: dict, num_replicas: int, *, policy: str = "cache_aware",
                        max_queue_len: int = 0, make_metrics: Callable[[str], object] | None = None,
-                       ready_timeout: float = READY_TIMEOUT_SECONDS) -> tuple[Router, RayReplicaFactory]:
+                       ready_timeout: float = READY_TIMEOUT_SECONDS, max_replicas: int | None = None,
+                       **router_kwargs) -> tuple[Router, RayReplicaFactory]:
     """Start `num_replicas` replicas of `engine_kwargs` concurrently, under a fresh shared hash
     seed, and the Router over them (not started: its `start` needs the serving loop). The
     router restarts dead replicas through the returned factory, whose `shutdown_all` (or
     `kill_all`) ends every actor left when serving ends. `make_metrics(model_name)`: the router's metrics.
     `max_queue_len` is the router's; replicas queue without limit (a migrated stream must
-    never be refused). Raises RuntimeError naming a replica that did not start."""
+    never be refused). `max_replicas`: the most the router may grow to (sizes a local Ray);
+    `router_kwargs` go to the Router (autoscale, drain_grace_seconds). Raises RuntimeError
+    naming a replica that did not start."""
     if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
         raise ValueError(f"`data_parallel_size` must be a positive integer (got {num_replicas!r})")
     make_policy(policy)  # a bad name fails now, not after minutes of loading
     # The router's own model facts (config and tokenizer): a bad checkpoint fails here, before Ray starts.
     model = served_model(engine_kwargs, 0)
     hash_seed = new_hash_seed()
-    factory = RayReplicaFactory(engine_kwargs, hash_seed, num_replicas=num_replicas, ready_timeout=ready_timeout)
+    factory = RayReplicaFactory(engine_kwargs, hash_seed, num_replicas=max(num_replicas, max_replicas or 0),
+                                ready_timeout=ready_timeout)
     replicas = await factory.start_all([f"replica-{index}" for index in range(num_replicas)])
     try:
         # Each replica sized its own cache; the router promises what the smallest holds.
         model = replace(model, num_kv_blocks=min(replica.facts.num_kv_blocks for replica in replicas))
         router = Router(replicas, model, hash_seed, policy=policy, replica_factory=factory.start,
-                        max_queue_len=max_queue_len, metrics=make_metrics(model.name) if make_metrics else None)
+                        max_queue_len=max_queue_len, metrics=make_metrics(model.name) if make_metrics else None,
+                        **router_kwargs)
     except BaseException:
         factory.kill_all()
         raise

@@ -224,6 +224,15 @@ class ReplicaHost:
 
         return await self.async_engine.call(read)
 
+    async def warm_up(self) -> None:
+        """Run one real step (a one-token prompt, one greedy token) before any traffic, so the
+        first request routed here does not pay for first-use costs (allocator, kernels,
+        graphs). Its prompt fills no block: the prefix cache, and the mirror, stay empty."""
+        self._bind()
+        params = SamplingParams(max_tokens=1, temperature=0)
+        async for _ in self.async_engine.generate([0], params, f"warm-up-{self.epoch}"):
+            pass
+
     def worker_pids(self) -> list[int]:
         """The process ids of the replica's workers started on this host (none in-process)."""
         executor = self.async_engine.engine.executor

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from quire.cluster.serving.admin import AdminConflictError
 from quire.cluster.serving.engine_client import StatsSnapshot
 from quire.cluster.serving.prefix_mirror import PrefixMirror
 from quire.cluster.serving.replica import ReplicaDeadError, ReplicaHandle, ReplicaOutput
@@ -39,9 +40,9 @@ class RouterCounters:
 
 @dataclass
 class ReplicaRecord:
-    handle: ReplicaHandle
+    handle: ReplicaHandle | None       # None while starting
     load: ReplicaLoad
-    state: str = "serving"             # serving | dead (being replaced) | stopped
+    state: str = "serving"             # starting | serving | draining | dead (being replaced) | stopped
     epoch: str | None = None           # of the KV event log the mirror follows
     stats: StatsSnapshot = field(default_factory=lambda: StatsSnapshot(0, 0, 0.0, None))
     placements: dict[str, int] = field(default_factory=dict)  # request id here → its queued prefill tokens
@@ -65,6 +66,7 @@ class ReplicaPool:
         self._on_news, self._on_dead, self._on_ready = on_news, on_dead, on_ready
         self._restarting: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._next_index = len(handles)  # names of added replicas: replica-<index>
         self.stopped = False
 
     # -- views -----------------------------------------------------------------------------
@@ -77,6 +79,10 @@ class ReplicaPool:
 
     def serving_loads(self) -> list[ReplicaLoad]:
         return [r.load for r in self.records.values() if r.state == "serving"]
+
+    def node(self, replica_id: str) -> str:
+        handle = self.records[replica_id].handle
+        return str(getattr(handle, "node", None) or "local")
 
     def any_healthy(self) -> bool:
         return any(r.state == "serving" and r.stats.healthy for r in self.records.values())
@@ -129,7 +135,7 @@ class ReplicaPool:
         self.stopped = True
         for task in list(self._tasks):
             task.cancel()
-        handles = [r.handle for r in self.records.values() if r.state == "serving"]
+        handles = [r.handle for r in self.records.values() if r.state in ("serving", "draining")]
         for record in self.records.values():
             record.state = "stopped"
         if loop is None or loop.is_closed():
@@ -146,7 +152,7 @@ class ReplicaPool:
     def abort(self, replica_id: str, request_id: str) -> None:
         """Tell a serving replica to drop a request (a dead one has dropped it already)."""
         record = self.records.get(replica_id)
-        if record is not None and record.state == "serving":
+        if record is not None and record.state in ("serving", "draining"):
             self._spawn(_quietly(record.handle.abort(request_id)))
 
     # -- failures --------------------------------------------------------------------------
@@ -155,9 +161,10 @@ class ReplicaPool:
         stream may get two producers), forget its cache, start its replacement, and hand
         the requests it held to `on_dead`."""
         record = self.records.get(replica_id)
-        if record is None or record.state != "serving":
+        if record is None or record.state not in ("serving", "draining"):
             return
         logger.error("replica %s is gone (%s); moving %d requests", replica_id, why, len(record.placements))
+        replace = record.state == "serving"  # a replica being drained was leaving anyway
         record.state = "dead"
         if self.metrics is not None:
             self.metrics.publish_replica(replica_id, False, 0, 0, 0.0, {})
@@ -168,9 +175,11 @@ class ReplicaPool:
         moved = sorted(record.placements)
         for request_id in moved:
             self.release(replica_id, request_id)
-        if self.factory is not None and not self.stopped:
+        if self.factory is not None and not self.stopped and replace:
             self._restarting.add(replica_id)
             self._spawn(self._restart(replica_id))
+        elif not replace:
+            del self.records[replica_id]
         await self._on_dead(moved)
 
     async def _restart(self, replica_id: str) -> None:
@@ -194,12 +203,73 @@ class ReplicaPool:
             self._restarting.discard(replica_id)
         await self._on_ready()
 
+    # -- growing and shrinking -------------------------------------------------------------
+    def new_name(self) -> str:
+        while f"replica-{self._next_index}" in self.records:
+            self._next_index += 1
+        self._next_index += 1
+        return f"replica-{self._next_index - 1}"
+
+    async def add(self) -> str:
+        """Start one more replica through the factory; returns its name once it serves (the
+        factory returns a replica whose model is loaded and has run a warm-up step). While
+        it starts it is listed as starting and takes no request."""
+        if self.factory is None:
+            raise AdminConflictError("this router cannot start replicas (it has no replica factory)")
+        replica_id = self.new_name()
+        self.records[replica_id] = ReplicaRecord(None, ReplicaLoad(replica_id), state="starting")
+        try:
+            handle = await self.factory(replica_id)
+        except BaseException:
+            self.records.pop(replica_id, None)
+            raise
+        if self.stopped or self.records.get(replica_id) is None:
+            await _quietly(handle.shutdown())
+            raise AdminConflictError(f"the router stopped while replica {replica_id} started")
+        record = self.records[replica_id] = ReplicaRecord(handle, ReplicaLoad(replica_id))
+        record.task = self._spawn(self._poll_loop(replica_id))
+        logger.info("replica %s serves", replica_id)
+        await self._on_ready()
+        return replica_id
+
+    async def drain(self, replica_id: str, grace_seconds: float) -> None:
+        """Take a serving replica out of rotation: it takes no new request, its requests
+        finish there for up to `grace_seconds`, the rest move elsewhere (`on_dead`), then it
+        is shut down and forgotten. Refused for the last serving replica."""
+        record = self.records[replica_id]  # KeyError: unknown
+        if record.state != "serving":
+            raise AdminConflictError(f"replica {replica_id} is {record.state}, not serving")
+        if self.ids("serving") == [replica_id]:
+            raise AdminConflictError(f"replica {replica_id} is the last serving replica")
+        record.state = "draining"
+        logger.info("draining replica %s (%d requests, grace %.1fs)", replica_id, len(record.placements),
+                    grace_seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        while record.placements and record.state == "draining" and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+        if record.state != "draining":
+            return  # it died meanwhile: its requests were moved then
+        record.state = "stopped"
+        if record.task is not None:
+            record.task.cancel()
+        moved = sorted(record.placements)
+        for request_id in moved:
+            self.release(replica_id, request_id)
+        # Stopped before its requests move: no stream may get two producers.
+        await _quietly(record.handle.shutdown())
+        self.mirror.remove_replica(replica_id)
+        self.records.pop(replica_id, None)
+        if self.metrics is not None:
+            self.metrics.publish_replica(replica_id, False, 0, 0, 0.0, {})
+        await self._on_dead(moved)
+
     # -- polling ---------------------------------------------------------------------------
     async def _poll_loop(self, replica_id: str) -> None:
         record = self.records[replica_id]
         handle = record.handle
         try:
-            while record.state == "serving":
+            while record.state in ("serving", "draining"):
                 update = await handle.poll(self.poll_seconds)
                 record.stats = update.stats
                 record.load.kv_usage = update.stats.kv_usage

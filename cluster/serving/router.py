@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -34,6 +35,8 @@ from quire.cluster.serving.engine_client import (
 )
 from quire.cluster.serving.replica import ReplicaDeadError, ReplicaHandle, ReplicaOutput, ReplicaRequest
 from quire.cluster.serving.routed_stream import Placement, RoutedStream
+from quire.cluster.serving.admin import AdminConflictError, ReplicaInfo
+from quire.cluster.serving.autoscaler import AutoscaleConfig, Autoscaler
 from quire.cluster.serving.replica_pool import POLL_SECONDS, ReplicaPool, RouterCounters
 from quire.cluster.serving.routing import make_policy
 from quire.protos.step import SamplingParams
@@ -63,7 +66,8 @@ class Router:
     def __init__(self, replicas: list[ReplicaHandle], model: ServedModel, hash_seed: str, *,
                  policy: str = "cache_aware",
                  replica_factory: Callable[[str], Awaitable[ReplicaHandle]] | None = None,
-                 max_queue_len: int = 0, metrics=None, poll_seconds: float = POLL_SECONDS):
+                 max_queue_len: int = 0, metrics=None, poll_seconds: float = POLL_SECONDS,
+                 autoscale: AutoscaleConfig | None = None, drain_grace_seconds: float = 30.0):
         self._model = model
         self.policy = make_policy(policy)
         self.hasher = BlockHasher(model.block_size, bytes.fromhex(hash_seed))
@@ -77,6 +81,10 @@ class Router:
         self._parked: list[tuple[RoutedStream, list[int]]] = []  # samples waiting for a live replica
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self.drain_grace_seconds = _grace(drain_grace_seconds, "drain_grace_seconds")
+        self.autoscaler = Autoscaler(autoscale) if autoscale is not None else None
+        self._rolling = False
+        self._scaling: asyncio.Task | None = None
 
     @property
     def mirror(self):
@@ -137,6 +145,8 @@ class Router:
             raise RuntimeError("a router serves one event loop")
         self._loop = loop
         self.pool.start()
+        if self.autoscaler is not None and self._scaling is None:
+            self._scaling = asyncio.ensure_future(self._autoscale())
 
     def shutdown(self) -> None:
         """Stop polling, end every open stream with EngineDeadError, shut the replicas down."""
@@ -146,6 +156,8 @@ class Router:
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(EngineDeadError("the router was shut down"))
         self._streams.clear()
+        if self._scaling is not None:
+            self._scaling.cancel()
         self.pool.shutdown(self._loop)
 
     # -- EngineClient: requests ------------------------------------------------------------
@@ -222,6 +234,77 @@ class Router:
             now = asyncio.get_running_loop().time()
             self.metrics.on_finished(finish_reason, len(stream.tokens[index]), now - stream.arrival,
                                      None if stream.first_token is None else stream.first_token - stream.arrival)
+
+    # -- ReplicaAdmin ------------------------------------------------------------------------
+    def list_replicas(self) -> list[ReplicaInfo]:
+        infos = []
+        for name, record in self.pool.records.items():
+            stats = record.stats
+            infos.append(ReplicaInfo(
+                name=name, state=record.state, healthy=record.state == "serving" and stats.healthy,
+                num_running=stats.num_running, num_waiting=stats.num_waiting,
+                live_requests=record.load.live_requests, kv_usage=stats.kv_usage,
+                cached_blocks=len(self.mirror.cached_hashes(name)),
+                node=self.pool.node(name) if record.handle is not None else ""))
+        return infos
+
+    async def add_replica(self) -> str:
+        name = await self.pool.add()
+        self._record("on_scaled", "up")
+        return name
+
+    async def drain_replica(self, name: str, grace_seconds: float | None = None) -> None:
+        grace = self.drain_grace_seconds if grace_seconds is None else _grace(grace_seconds, "grace_seconds")
+        await self.pool.drain(name, grace)
+        self._record("on_scaled", "down")
+
+    async def remove_replica(self, name: str) -> None:
+        await self.drain_replica(name, 0.0)
+
+    async def rolling_restart(self, grace_seconds: float | None = None) -> list[str]:
+        """Replace every serving replica, one at a time: a fresh one serves before the old
+        one drains, so capacity never drops and no request fails."""
+        grace = self.drain_grace_seconds if grace_seconds is None else _grace(grace_seconds, "grace_seconds")
+        if self._rolling:
+            raise AdminConflictError("a rolling restart is already under way")
+        self._rolling = True
+        try:
+            fresh = []
+            for old in self.pool.ids("serving"):
+                fresh.append(await self.pool.add())
+                if old in self.pool.records and self.pool.records[old].state == "serving":
+                    await self.pool.drain(old, grace)
+            return fresh
+        finally:
+            self._rolling = False
+
+    async def _autoscale(self) -> None:
+        """Once per tick: sample the load and let the autoscaler add or drain one replica."""
+        config, loop = self.autoscaler.config, asyncio.get_running_loop()
+        while not self._stopped:
+            await asyncio.sleep(config.tick_seconds)
+            pool = self.pool
+            serving = pool.ids("serving")
+            changing = bool(pool.ids("starting") or pool.ids("draining") or pool.restarting or self._rolling)
+            load = sum(l.live_requests for l in pool.serving_loads()) + sum(len(i) for _, i in self._parked)
+            waiting = sum(r.stats.num_waiting for r in pool.records.values() if r.state == "serving")
+            step = self.autoscaler.decide(loop.time(), len(serving), load, waiting, changing)
+            try:
+                if step > 0:
+                    logger.info("autoscaling up: %d requests in flight, %d waiting on %d replicas",
+                                load, waiting, len(serving))
+                    await self.add_replica()
+                elif step < 0:
+                    # The least busy replica (the newest among equals) leaves: least to move.
+                    victim = min(serving, key=lambda name: (pool.records[name].load.live_requests,
+                                                            -serving.index(name)))
+                    logger.info("autoscaling down: %d requests in flight on %d replicas; draining %s",
+                                load, len(serving), victim)
+                    await self.drain_replica(victim)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next window decides again
+                logger.exception("autoscaling step failed")
 
     # -- placement and migration -----------------------------------------------------------
     async def _place(self, stream: RoutedStream, indexes: list[int], sub_id: str, params: SamplingParams,
@@ -333,3 +416,10 @@ class Router:
             del self._streams[stream.request_id]
             self._release(stream)
         stream.queue.put_nowait(error)
+
+
+def _grace(value, field: str) -> float:
+    """A drain's grace period, or ValueError naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{field}` must be a finite number of seconds >= 0 (got {value!r})")
+    return float(value)

@@ -37,6 +37,9 @@ class RouterMetrics(ServerMetrics):
         self._migrations = counter("quire_router_migrations", "Samples moved off a dead replica", ())
         self._resyncs = counter("quire_router_mirror_resyncs",
                                 "Times a replica's mirror was rebuilt from a snapshot (a gap or a restart)", ())
+        self._scale_events = counter("quire_router_scale_events",
+                                     "Replicas added (up) or drained (down), by hand or by the autoscaler",
+                                     ("direction",))
         self._seen: dict[tuple[str, str], int] = {}  # the replicas' running totals already counted
 
     def on_routed(self, policy: str, replica: str, predicted_cached_tokens: int) -> None:
@@ -45,6 +48,9 @@ class RouterMetrics(ServerMetrics):
 
     def on_migrated(self) -> None:
         self._migrations.labels(**self._base).inc()
+
+    def on_scaled(self, direction: str) -> None:
+        self._scale_events.labels(direction=direction, **self._base).inc()
 
     def on_mirror_resync(self) -> None:
         self._resyncs.labels(**self._base).inc()

@@ -42,10 +42,36 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                        help="replicas of the whole engine (each with --tensor-parallel-size workers) on the Ray "
                             "cluster behind one router; 1 runs one engine without Ray")
+    group.add_argument("--min-replicas", type=int, default=None,
+                       help="autoscaling: never fewer replicas than this (default: --data-parallel-size)")
+    group.add_argument("--max-replicas", type=int, default=None,
+                       help="autoscaling: never more replicas than this (default: --data-parallel-size; "
+                            "above the minimum, the router adds replicas under sustained load and drains idle ones)")
+    group.add_argument("--drain-grace-seconds", type=float, default=30.0,
+                       help="a replica being removed finishes its requests for this long, then moves the rest")
     group.add_argument("--routing-policy", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
                        help="how the router picks a replica for a request (with --data-parallel-size > 1)")
     group.add_argument("--chat-template", default=None,
                        help="Jinja chat template (a file or the template itself) for models without one")
+
+
+def replica_bounds(args: argparse.Namespace):
+    """The replicas to start with and the autoscaling bounds: `--min-replicas` and
+    `--max-replicas` default to `--data-parallel-size`, which must lie between them (without
+    it, the deployment starts at the minimum). ValueError naming the flag otherwise."""
+    from quire.cluster.serving.autoscaler import AutoscaleConfig
+
+    dp = args.data_parallel_size
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"`data_parallel_size` must be a positive integer (got {dp!r})")
+    low = args.min_replicas if args.min_replicas is not None else min(dp, args.max_replicas or dp)
+    high = args.max_replicas if args.max_replicas is not None else max(dp, low)
+    config = AutoscaleConfig(min_replicas=low, max_replicas=high)
+    initial = dp if args.data_parallel_size != 1 or args.min_replicas is None else low
+    if not low <= initial <= high:
+        raise ValueError(f"`data_parallel_size` ({initial}) must lie within --min-replicas ({low}) and "
+                         f"--max-replicas ({high})")
+    return initial, config
 
 
 def _start_replicas(args: argparse.Namespace, engine_kwargs: dict):
@@ -54,10 +80,13 @@ def _start_replicas(args: argparse.Namespace, engine_kwargs: dict):
     from quire.cluster.serving.ray_replicas import start_router
     from quire.cluster.serving.router_metrics import RouterMetrics
 
+    initial, autoscale = replica_bounds(args)
     try:
         # The replicas' start is over before serving begins; the router starts on the server's loop.
-        return asyncio.run(start_router(engine_kwargs, args.data_parallel_size, policy=args.routing_policy,
-                                        max_queue_len=args.max_queue_len, make_metrics=RouterMetrics))
+        return asyncio.run(start_router(engine_kwargs, initial, policy=args.routing_policy,
+                                        max_queue_len=args.max_queue_len, make_metrics=RouterMetrics,
+                                        max_replicas=autoscale.max_replicas, autoscale=autoscale,
+                                        drain_grace_seconds=args.drain_grace_seconds))
     except ValueError:
         raise  # bad configuration: the command line reports it
     except Exception as error:  # noqa: BLE001 - any failure to start: say which and why, then exit non-zero
@@ -85,12 +114,10 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
         from quire.cluster.tools.default_model import default_model_dir
 
         engine_kwargs = {**engine_kwargs, "model": str(default_model_dir())}
-    dp = args.data_parallel_size
-    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
-        raise ValueError(f"`data_parallel_size` must be a positive integer (got {dp!r})")
+    initial, autoscale = replica_bounds(args)
     engine_failures: list[BaseException] = []
     replica_factory = None
-    if dp == 1:
+    if initial == 1 and autoscale.max_replicas == 1:
         engine = Engine(EngineConfig.from_kwargs(**engine_kwargs))
         metrics = ServerMetrics(engine.info.name)
 
