@@ -8,7 +8,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_router import GREEDY, PROMPTS, collect, expected, replica_kwargs, run, settle
+from test_router import (  # noqa: F401 (model_path and reference are fixtures)
+    GREEDY,
+    PROMPTS,
+    collect,
+    expected,
+    model_path,
+    reference,
+    replica_kwargs,
+    run,
+    settle,
+)
 
 from quire.cluster.core.block_hash import new_hash_seed
 from quire.cluster.core.config import EngineConfig
@@ -21,18 +31,6 @@ from quire.cluster.serving.router import Router, served_model
 from quire.protos.step import SamplingParams
 
 LONG = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_checkpoint):
-    return str(tiny_checkpoint("llama-gqa4"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_path):
-    llm = LLM(model=model_path, dtype="float32", num_kv_blocks=64, max_model_len=128)
-    yield llm
-    llm.shutdown()
 
 
 def elastic_router(model_path, replicas=1, autoscale=None, **kwargs):
