@@ -23,8 +23,13 @@ growing back costs a cold start and the cache: shrink only after a minute of idl
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,25 @@ class Autoscaler:
             self.reset()
             return 1
         return 0
+
+    async def run(self, sample: Callable[[], tuple[int, int, int, bool]], grow: Callable[[], Awaitable],
+                  shrink: Callable[[], Awaitable]) -> None:
+        """Once per tick, on the running loop: `sample()` gives (serving replicas, requests
+        in flight, requests queued on the replicas, whether one is starting or draining);
+        a decision awaits `grow()` or `shrink()` (a failure is logged, and the next window
+        decides again). Runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.tick_seconds)
+            replicas, load, waiting, changing = sample()
+            step = self.decide(loop.time(), replicas, load, waiting, changing)
+            if not step:
+                continue
+            logger.info("autoscaling %s: %d requests in flight, %d queued, on %d replicas",
+                        "up" if step > 0 else "down", load, waiting, replicas)
+            try:
+                await (grow() if step > 0 else shrink())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next window decides again
+                logger.exception("autoscaling %s failed", "up" if step > 0 else "down")

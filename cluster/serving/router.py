@@ -146,7 +146,8 @@ class Router:
         self._loop = loop
         self.pool.start()
         if self.autoscaler is not None and self._scaling is None:
-            self._scaling = asyncio.ensure_future(self._autoscale())
+            self._scaling = asyncio.ensure_future(self.autoscaler.run(self._load_sample, self.add_replica,
+                                                                      self._drain_least_busy))
 
     def shutdown(self) -> None:
         """Stop polling, end every open stream with EngineDeadError, shut the replicas down."""
@@ -278,33 +279,22 @@ class Router:
         finally:
             self._rolling = False
 
-    async def _autoscale(self) -> None:
-        """Once per tick: sample the load and let the autoscaler add or drain one replica."""
-        config, loop = self.autoscaler.config, asyncio.get_running_loop()
-        while not self._stopped:
-            await asyncio.sleep(config.tick_seconds)
-            pool = self.pool
-            serving = pool.ids("serving")
-            changing = bool(pool.ids("starting") or pool.ids("draining") or pool.restarting or self._rolling)
-            load = sum(l.live_requests for l in pool.serving_loads()) + sum(len(i) for _, i in self._parked)
-            waiting = sum(r.stats.num_waiting for r in pool.records.values() if r.state == "serving")
-            step = self.autoscaler.decide(loop.time(), len(serving), load, waiting, changing)
-            try:
-                if step > 0:
-                    logger.info("autoscaling up: %d requests in flight, %d waiting on %d replicas",
-                                load, waiting, len(serving))
-                    await self.add_replica()
-                elif step < 0:
-                    # The least busy replica (the newest among equals) leaves: least to move.
-                    victim = min(serving, key=lambda name: (pool.records[name].load.live_requests,
-                                                            -serving.index(name)))
-                    logger.info("autoscaling down: %d requests in flight on %d replicas; draining %s",
-                                load, len(serving), victim)
-                    await self.drain_replica(victim)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - logged; the next window decides again
-                logger.exception("autoscaling step failed")
+    def _load_sample(self) -> tuple[int, int, int, bool]:
+        """What the autoscaler decides on: serving replicas, requests in flight (placed, or
+        waiting for a replica), requests the replicas report queued, whether one is changing."""
+        pool = self.pool
+        changing = bool(pool.ids("starting") or pool.ids("draining") or pool.restarting or self._rolling)
+        load = sum(l.live_requests for l in pool.serving_loads()) + sum(len(i) for _, i in self._parked)
+        waiting = sum(r.stats.num_waiting for r in pool.records.values() if r.state == "serving")
+        return len(pool.ids("serving")), load, waiting, changing
+
+    async def _drain_least_busy(self) -> None:
+        """Scale down: the replica with the fewest live requests leaves (the newest among
+        equals): the least to finish or move."""
+        serving = self.pool.ids("serving")
+        victim = min(serving, key=lambda name: (self.pool.records[name].load.live_requests, -serving.index(name)))
+        logger.info("autoscaling down: draining %s", victim)
+        await self.drain_replica(victim)
 
     # -- placement and migration -----------------------------------------------------------
     async def _place(self, stream: RoutedStream, indexes: list[int], sub_id: str, params: SamplingParams,
