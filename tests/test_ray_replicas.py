@@ -202,3 +202,49 @@ def test_bad_data_parallel_settings_fail_before_anything_starts(checkpoint):
     with pytest.raises(ValueError, match="worker_addresses"):
         RayReplicaFactory(dict(model=checkpoint, executor="workers", worker_addresses=["127.0.0.1:1"]),
                           new_hash_seed())
+
+
+def test_a_load_step_grows_and_shrinks_the_ray_replicas(loop, ray_local, checkpoint, reference):
+    """Autoscaling through Ray: under a load step a second replica actor starts (warmed up
+    before it takes a request), serves, and is drained once the load ends; every request
+    completes with the plain engine's tokens."""
+    from quire.cluster.serving.autoscaler import AutoscaleConfig
+
+    config = AutoscaleConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2, scale_up_seconds=0.2,
+                             scale_down_seconds=1.0, tick_seconds=0.05)
+    router, replicas = loop.run_until_complete(start_router(
+        dict(model=checkpoint, **ENGINE), 1, policy="round_robin", max_replicas=2, autoscale=config,
+        poll_seconds=0.05))
+
+    async def main():
+        router.start()
+        clock, peak, results = asyncio.get_running_loop(), [1], []
+        deadline = clock.time() + 180
+
+        def second_served() -> bool:
+            infos = router.list_replicas()
+            peak.append(sum(i.state == "serving" for i in infos))
+            return any(i.name != "replica-0" and i.state == "serving" and i.cached_blocks for i in infos)
+
+        async def client(offset):
+            turn = 0
+            while not second_served() and clock.time() < deadline:
+                index = (offset + turn) % len(CASES)
+                accumulator = OutputAccumulator()
+                async for delta in router.generate(*CASES[index]):
+                    accumulator.add(delta)
+                results.append((index, accumulator.result().outputs[0].token_ids))
+                turn += 1
+
+        await asyncio.gather(*(client(i) for i in range(4)))
+        while len(router.list_replicas()) > 1 and clock.time() < deadline:
+            await asyncio.sleep(0.1)
+        return max(peak), router.list_replicas(), results
+
+    try:
+        peak, final, results = loop.run_until_complete(main())
+    finally:
+        router.shutdown()
+        loop.run_until_complete(replicas.shutdown_all())
+    assert peak == 2 and [(i.name, i.state) for i in final] == [("replica-0", "serving")]
+    assert all(tokens == reference[index] for index, tokens in results)
