@@ -214,12 +214,15 @@ def test_serve_flags_give_the_start_and_the_bounds(flags, initial, bounds):
 
     start, config = replica_bounds(build_parser().parse_args(["serve", *flags]))
     assert (start, (config.min_replicas, config.max_replicas)) == (initial, bounds)
+    assert (config.target_ongoing_requests, config.scale_up_seconds, config.scale_down_seconds) == (64, 10, 60)
 
 
 @pytest.mark.parametrize("flags, field", [(["-dp", "5", "--max-replicas", "4"], "data_parallel_size"),
                                           (["--min-replicas", "3", "--max-replicas", "2"], "max_replicas"),
                                           (["-dp", "0"], "data_parallel_size"),
-                                          (["--min-replicas", "0", "--max-replicas", "2"], "min_replicas")])
+                                          (["--min-replicas", "0", "--max-replicas", "2"], "min_replicas"),
+                                          (["--max-replicas", "2", "--scale-up-seconds", "-1"], "scale_up_seconds"),
+                                          (["--target-ongoing-requests", "0"], "target_ongoing_requests")])
 def test_bad_serve_flags_name_the_field(flags, field):
     from quire.cluster.cli import build_parser
     from quire.cluster.serving.serve import replica_bounds

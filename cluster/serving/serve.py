@@ -47,6 +47,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-replicas", type=int, default=None,
                        help="autoscaling: never more replicas than this (default: --data-parallel-size; "
                             "above the minimum, the router adds replicas under sustained load and drains idle ones)")
+    group.add_argument("--target-ongoing-requests", type=float, default=64.0,
+                       help="autoscaling: requests in flight per replica the router aims at (default 64)")
+    group.add_argument("--scale-up-seconds", type=float, default=10.0,
+                       help="autoscaling: how long load must stay above target before a replica is added")
+    group.add_argument("--scale-down-seconds", type=float, default=60.0,
+                       help="autoscaling: how long load must stay below target, nothing queued, before one is drained")
     group.add_argument("--drain-grace-seconds", type=float, default=30.0,
                        help="a replica being removed finishes its requests for this long, then moves the rest")
     group.add_argument("--routing-policy", default="cache_aware", choices=["cache_aware", "least_loaded", "round_robin"],
@@ -66,7 +72,8 @@ def replica_bounds(args: argparse.Namespace):
         raise ValueError(f"`data_parallel_size` must be a positive integer (got {dp!r})")
     low = args.min_replicas if args.min_replicas is not None else min(dp, args.max_replicas or dp)
     high = args.max_replicas if args.max_replicas is not None else max(dp, low)
-    config = AutoscaleConfig(min_replicas=low, max_replicas=high)
+    config = AutoscaleConfig(min_replicas=low, max_replicas=high, target_ongoing_requests=args.target_ongoing_requests,
+                             scale_up_seconds=args.scale_up_seconds, scale_down_seconds=args.scale_down_seconds)
     initial = dp if args.data_parallel_size != 1 or args.min_replicas is None else low
     if not low <= initial <= high:
         raise ValueError(f"`data_parallel_size` ({initial}) must lie within --min-replicas ({low}) and "
