@@ -87,22 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_tiny_llama(directory: Path, max_position_embeddings: int = 8192, tokenizer_dir: Path | None = None) -> Path:
-    """Save a random tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) with the default
-    model's tokenizer into `directory`; returns it."""
-    from quire.cluster.tools.default_model import default_model_dir
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random tiny Llama (see `quire.cluster.tools.default_model.build_tiny_llama`)."""
+    from quire.cluster.tools.default_model import build_tiny_llama as build
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or default_model_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                         rms_norm_eps=1e-6, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return Path(directory)
+    return build(directory, max_position_embeddings, tokenizer_dir)
 
 
 def make_workload(name: str, num_requests: int, seed: int, allowed: list[int],

@@ -235,7 +235,9 @@ class RayReplicaFactory:
         tp, executor = parallel.tensor_parallel_size, parallel.resolved_executor
         workers_in_actor = executor in ("inproc", "workers")
         per_replica_cpus = 1 + (tp if executor == "ray" else 0)
-        ray = ensure_ray(parallel.ray_address, per_replica_cpus * num_replicas)
+        # One replica more than the most that serve at once: a rolling restart starts each new
+        # replica before it drains an old one.
+        ray = ensure_ray(parallel.ray_address, per_replica_cpus * (num_replicas + 1))
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         num_gpus = tp if cluster_gpus and workers_in_actor else 0
         if num_gpus > cluster_gpus:

@@ -264,7 +264,9 @@ class Router:
 
     async def rolling_restart(self, grace_seconds: float | None = None) -> list[str]:
         """Replace every serving replica, one at a time: a fresh one serves before the old
-        one drains, so capacity never drops and no request fails."""
+        one drains, so capacity never drops and no request fails. It needs room for one
+        replica more than serve (on a fixed cluster at --max-replicas, none: the new replica
+        waits for resources until the factory's start timeout)."""
         grace = self.drain_grace_seconds if grace_seconds is None else _grace(grace_seconds, "grace_seconds")
         if self._rolling:
             raise AdminConflictError("a rolling restart is already under way")
