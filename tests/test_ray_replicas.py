@@ -248,3 +248,36 @@ def test_a_load_step_grows_and_shrinks_the_ray_replicas(loop, ray_local, checkpo
         loop.run_until_complete(replicas.shutdown_all())
     assert peak == 2 and [(i.name, i.state) for i in final] == [("replica-0", "serving")]
     assert all(tokens == reference[index] for index, tokens in results)
+
+
+def test_quire_serve_with_replicas_end_to_end(tiny_checkpoint):
+    """`quire serve -dp 2 --max-replicas 3` as a user runs it (its own local Ray): both
+    frontends answer through the router, the replicas and admin listings agree, a replica is
+    added through the admin API, and Ctrl-C stops everything (exit status 130, as for any
+    program Ctrl-C ends; no traceback) with no Ray process of its own left."""
+    import grpc
+    import httpx
+    from serve_process import ServeProcess
+
+    from quire.protos import generate_pb2 as pb
+    from quire.protos import generate_pb2_grpc
+
+    args = ["--model", str(tiny_checkpoint("llama-gqa4")), "-dp", "2", "--max-replicas", "3",
+            "--num-kv-blocks", "64", "--max-model-len", "128", "--dtype", "float32"]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a Ray of its own
+    with ServeProcess(args, env, start_timeout=180) as server, httpx.Client(base_url=server.http_url,
+                                                                           timeout=120) as http:
+        body = {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        completion = http.post("/v1/completions", json=body).json()
+        assert completion["usage"]["completion_tokens"] == 6
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            info = generate_pb2_grpc.GenerateStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+        assert info.healthy and sorted(r.name for r in info.replicas) == ["replica-0", "replica-1"]
+        assert http.post("/admin/replicas").json() == {"name": "replica-2"}
+        listed = http.get("/admin/replicas").json()["data"]
+        assert sorted((r["name"], r["state"]) for r in listed) == [
+            ("replica-0", "serving"), ("replica-1", "serving"), ("replica-2", "serving")]
+        assert http.get("/health").json()["status"] == "ok"
+        code = server.stop()
+    output = server.output()
+    assert code == 130 and "Traceback" not in output, output[-3000:]
