@@ -47,8 +47,11 @@ class BlockHasher:
     def hash_block(self, parent_hash: bytes, token_ids: Sequence[int], cache_salt: str | None) -> bytes:
         """The hash of one full block, `token_ids` its tokens; `parent_hash` is ROOT_HASH for a
         first block (the only one the salt enters)."""
+        return self._digest(parent_hash, self._pack_block(*token_ids), cache_salt)
+
+    def _digest(self, parent_hash: bytes, packed_tokens: bytes, cache_salt: str | None) -> bytes:
         digest = self._keyed.copy()
-        digest.update(parent_hash + self._pack_block(*token_ids))
+        digest.update(parent_hash + packed_tokens)
         if parent_hash == ROOT_HASH and cache_salt is not None:
             digest.update(b"salt\0" + cache_salt.encode())
         return digest.digest()
@@ -63,12 +66,7 @@ class BlockHasher:
         # The same bytes as `hash_block` packs block by block, packed in one call (the router
         # hashes whole prompts on every decision).
         packed, width = struct.pack(f"<{count * size}i", *token_ids[:count * size]), 4 * size
-        keyed = self._keyed
         for index in range(count):
-            digest = keyed.copy()
-            digest.update(parent + packed[index * width:(index + 1) * width])
-            if index == 0 and cache_salt is not None:
-                digest.update(b"salt\0" + cache_salt.encode())
-            parent = digest.digest()
+            parent = self._digest(parent, packed[index * width:(index + 1) * width], cache_salt)
             hashes.append(parent)
         return hashes

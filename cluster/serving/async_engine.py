@@ -92,10 +92,8 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._pausing = False
         info = engine.info
-        self._model = ServedModel(
-            name=info.name, tokenizer=info.tokenizer, max_model_len=engine.max_model_len, vocab_size=info.vocab_size,
-            eos_token_ids=frozenset(info.eos_token_ids), block_size=engine.block_size,
-            num_kv_blocks=engine.kv.pool.num_blocks, tensor_parallel_size=engine.executor.world_size, encoder=info)
+        self._model = ServedModel.from_info(info, engine.block_size, engine.kv.pool.num_blocks,
+                                            engine.executor.world_size)
         # Published by the loop thread after every step, so readers never touch the engine.
         self._load = (0, 0, 0.0)  # running, waiting, KV usage
 

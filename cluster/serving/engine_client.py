@@ -41,6 +41,13 @@ class ServedModel:
     tensor_parallel_size: int
     encoder: Any = None          # a `ModelInfo`: `encode_text` with the engine's own checks
 
+    @classmethod
+    def from_info(cls, info, block_size: int, num_kv_blocks: int, tensor_parallel_size: int) -> ServedModel:
+        """The facts of the model `info` (a `ModelInfo`) served with that KV geometry."""
+        return cls(name=info.name, tokenizer=info.tokenizer, max_model_len=info.max_model_len,
+                   vocab_size=info.vocab_size, eos_token_ids=frozenset(info.eos_token_ids), block_size=block_size,
+                   num_kv_blocks=num_kv_blocks, tensor_parallel_size=tensor_parallel_size, encoder=info)
+
     def encode_text(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; ValueError naming `field` when it cannot be a prompt."""
         return self.encoder.encode_text(text, field, add_special_tokens=add_special_tokens)

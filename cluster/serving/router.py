@@ -52,10 +52,7 @@ def served_model(engine_kwargs: dict, num_kv_blocks: int) -> ServedModel:
 
     config = EngineConfig.from_kwargs(**engine_kwargs)
     info = ModelInfo.load(config.model)
-    return ServedModel(name=info.name, tokenizer=info.tokenizer, max_model_len=info.max_model_len,
-                       vocab_size=info.vocab_size, eos_token_ids=frozenset(info.eos_token_ids),
-                       block_size=config.cache.block_size, num_kv_blocks=num_kv_blocks,
-                       tensor_parallel_size=config.parallel.tensor_parallel_size, encoder=info)
+    return ServedModel.from_info(info, config.cache.block_size, num_kv_blocks, config.parallel.tensor_parallel_size)
 
 
 class Router:

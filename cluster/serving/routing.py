@@ -37,6 +37,7 @@ round_robin: the next live replica in order.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -86,14 +87,16 @@ def matched_prefix_blocks(mirror: PrefixMirror, block_hashes: Sequence[Hashable]
     return counts
 
 
-class RoutingPolicy:
+class RoutingPolicy(ABC):
     """Chooses a replica among `loads` (non-empty, the live replicas in a stable order)."""
 
     name = ""
 
+    @abstractmethod
     def choose(self, loads: Sequence[ReplicaLoad], block_hashes: Sequence[Hashable], num_prompt_tokens: int,
                block_size: int, mirror: PrefixMirror) -> Decision:
-        raise NotImplementedError
+        """The replica for a request whose prompt has `num_prompt_tokens` tokens and these
+        leading full-block hashes; changes nothing but the policy's own state."""
 
 
 class RoundRobin(RoutingPolicy):
