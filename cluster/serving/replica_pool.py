@@ -84,6 +84,10 @@ class ReplicaPool:
         handle = self.records[replica_id].handle
         return str(getattr(handle, "node", None) or "local")
 
+    def num_waiting(self) -> int:
+        """Requests the serving replicas reported queued at their last poll."""
+        return sum(r.stats.num_waiting for r in self.records.values() if r.state == "serving")
+
     def any_healthy(self) -> bool:
         return any(r.state == "serving" and r.stats.healthy for r in self.records.values())
 

@@ -190,7 +190,7 @@ class Router:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"`request_id` {request_id!r} is already in use")
-        waiting = sum(r.num_waiting for r in self.pool.stats() if r.state == "serving")
+        waiting = self.pool.num_waiting()
         if self.max_queue_len and waiting >= self.max_queue_len:
             self._record("on_rejected", "queue_full")
             raise QueueFullError(f"{waiting} requests are waiting (max_queue_len={self.max_queue_len}); retry later")
@@ -284,7 +284,7 @@ class Router:
         pool = self.pool
         changing = bool(pool.ids("starting") or pool.ids("draining") or pool.restarting or self._rolling)
         load = sum(l.live_requests for l in pool.serving_loads()) + sum(len(i) for _, i in self._parked)
-        waiting = sum(r.stats.num_waiting for r in pool.records.values() if r.state == "serving")
+        waiting = pool.num_waiting()
         return len(pool.ids("serving")), load, waiting, changing
 
     async def _drain_least_busy(self) -> None:
