@@ -200,9 +200,9 @@ class Oracle:
 
     def arrive(self, request_id: str, prompt: list[int], salt: str | None) -> None:
         request = Request(request_id, prompt, SamplingParams(max_tokens=1), cache_salt=salt)
-        blocks, hit = self.kv.get_computed_blocks(request)
+        hit = self.kv.get_computed_blocks(request)
         self.kv.record_lookup(request.num_tokens, hit)
-        if self.kv.allocate_slots(request, request.num_tokens, blocks) is None:
+        if self.kv.allocate_slots(request, request.num_tokens, hit) is None:
             self.num_unplaced += 1
             self.kv.free(request_id)
             return

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quire.cluster.core.block_pool import BlockPool
-from quire.cluster.core.kv_cache_manager import KVCacheManager
+from quire.cluster.core.kv_cache_manager import NO_HIT, KVCacheManager, PrefixHit
 from quire.cluster.core.request import Request
 from quire.protos.step import SamplingParams
 
@@ -119,26 +119,26 @@ def test_manager_grows_tables_block_by_block():
 def test_prefix_hits_share_full_blocks_but_never_the_last_token():
     kv = KVCacheManager(BlockPool(8), block_size=4, hash_seed=b"s" * 32)
     a = req("a", range(1, 11))                  # 10 tokens: blocks 0, 1 full, 2 partial
-    assert kv.get_computed_blocks(a) == ([], 0)
+    assert kv.get_computed_blocks(a) == NO_HIT
     assert kv.allocate_slots(a, 10) == [0, 1, 2]
     assert kv.pool.lookup(kv.block_hashes(a, 8)[1]) == 1 and kv.pool.block_hash[2] is None
     b = req("b", [*range(1, 9), 99, 98])        # same first 8 tokens
-    blocks, hit = kv.get_computed_blocks(b)
-    assert (blocks, hit) == ([0, 1], 8)
-    assert kv.allocate_slots(b, 10, blocks) == [3]
+    hit = kv.get_computed_blocks(b)
+    assert hit == PrefixHit([0, 1], 8)
+    assert kv.allocate_slots(b, 10, hit) == [3]
     assert kv.block_ids("b") == [0, 1, 3] and kv.pool.ref_counts[:4] == [2, 2, 1, 1]
     kv.check_integrity()
     c = req("c", range(1, 9))                   # exactly two blocks: the last token is computed again
-    assert kv.get_computed_blocks(c) == ([0], 4)
+    assert kv.get_computed_blocks(c) == PrefixHit([0], 4)
     d = req("d", [1, 2, 3, 5, 5, 6, 7, 8])      # differs inside the first block: no hit at all
-    assert kv.get_computed_blocks(d) == ([], 0)
+    assert kv.get_computed_blocks(d) == NO_HIT
     kv.free("a")
     kv.free("b")
     kv.check_integrity()
     assert kv.num_used_blocks == 0 and kv.pool.num_cached_free_blocks() == 2
-    blocks, hit = kv.get_computed_blocks(b)     # revived from the free queue after everyone left
-    assert (blocks, hit) == ([0, 1], 8)
-    assert kv.allocate_slots(b, 10, blocks) == [4]
+    hit = kv.get_computed_blocks(b)     # revived from the free queue after everyone left
+    assert hit == PrefixHit([0, 1], 8)
+    assert kv.allocate_slots(b, 10, hit.blocks) == [4]
     kv.check_integrity()
 
 
@@ -156,7 +156,7 @@ def test_a_block_is_cached_once_its_tokens_are_known():
     kv.check_integrity()
     expected = kv.block_hashes(req("b", range(1, 13)), 12)
     assert [kv.pool.block_hash[b] for b in (0, 1, 2)] == [expected[0], expected[1], None]
-    assert kv.get_computed_blocks(req("c", range(1, 11)))[1] == 8
+    assert kv.get_computed_blocks(req("c", range(1, 11))).num_tokens == 8
     kv.free("a")
     kv.check_integrity()
 
@@ -164,11 +164,11 @@ def test_a_block_is_cached_once_its_tokens_are_known():
 def test_cache_salt_separates_tenants():
     kv = KVCacheManager(BlockPool(8), block_size=4)
     kv.allocate_slots(req("plain", range(1, 10)), 9)
-    assert kv.get_computed_blocks(req("salted", range(1, 10), salt="tenant-a")) == ([], 0)
+    assert kv.get_computed_blocks(req("salted", range(1, 10), salt="tenant-a")) == NO_HIT
     kv.allocate_slots(req("a1", range(1, 10), salt="tenant-a"), 9)
-    assert kv.get_computed_blocks(req("a2", range(1, 10), salt="tenant-a"))[1] == 8
-    assert kv.get_computed_blocks(req("b", range(1, 10), salt="tenant-b")) == ([], 0)
-    assert kv.get_computed_blocks(req("none", range(1, 10)))[1] == 8
+    assert kv.get_computed_blocks(req("a2", range(1, 10), salt="tenant-a")).num_tokens == 8
+    assert kv.get_computed_blocks(req("b", range(1, 10), salt="tenant-b")) == NO_HIT
+    assert kv.get_computed_blocks(req("none", range(1, 10))).num_tokens == 8
 
 
 def test_hashes_depend_on_the_secret_seed():
@@ -210,9 +210,12 @@ def test_swap_out_and_in_move_whole_tables():
     kv.check_integrity()
     assert kv.swap_out("b") is None and kv.block_ids("b") == [3], "a full CPU pool changes nothing"
     assert kv.swap_out("never-seen") is None
-    # back into the device blocks it left, reused tail first; the CPU blocks are free again
+    # back into the device blocks it left, reused tail first; the CPU blocks are held until the
+    # step's plan is closed (nothing planned later in the step may overwrite them), then free
     assert kv.swap_in(a, 9) == [(0, 2), (1, 1), (2, 0)]
-    assert kv.block_ids("a") == [2, 1, 0] and "a" not in kv.cpu_tables and kv.cpu_pool.num_free_blocks == 3
+    assert kv.block_ids("a") == [2, 1, 0] and "a" not in kv.cpu_tables and kv.cpu_pool.num_free_blocks == 0
+    kv.check_integrity()
+    assert kv.end_step() == ([], []) and kv.cpu_pool.num_free_blocks == 3
     kv.check_integrity()
     assert kv.swap_out("b") == [(3, 2)]
     kv.check_integrity()
@@ -222,6 +225,7 @@ def test_swap_out_and_in_move_whole_tables():
     assert kv.swap_in(b, 5) == [(2, 3)] and kv.block_ids("b") == [3, 0]
     kv.check_integrity()
     kv.free("b")
+    kv.end_step()
     kv.check_integrity()
     assert kv.num_used_blocks == 0 and kv.cpu_pool.num_free_blocks == 3
 
@@ -233,11 +237,14 @@ operations = st.lists(
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 4, 16]), ops=operations,
-       alphabet=st.integers(1, 3))
-def test_random_operations_keep_integrity(num_blocks, block_size, ops, alphabet):
+       alphabet=st.integers(1, 3), host_blocks=st.sampled_from([0, 0, 1, 3, 12]))
+def test_random_operations_keep_integrity(num_blocks, block_size, ops, alphabet, host_blocks):
     """Random growth and release of requests whose tokens come from a tiny alphabet, so that
-    prefix hits, shared blocks and revivals happen all the time."""
-    kv = KVCacheManager(BlockPool(num_blocks), block_size)
+    prefix hits, shared blocks and revivals happen all the time; with a host tier of
+    `host_blocks` (0: none), evictions move to the host and hits come back from it. Each
+    operation is a step (closed by `end_step`); integrity is checked before and after."""
+    cpu_pool = BlockPool(host_blocks) if host_blocks else None
+    kv = KVCacheManager(BlockPool(num_blocks), block_size, cpu_pool=cpu_pool, host_tier=bool(host_blocks))
     requests: dict[str, Request] = {}
     lengths: dict[str, int] = {}
     for op, who, amount in ops:
@@ -245,15 +252,20 @@ def test_random_operations_keep_integrity(num_blocks, block_size, ops, alphabet)
         if op == "append":
             if request_id not in requests:
                 request = requests[request_id] = req(request_id, [(who + i) % alphabet for i in range(amount)])
-                blocks, hit = kv.get_computed_blocks(request)
-                assert hit == len(blocks) * block_size < amount
-                added = kv.allocate_slots(request, amount, blocks)
+                hit = kv.get_computed_blocks(request)
+                assert hit.num_tokens == len(hit.blocks) * block_size < amount
+                assert hit.num_host_tokens == len(hit.host_positions) * block_size and (host_blocks or not hit.host_positions)
+                added = kv.allocate_slots(request, amount, hit)
                 if added is None:
                     del requests[request_id]
                     kv.free(request_id)
                 else:
                     lengths[request_id] = amount
-                    assert kv.block_ids(request_id) == blocks + added
+                    table = kv.block_ids(request_id)
+                    assert len(table) == -(-amount // block_size)
+                    device_hits = [b for i, b in enumerate(hit.blocks) if i not in hit.host_positions]
+                    assert [table[i] for i in range(len(hit.blocks)) if i not in hit.host_positions] == device_hits
+                    assert sorted(table) == sorted(device_hits + added)
             else:
                 request = requests[request_id]
                 request.output_token_ids.extend([who % alphabet] * amount)
@@ -272,7 +284,55 @@ def test_random_operations_keep_integrity(num_blocks, block_size, ops, alphabet)
             requests.pop(request_id, None)
             lengths.pop(request_id, None)
         kv.check_integrity()
+        offloads, loads = kv.end_step()
+        assert len({host for _, host in offloads}) == len(offloads), "two offloads write one host block"
+        assert not {host for _, host in offloads} & {host for host, _ in loads}, "a step reads a host block it writes"
+        kv.check_integrity()
     for request_id in list(lengths):
         kv.free(request_id)
         kv.check_integrity()
+    kv.end_step()
     assert kv.pool.num_free_blocks == num_blocks
+    assert cpu_pool is None or kv.cpu_pool.num_free_blocks == host_blocks
+
+
+def test_the_host_tier_keeps_evicted_prefixes_and_brings_them_back():
+    """Exact block ids: evicted cached blocks are copied to the host (tail first, as the
+    device evicts them), a later prompt hits them there and gets fresh device blocks filled
+    by load copies; host blocks a step touches are held until `end_step`; the host copy
+    stays cached; LRU across both tiers; a full host drops the oldest."""
+    kv = KVCacheManager(BlockPool(6), 4, cpu_pool=BlockPool(5), host_tier=True, hash_seed=b"s" * 32)
+
+    def admit(request_id, tokens):
+        request = req(request_id, tokens)
+        hit = kv.get_computed_blocks(request)
+        assert kv.allocate_slots(request, len(tokens), hit) is not None
+        kv.record_lookup(len(tokens), hit)
+        kv.check_integrity()
+        return request, hit
+
+    a, hit = admit("a", list(range(1, 14)))         # 13 tokens: blocks 0-3, three full
+    assert hit == NO_HIT and kv.end_step() == ([], [])
+    kv.free("a")
+    kv.check_integrity()
+    b, hit = admit("b", list(range(50, 67)))        # 17 tokens: 5 blocks, evicting a's 2, 1 (tail first)
+    assert kv.block_ids("b") == [4, 5, 3, 2, 1]
+    assert kv.end_step() == ([(2, 0), (1, 1)], [])  # a's blocks 2 and 1, to host blocks 0 and 1
+    kv.check_integrity()
+    assert kv.cpu_pool.num_free_blocks == 5 and len(kv.cpu_pool.cached) == 2
+    kv.free("b")
+    a2, hit = admit("a2", list(range(1, 14)))       # block 0 still on the device, 1 and 2 on the host
+    assert hit == PrefixHit([0, 1, 0], 12, host_positions=(1, 2), num_host_tokens=8)
+    # Fresh device blocks 1, 2, 3 (free queue 1, 2, 3, 5, 4 after b left): 1 had no hash, 2 and 3
+    # held b's last full blocks, now evicted to the host; host hits land in device blocks 1 and 2.
+    assert kv.block_ids("a2") == [0, 1, 2, 3]
+    assert kv.cpu_pool.num_free_blocks == 3, "the hits' host blocks are held for the step"
+    # Device 2 is offloaded before the load writes it: the workers run swap-outs first.
+    assert kv.end_step() == ([(2, 2), (3, 3)], [(1, 1), (0, 2)])
+    kv.check_integrity()
+    assert len(kv.cpu_pool.cached) == 4 and kv.cpu_pool.num_free_blocks == 5, "host copies stay cached"
+    assert (kv.num_hit_tokens, kv.num_host_hit_tokens, kv.num_offloaded_blocks, kv.num_loaded_blocks) == (12, 8, 4, 2)
+    kv.free("a2")
+    kv.end_step()
+    kv.check_integrity()
+    assert kv.num_used_blocks == 0

@@ -15,7 +15,7 @@ from test_scheduler_properties import SimulatedWorker
 from quire.cluster.core.block_pool import BlockPool
 from quire.cluster.core.config import SchedulerConfig
 from quire.cluster.core.kv_cache_manager import KVCacheManager
-from quire.cluster.core.kv_events import BlockRemoved, BlockStored, CacheCleared, KVEventLog
+from quire.cluster.core.kv_events import HOST, BlockRemoved, BlockStored, CacheCleared, KVEventLog
 from quire.cluster.core.request import Request, RequestStatus
 from quire.cluster.core.scheduler import Scheduler
 from quire.cluster.serving.prefix_mirror import PrefixMirror
@@ -64,9 +64,9 @@ def test_manager_publishes_parents_shares_silently_and_clears_on_reset():
     kv.check_integrity()
     h0, h1 = kv.block_hashes(r1, 4)
     assert log.drain() == [BlockStored(0, h0, None, 0), BlockStored(1, h1, h0, 1)]
-    blocks, num_tokens = kv.get_computed_blocks(r2)
-    assert (blocks, num_tokens) == ([0, 1], 4)
-    assert kv.allocate_slots(r2, 5, computed_blocks=blocks) == [3]  # a prefix hit shares: silent
+    hit = kv.get_computed_blocks(r2)
+    assert (hit.blocks, hit.num_tokens) == ([0, 1], 4)
+    assert kv.allocate_slots(r2, 5, computed_blocks=hit) == [3]  # a prefix hit shares: silent
     kv.check_integrity()
     kv.free("r1")
     kv.free("r2")
@@ -186,11 +186,13 @@ SALTS = [None, "tenant"]
 class Replica:
     """A scheduler and its pool (with an event log) driven by a simulated worker, one step in flight."""
 
-    def __init__(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int):
+    def __init__(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int, host_blocks: int = 0):
         self.log = KVEventLog(capacity=64)  # small: overflow (a gap) happens under this traffic too
-        self.kv = KVCacheManager(BlockPool(num_blocks, events=self.log), block_size, hash_seed=SEED)
+        self.host_blocks = host_blocks  # a host tier of this many blocks (0: none)
+        self.kv = KVCacheManager(BlockPool(num_blocks, events=self.log), block_size, hash_seed=SEED,
+                                 cpu_pool=BlockPool(host_blocks) if host_blocks else None, host_tier=bool(host_blocks))
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), self.kv)
-        self.worker = SimulatedWorker(num_blocks, 0, block_size)
+        self.worker = SimulatedWorker(num_blocks, host_blocks, block_size)
         self.in_flight: deque[tuple[StepPlan, StepResult]] = deque()
 
     def step(self) -> None:
@@ -218,9 +220,13 @@ def sync_and_check(mirror: PrefixMirror, replicas: list[Replica], lost: set[int]
         lost.discard(rid)
         replica.log.num_dropped = 0
         assert mirror.is_exact(rid) and mirror.cached_hashes(rid) == set(replica.kv.pool.cached)
+        host_cached = set(replica.kv.cpu_pool.cached) if replica.host_blocks else set()
+        assert mirror.cached_hashes(rid, HOST) == host_cached, "the mirror's host tier differs from the replica's"
     for rid, replica in enumerate(replicas):
         for block_hash in replica.kv.pool.cached:
             assert rid in mirror.replicas_holding(block_hash)
+        for block_hash in (replica.kv.cpu_pool.cached if replica.host_blocks else ()):
+            assert rid in mirror.host_holders_view(block_hash)
 
 
 arrival = st.tuples(st.just("arrive"), st.integers(0, 2), st.integers(0, len(PREFIXES) - 1),
@@ -234,10 +240,12 @@ op = st.one_of(arrival, step, arrival, step, step, st.tuples(st.just("abort"), s
 @settings(max_examples=int(os.environ.get("QUIRE_PROPERTY_EXAMPLES", "200")), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(num_replicas=st.integers(2, 3), num_blocks=st.integers(5, 10), block_size=st.sampled_from([2, 4]),
-       budget=st.integers(4, 32), max_num_seqs=st.integers(1, 6), script=st.lists(op, min_size=10, max_size=80))
+       budget=st.integers(4, 32), max_num_seqs=st.integers(1, 6), host_blocks=st.sampled_from([0, 0, 3, 12]),
+       script=st.lists(op, min_size=10, max_size=80))
 def test_mirror_equals_every_replicas_cache_under_random_traffic(num_replicas, num_blocks, block_size, budget,
-                                                                   max_num_seqs, script):
-    replicas = [Replica(num_blocks, block_size, budget, max_num_seqs) for _ in range(num_replicas)]
+                                                                   max_num_seqs, host_blocks, script):
+    """With or without host tiers (`host_blocks`): the mirror holds each tier apart, exactly."""
+    replicas = [Replica(num_blocks, block_size, budget, max_num_seqs, host_blocks) for _ in range(num_replicas)]
     mirror, lost, arrived = PrefixMirror(), set(), []
     for event in script:
         kind, rid = event[0], (event[1] % num_replicas if len(event) > 1 else 0)
@@ -266,7 +274,7 @@ def test_mirror_equals_every_replicas_cache_under_random_traffic(num_replicas, n
                 lost.add(rid)
         elif kind == "reset" and not replica.in_flight:  # the workers were replaced
             replica.scheduler.forget_worker_state()
-            replica.worker = SimulatedWorker(num_blocks, 0, block_size)
+            replica.worker = SimulatedWorker(num_blocks, host_blocks, block_size)
             for owner, request in arrived:
                 if owner is replica:
                     replica.worker.max_tokens[request.handle] = request.sampling_params.max_tokens
@@ -281,3 +289,34 @@ def test_mirror_equals_every_replicas_cache_under_random_traffic(num_replicas, n
         assert not replica.scheduler.num_unfinished, "the queue never drained"
     sync_and_check(mirror, replicas, lost)
     assert all(replica.kv.num_used_blocks == 0 for replica in replicas)
+
+
+def test_the_mirror_keeps_host_tiers_apart_and_routing_scores_a_host_hit_below_a_device_hit():
+    from quire.cluster.serving.routing import HOST_HIT_COST, CacheAware, ReplicaLoad, matched_prefix_blocks
+
+    mirror = PrefixMirror()
+    chain = H[:4]
+    device_events = [BlockStored(i, h, chain[i - 1] if i else None, i) for i, h in enumerate(chain)]
+    assert mirror.apply("dev", device_events)
+    # "host" holds the first block on its device and the next three only in host memory.
+    host_events = [BlockStored(0, chain[0], None, 0)] + [
+        BlockStored(i, h, chain[i - 1], i - 1, HOST) for i, h in enumerate(chain) if i]
+    assert mirror.apply("host", host_events)
+    assert mirror.cached_hashes("host") == {chain[0]} and mirror.cached_hashes("host", HOST) == set(chain[1:])
+    assert mirror.cached_prefix_tiers("host", chain) == (4, 3) and mirror.cached_prefix_tiers("dev", chain) == (4, 0)
+    assert matched_prefix_blocks(mirror, chain) == {"dev": (4, 0), "host": (4, 3)}
+    assert matched_prefix_blocks(mirror, [chain[0], H[7]]) == {"dev": (1, 0), "host": (1, 0)}
+    policy, block_size = CacheAware(), 16
+    loads = [ReplicaLoad("host"), ReplicaLoad("dev")]
+    decision = policy.choose(loads, chain, 4 * block_size + 1, block_size, mirror)
+    assert (decision.replica_id, decision.cached_blocks, decision.host_blocks) == ("dev", 4, 0)
+    # A queue on the device holder longer than the copy-back cost sends it to the host holder.
+    loads = [ReplicaLoad("host"), ReplicaLoad("dev", queued_prefill_tokens=int(HOST_HIT_COST * 3 * block_size) + 1)]
+    decision = policy.choose(loads, chain, 4 * block_size + 1, block_size, mirror)
+    assert (decision.replica_id, decision.cached_blocks, decision.host_blocks) == ("host", 4, 3)
+    # The host copy leaving (its block reused) ends the chain there; a CacheCleared empties both tiers.
+    assert mirror.apply("host", [BlockRemoved(4, chain[2], 1, HOST)])
+    assert mirror.cached_prefix_tiers("host", chain) == (2, 1)
+    assert mirror.apply("host", [CacheCleared(5)])
+    assert mirror.cached_hashes("host") == set() and mirror.cached_hashes("host", HOST) == set()
+    assert not mirror.has_host_blocks

@@ -204,7 +204,7 @@ def test_output_blocks_are_cached_for_a_later_turn_with_and_without_steps_in_fli
             s.check_integrity()
         assert a.output_token_ids == list(range(100, 113))
         turn = Request("b", a.prompt_token_ids + a.output_token_ids + [5], SamplingParams(temperature=0, max_tokens=1))
-        blocks, num_hit = s.kv.get_computed_blocks(turn)
+        num_hit = s.kv.get_computed_blocks(turn).num_tokens
         # 16 tokens computed (the last sampled one never is): 4 full blocks, whatever was in flight.
         assert num_hit == 16, (depth, num_hit)
 

@@ -3,7 +3,9 @@ slots record which prefix each was computed for: every step, every token a reque
 attends to must hold exactly its own prefix. That catches any prefix hit on the wrong
 blocks, a missing or late copy-on-write, a lost swap, or a write into someone else's
 block. Random arrivals, lengths, shared prefixes, parallel samples (forks), aborts and
-preemptions (recompute and swap); integrity after every step; nothing held at the end.
+preemptions (recompute and swap), a host tier for the prefix cache sharing the host pool
+with swapping (evicted blocks copied out, host hits copied back); integrity after every
+step; nothing held at the end.
 Both synchronous and asynchronous scheduling (each plan made while the step before is in
 flight, its sampled tokens named by placeholder), with or without requests that stop on a
 token (whose token from the step already in flight is then dropped).
@@ -62,6 +64,9 @@ class SimulatedWorker:
             assert state["computed"] == len(state["tokens"]) - 1
         for handle, block in zip(plan.decode_block_handles, plan.decode_block_ids):
             self.requests[handle]["table"].append(block)
+        # The real pool scatters each list at once: a destination named twice would be a race.
+        assert len({dst for _, dst in plan.swap_out}) == len(plan.swap_out), "two swap-outs write one host block"
+        assert len({dst for _, dst in plan.swap_in}) == len(plan.swap_in), "two swap-ins write one device block"
         for src, dst in plan.swap_out:
             self.cpu[dst] = list(self.kv[src])
         for src, dst in plan.swap_in:
@@ -101,15 +106,18 @@ events = st.lists(st.one_of(arrival, st.tuples(st.just("abort"), st.integers(0, 
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(num_blocks=st.integers(6, 24), block_size=st.sampled_from([2, 4, 8]), budget=st.integers(4, 48),
        max_num_seqs=st.integers(1, 8), prefix_caching=st.booleans(), swap=st.booleans(),
-       num_cpu_blocks=st.integers(0, 24), pipelined=st.booleans(), stop_on_zero=st.booleans(),
-       watermark=st.sampled_from([0.0, 0.2]), script=events)
+       num_cpu_blocks=st.integers(0, 24), host_tier=st.booleans(), pipelined=st.booleans(),
+       stop_on_zero=st.booleans(), watermark=st.sampled_from([0.0, 0.2]), script=events)
 def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, budget, max_num_seqs, prefix_caching,
-                                                     swap, num_cpu_blocks, pipelined, stop_on_zero, watermark, script):
-    cpu_pool = BlockPool(num_cpu_blocks) if swap and num_cpu_blocks else None
-    kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching, cpu_pool=cpu_pool)
+                                                     swap, num_cpu_blocks, host_tier, pipelined, stop_on_zero,
+                                                     watermark, script):
+    # One host pool for swapped-out requests and the prefix cache's host tier, either or both.
+    cpu_pool = BlockPool(num_cpu_blocks) if (swap or host_tier) and num_cpu_blocks else None
+    kv = KVCacheManager(BlockPool(num_blocks), block_size, enable_prefix_caching=prefix_caching, cpu_pool=cpu_pool,
+                        host_tier=host_tier and cpu_pool is not None)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                           admission_watermark=watermark), kv,
-                          preemption_mode="swap" if cpu_pool else "recompute")
+                          preemption_mode="swap" if swap and cpu_pool else "recompute")
     worker = SimulatedWorker(num_blocks, num_cpu_blocks, block_size)
     arrived: list[Request] = []
     in_flight: deque[tuple[StepPlan, StepResult]] = deque()  # as the engine keeps them
@@ -160,4 +168,50 @@ def test_random_traffic_keeps_every_block_consistent(num_blocks, block_size, bud
         step()
     assert not scheduler.num_unfinished, "the queue never drained"
     assert kv.num_used_blocks == 0 and not kv.tables
-    assert cpu_pool is None or cpu_pool.num_free_blocks == num_cpu_blocks
+    assert cpu_pool is None or kv.cpu_pool.num_free_blocks == num_cpu_blocks
+
+
+@settings(max_examples=int(os.environ.get("QUIRE_PROPERTY_EXAMPLES", "100")) // 3 or 1, deadline=None,
+          derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(num_blocks=st.integers(8, 16), num_cpu_blocks=st.integers(1, 64), block_size=st.sampled_from([2, 4]),
+       conversations=st.integers(2, 6), turns=st.integers(2, 4), swap=st.booleans(), pipelined=st.booleans(),
+       data=st.data())
+def test_multi_turn_traffic_over_a_host_tier_reads_only_its_own_prefixes(num_blocks, num_cpu_blocks, block_size,
+                                                                        conversations, turns, swap, pipelined, data):
+    """Conversations whose histories outgrow the device pool, turn after turn, interleaved so
+    each one's blocks are evicted (to the host tier, while it has room) before it comes back:
+    every slot read holds its own prefix (host hits copied back exactly), the host pool is
+    shared with swap preemption, integrity holds after every step, nothing is held at the end.
+    (Over the default examples about a thousand blocks come back from the host.)"""
+    cpu_pool = BlockPool(num_cpu_blocks)
+    kv = KVCacheManager(BlockPool(num_blocks), block_size, cpu_pool=cpu_pool, host_tier=True)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=16), kv,
+                          preemption_mode="swap" if swap else "recompute")
+    worker = SimulatedWorker(num_blocks, num_cpu_blocks, block_size)
+    histories = [[100 + c] + [c % 5] * data.draw(st.integers(1, 6)) for c in range(conversations)]
+    in_flight: deque[tuple[StepPlan, StepResult]] = deque()
+    for turn in range(turns):
+        for c in range(conversations):
+            prompt = histories[c] + [(turn + c) % 5, 9]
+            if kv.blocks_for(len(prompt) + 3) > num_blocks:
+                continue
+            request = Request(f"c{c}t{turn}", prompt, SamplingParams(max_tokens=3), arrival_time=float(turn * 10 + c))
+            scheduler.add_request(request)
+            worker.max_tokens[request.handle] = 3
+            for _ in range(400):  # one conversation at a time: the others' blocks age meanwhile
+                while len(in_flight) < (2 if pipelined else 1):
+                    plan = scheduler.schedule()
+                    scheduler.check_integrity()
+                    if not plan.has_work:
+                        break
+                    in_flight.append((plan, worker.step(plan)))
+                if not in_flight:
+                    break
+                plan, result = in_flight.popleft()
+                for done in scheduler.update_from_output(plan, result):
+                    if len(done.output_token_ids) >= 3:
+                        scheduler.finish_request(done.request_id, RequestStatus.FINISHED_LENGTH)
+                scheduler.check_integrity()
+            assert not scheduler.num_unfinished
+            histories[c] = prompt + request.output_token_ids
+    assert kv.num_used_blocks == 0 and not kv.tables and cpu_pool.num_free_blocks == num_cpu_blocks

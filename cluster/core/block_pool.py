@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
-from quire.cluster.core.kv_events import KVEventLog
+from quire.cluster.core.kv_events import DEVICE, MEDIA, KVEventLog
 
 
 class BlockPool:
@@ -24,19 +24,30 @@ class BlockPool:
 
     With `events` (a log for a router mirroring this replica's cache; None, the default,
     publishes nothing) every change of the hash map is published: `cache` entering a hash
-    publishes BlockStored, a reuse evicting one BlockRemoved (see `kv_events`).
+    publishes BlockStored, a reuse evicting one BlockRemoved (see `kv_events`), each naming
+    the pool's `medium` ("device", or "host" for the host-memory pool).
+
+    With `record_evictions`, each eviction of the block the hash map names is also appended
+    to `evictions` as `(block, hash, parent hash)`, for the owner to move the content to
+    another tier before the block is overwritten (`KVCacheManager`'s host tier); the owner
+    empties the list.
     """
 
-    def __init__(self, num_blocks: int, events: KVEventLog | None = None):
+    def __init__(self, num_blocks: int, events: KVEventLog | None = None, medium: str = DEVICE,
+                 record_evictions: bool = False):
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block (got {num_blocks})")
+        if medium not in MEDIA:
+            raise ValueError(f"`medium` must be one of {MEDIA} (got {medium!r})")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.block_parent: list[bytes | None] = [None] * num_blocks  # the parent hash of what each block holds
         self.cached: dict[bytes, int] = {}  # content hash → block id
         self.num_evictions = 0
-        self.events = events
+        self.events, self.medium = events, medium
+        self.evictions: list[tuple[int, bytes, bytes | None]] | None = [] if record_evictions else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -71,7 +82,9 @@ class BlockPool:
         if self.cached.get(block_hash) == block:
             del self.cached[block_hash]
             if self.events is not None:
-                self.events.removed(block_hash, block)
+                self.events.removed(block_hash, block, self.medium)
+            if self.evictions is not None:
+                self.evictions.append((block, block_hash, self.block_parent[block]))
         self.num_evictions += 1
 
     def lookup(self, block_hash: bytes) -> int | None:
@@ -87,6 +100,11 @@ class BlockPool:
                 del self._free[block]
             self.ref_counts[block] += 1
 
+    def refresh(self, block: int) -> None:
+        """Make a free block the most recently freed (the last to be reused); no-op for one in use."""
+        if self.ref_counts[block] == 0:
+            self._free.move_to_end(block)
+
     def cache(self, block: int, block_hash: bytes, parent_hash: bytes | None = None) -> None:
         """Record that an in-use block holds the content `block_hash`, the block after
         `parent_hash` in its prefix (None for a first block; only the events carry it). A
@@ -96,9 +114,10 @@ class BlockPool:
             raise ValueError(f"block {block} is free and cannot be cached")
         if self.block_hash[block] is None and block_hash not in self.cached:
             self.block_hash[block] = block_hash
+            self.block_parent[block] = parent_hash
             self.cached[block_hash] = block
             if self.events is not None:
-                self.events.stored(block_hash, parent_hash, block)
+                self.events.stored(block_hash, parent_hash, block, self.medium)
 
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference to each block; a block whose count reaches zero joins the free
@@ -123,7 +142,8 @@ class BlockPool:
         hashed = [b for b in range(self.num_blocks) if self.block_hash[b] is not None]
         assert len(hashed) == len(self.cached), "a block holds a hash the map does not know"
         if self.events is not None:
-            assert self.events.cached_hashes == self.cached.keys(), "the KV events disagree with the hash map"
+            assert self.events.cached_hashes(self.medium) == self.cached.keys(), \
+                f"the KV events disagree with the {self.medium} hash map"
         if tables is not None:
             counts = Counter(b for table in tables for b in table)
             mismatched = {b: (self.ref_counts[b], counts.get(b, 0)) for b in range(self.num_blocks)

@@ -1,9 +1,31 @@
-"""Per-request block tables on top of the BlockPool: prefix caching, forks with
-copy-on-write, and swapping to a CPU block pool."""
+"""Per-request block tables on top of the BlockPool: prefix caching (device and host tiers),
+forks with copy-on-write, and swapping to a host block pool."""
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from quire.cluster.core.block_hash import ROOT_HASH, BlockHasher
 from quire.cluster.core.block_pool import BlockPool
+from quire.cluster.core.kv_events import HOST
+
+Transfer = tuple[int, int]  # (source block, destination block) of a copy between the tiers
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """The longest cached prefix of a request's tokens (`KVCacheManager.get_computed_blocks`):
+    `blocks[i]` holds the request's block i: a device block id, except at `host_positions`,
+    where it is a host-tier block id whose content `allocate_slots` copies back. Valid until
+    either pool next changes."""
+
+    blocks: list[int]
+    num_tokens: int
+    host_positions: tuple[int, ...] = ()
+    num_host_tokens: int = 0
+
+
+NO_HIT = PrefixHit([], 0)
 
 
 class KVCacheManager:
@@ -16,21 +38,54 @@ class KVCacheManager:
     pool as soon as they are scheduled: each layer writes every token's K/V before any
     attention reads, so even a request scheduled later in the same step may share them.
 
+    Host tier (`host_tier`, with a `cpu_pool`): the host pool is one allocator for two uses,
+    swapped-out requests' tables and the prefix cache's second tier. A cached block evicted
+    from the device pool has its content copied to a host block (evicting the host's least
+    recently used cached block when none is free; skipped when every host block is held),
+    registered under the same hash; a lookup that misses on the device continues on the host,
+    and `allocate_slots` copies those blocks back into fresh device blocks (the host copy
+    stays cached). So the two pools hold one LRU order: device first, then host.
+
+    Steps: the copies are gathered while a step is planned and handed to the plan by
+    `end_step` (device → host with the swap-outs, host → device with the swap-ins; the
+    workers run every swap-out before any swap-in, both before the forward pass). Host blocks
+    a step reads or writes (a hit's source, an offload's destination, a swapped-in request's
+    old table) stay held until `end_step`, so no block is written twice or overwritten
+    before it is read within one step.
+
     Contracts: methods that return None on failure change nothing; tables, CPU tables and
-    the pool's ref counts always agree (`check_integrity`).
+    the pools' ref counts always agree (`check_integrity`).
     """
 
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True,
-                 cpu_pool: BlockPool | None = None, hash_seed: bytes | None = None):
+                 cpu_pool: BlockPool | None = None, hash_seed: bytes | None = None, host_tier: bool = False):
+        if host_tier and cpu_pool is None:
+            raise ValueError("a host tier needs a host block pool (kv_host_memory > 0)")
         self.pool, self.block_size, self.cpu_pool = pool, block_size, cpu_pool
         self.enable_prefix_caching = enable_prefix_caching
+        self.host_tier = host_tier and enable_prefix_caching
+        if self.host_tier:
+            self._adopt_host_pool()
         self.tables: dict[str, list[int]] = {}
         self.cpu_tables: dict[str, list[int]] = {}  # swapped-out requests' blocks in cpu_pool
         self._hashes: dict[str, list[bytes]] = {}   # full-block hashes per request, as far as computed
         self._num_registered: dict[str, int] = {}   # leading blocks of the table registered in the pool
+        self._held_host: list[int] = []             # host blocks this step reads or writes (see the class)
+        self._offloads: list[Transfer] = []         # (device, host) copies planned this step
+        self._loads: list[Transfer] = []            # (host, device) copies planned this step
         self.hasher = BlockHasher(block_size, hash_seed)
         self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
-        self.num_hit_tokens = 0    # of which found cached
+        self.num_hit_tokens = 0    # of which found cached (either tier)
+        self.num_host_hit_tokens = 0  # of which found on the host tier
+        self.num_offloaded_blocks = 0  # device blocks copied to the host tier
+        self.num_loaded_blocks = 0     # host-tier blocks copied back to the device
+
+    def _adopt_host_pool(self) -> None:
+        """The device pool records its evictions (to offload them); the host pool publishes
+        into the device pool's event log, as the host medium. Both pools must be empty."""
+        self.pool.evictions = []
+        self.cpu_pool.medium = HOST
+        self.cpu_pool.events = self.pool.events
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -52,29 +107,82 @@ class KVCacheManager:
         return self.hasher.hash_block(parent_hash, request.token_slice(index * size, (index + 1) * size),
                                       request.cache_salt)
 
-    def get_computed_blocks(self, request) -> tuple[list[int], int]:
-        """The cached blocks of the longest cached prefix of the request's tokens, and the
-        tokens they hold. Never all its tokens: the last one must be computed to sample."""
+    def get_computed_blocks(self, request) -> PrefixHit:
+        """The longest prefix of the request's tokens cached in either tier, block by block
+        (device first). Never all its tokens: the last one must be computed to sample."""
         if not self.enable_prefix_caching:
-            return [], 0
-        blocks = []
-        for block_hash in self.block_hashes(request, request.num_tokens - 1):
+            return NO_HIT
+        host = None
+        if self.host_tier:
+            self._offload_evictions()  # what the device evicted so far this step is findable on the host
+            host = self.cpu_pool
+        blocks, host_positions = [], []
+        for index, block_hash in enumerate(self.block_hashes(request, request.num_tokens - 1)):
             block = self.pool.lookup(block_hash)
+            if block is None and host is not None:
+                block = host.lookup(block_hash)
+                if block is not None:
+                    host_positions.append(index)
             if block is None:
                 break
             blocks.append(block)
-        return blocks, len(blocks) * self.block_size
+        if not blocks:
+            return NO_HIT
+        return PrefixHit(blocks, len(blocks) * self.block_size, tuple(host_positions),
+                         len(host_positions) * self.block_size)
 
-    def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+    def record_lookup(self, num_query_tokens: int, hit: PrefixHit | int) -> None:
+        """Count a lookup of `num_query_tokens` prompt tokens that found `hit` (a PrefixHit, or a token count)."""
         self.num_query_tokens += num_query_tokens
-        self.num_hit_tokens += num_hit_tokens
+        if isinstance(hit, PrefixHit):
+            self.num_hit_tokens += hit.num_tokens
+            self.num_host_hit_tokens += hit.num_host_tokens
+        else:
+            self.num_hit_tokens += hit
+
+    # -- the host tier -------------------------------------------------------------------------
+    def _offload_evictions(self) -> None:
+        """Copy each cached block the device pool evicted since the last call to the host tier
+        (its hash refreshed there if already held). Needs `host_tier`."""
+        evicted = self.pool.evictions
+        if not evicted:
+            return
+        host = self.cpu_pool
+        for device_block, block_hash, parent_hash in evicted:
+            held = host.lookup(block_hash)
+            if held is not None:
+                host.refresh(held)
+                continue
+            host_block = host.allocate_one()
+            if host_block is None:
+                continue  # every host block is a swapped-out request's or held this step: the content is lost
+            host.cache(host_block, block_hash, parent_hash)
+            self._held_host.append(host_block)
+            self._offloads.append((device_block, host_block))
+        evicted.clear()
+
+    def end_step(self) -> tuple[list[Transfer], list[Transfer]]:
+        """Close the step being planned: its (device, host) offload copies and its (host,
+        device) load copies for the plan's swap-outs and swap-ins; releases the host blocks
+        held for the step (they may be reused from the next step on)."""
+        if self.host_tier:
+            self._offload_evictions()
+        offloads, loads = self._offloads, self._loads
+        self._offloads, self._loads = [], []
+        self.num_offloaded_blocks += len(offloads)
+        self.num_loaded_blocks += len(loads)
+        if self._held_host:
+            self.cpu_pool.free(reversed(self._held_host))
+            self._held_host = []
+        return offloads, loads
 
     # -- allocation ----------------------------------------------------------------------------
-    def allocate_slots(self, request, num_tokens: int, computed_blocks: list[int] = (),
+    def allocate_slots(self, request, num_tokens: int, computed_blocks: Sequence[int] | PrefixHit = (),
                        write_from: int | None = None, copies: list[tuple[int, int]] | None = None,
                        keep_free: int = 0) -> list[int] | None:
         """Grow the table so it covers `num_tokens` tokens: first `computed_blocks` (prefix
-        hits, for a request without a table), then new blocks. With `write_from`, the blocks
+        hits, for a request without a table: device block ids, or a PrefixHit whose host-tier
+        blocks each get a new device block and a load copy for `end_step`), then new blocks. With `write_from`, the blocks
         holding positions `write_from..num_tokens-1` that others share are first replaced by
         fresh copies (copy-on-write; the (source, copy) pairs are appended to `copies` for the
         workers to copy before the step). Registers the full blocks among the first
@@ -83,8 +191,13 @@ class KVCacheManager:
         `keep_free` free."""
         request_id = request.request_id
         table = self.tables.get(request_id, [])
-        needed = max(0, self.blocks_for(num_tokens) - len(table) - len(computed_blocks))
-        revived = sum(1 for block in computed_blocks if self.pool.ref_counts[block] == 0) if computed_blocks else 0
+        host_hits: dict[int, int] = {}  # position in the table → host block
+        if isinstance(computed_blocks, PrefixHit):
+            host_hits = {position: computed_blocks.blocks[position] for position in computed_blocks.host_positions}
+            computed_blocks = computed_blocks.blocks
+        device_hits = [b for i, b in enumerate(computed_blocks) if i not in host_hits] if host_hits else computed_blocks
+        needed = max(0, self.blocks_for(num_tokens) - len(table) - len(device_hits))
+        revived = sum(1 for block in device_hits if self.pool.ref_counts[block] == 0) if device_hits else 0
         shared = []
         if write_from is not None:
             last = min(self.blocks_for(num_tokens), len(table))
@@ -97,11 +210,22 @@ class KVCacheManager:
             table[index] = copy
         if shared:
             self._num_registered[request_id] = min(self._num_registered.get(request_id, 0), shared[0])
-        self.pool.touch(computed_blocks)  # before allocating, which would evict them
+        self.pool.touch(device_hits)  # before allocating, which would evict them
         new_blocks = self.pool.allocate(needed) if needed else []
         table = self.tables.setdefault(request_id, table)
-        table.extend(computed_blocks)
-        table.extend(new_blocks)
+        if host_hits:
+            self.cpu_pool.touch(host_hits.values())  # held until end_step: read by this step's loads
+            self._held_host.extend(host_hits.values())
+            fresh = iter(new_blocks)
+            for position, block in enumerate(computed_blocks):
+                if position in host_hits:
+                    block = next(fresh)
+                    self._loads.append((host_hits[position], block))
+                table.append(block)
+            table.extend(fresh)
+        else:
+            table.extend(computed_blocks)
+            table.extend(new_blocks)
         if self.enable_prefix_caching:
             self._register(request, table, num_tokens)
         return new_blocks
@@ -200,19 +324,25 @@ class KVCacheManager:
         if blocks is None:
             return None
         self.tables[request.request_id] = blocks
-        self.cpu_pool.free(reversed(self.cpu_tables.pop(request.request_id)))
+        # Held, not freed, until end_step: a host-tier offload planned later in this step must
+        # not overwrite them before the workers read them.
+        self._held_host.extend(self.cpu_tables.pop(request.request_id))
         return list(zip(cpu_blocks, blocks))
 
     def reset(self) -> None:
         """Forget every table, CPU table and cached block (the workers' pools were replaced).
         The pool's event log, if any, moves to the new pool and publishes CacheCleared when
         the old pool cached anything."""
-        events, had_cached = self.pool.events, bool(self.pool.cached)
+        events = self.pool.events
+        had_cached = bool(self.pool.cached) or (self.host_tier and bool(self.cpu_pool.cached))
         self.pool = BlockPool(self.pool.num_blocks, events=events)
         if events is not None and had_cached:
             events.cleared()
         if self.cpu_pool is not None:
             self.cpu_pool = BlockPool(self.cpu_pool.num_blocks)
+        if self.host_tier:
+            self._adopt_host_pool()
+        self._held_host, self._offloads, self._loads = [], [], []
         self.tables.clear()
         self.cpu_tables.clear()
         self._hashes.clear()
@@ -223,7 +353,20 @@ class KVCacheManager:
         return self.pool.num_blocks - self.pool.num_free_blocks
 
     def check_integrity(self) -> None:
+        """Assert both pools' invariants against the tables (host blocks held for the step count
+        as one more table), the host tier's planned copies against the holds, and the tiers apart."""
         self.pool.check_integrity(self.tables.values())
         if self.cpu_pool is not None:
-            self.cpu_pool.check_integrity(self.cpu_tables.values())
+            self.cpu_pool.check_integrity([*self.cpu_tables.values(), self._held_host])
+            held = set(self._held_host)
+            assert len(held) == len(self._held_host), "a host block is held twice in one step"
+            assert all(host in held for _, host in self._offloads), "an offload writes a host block not held"
+            assert all(host in held for host, _ in self._loads), "a load reads a host block not held"
+            assert not held & {b for table in self.cpu_tables.values() for b in table}, \
+                "a held host block is also a swapped-out request's"
+        else:
+            assert not self._held_host and not self._offloads and not self._loads, "host copies without a host pool"
+        if not self.host_tier:
+            assert not self._offloads and not self._loads, "host-tier copies without a host tier"
+            assert self.cpu_pool is None or not self.cpu_pool.cached, "the swap pool caches content without a host tier"
         assert not set(self.tables) & set(self.cpu_tables), "a request holds device and CPU blocks at once"

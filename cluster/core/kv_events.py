@@ -8,6 +8,11 @@ workers were replaced). Nothing else publishes: sharing, freeing or reviving a c
 changes no hash, so the set of hashes a consumer rebuilds from the stream is exactly the
 pool's `cached` keys, free cached blocks included (they can still be hit).
 
+A replica with a host-memory tier has two pools, the device's and the host's, publishing
+into one log: every stored or removed event names its `medium` ("device" or "host"), and
+the log keeps one view per medium. A hash may be held by both at once (a block brought back
+from the host keeps its host copy), so the two views are independent sets.
+
 Each log numbers its events 0, 1, 2, ... (`seq`, per replica, with no gaps), so a consumer
 can tell a lost event (a gap) or a restarted stream (the number going back) and then
 resynchronise from `snapshot()`. Without a log (the default) a pool publishes nothing and
@@ -17,31 +22,37 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+DEVICE, HOST = "device", "host"
+MEDIA = (DEVICE, HOST)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockStored:
     """`block_hash` entered the replica's cache, held by `block_id`. `parent_hash` is the hash
     of the block before it in the prefix (None for a prompt's first block): the hash chains
-    it, so the router can rebuild the prefix tree. Hashes are the pool's own values."""
+    it, so the router can rebuild the prefix tree. Hashes are the pool's own values.
+    `medium`: the tier whose pool holds it, DEVICE or HOST (`block_id` is that pool's)."""
     seq: int
     block_hash: Hashable
     parent_hash: Hashable | None
     block_id: int
+    medium: str = DEVICE
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
-    """`block_hash` left the replica's cache: `block_id` was reused for other content."""
+    """`block_hash` left the `medium` tier of the replica's cache: `block_id` was reused for other content."""
     seq: int
     block_hash: Hashable
     block_id: int
+    medium: str = DEVICE
 
 
 @dataclass(frozen=True, slots=True)
 class CacheCleared:
-    """Every hash left the replica's cache at once (its pool was replaced)."""
+    """Every hash left the replica's cache, both tiers, at once (its pools were replaced)."""
     seq: int
 
 
@@ -50,10 +61,12 @@ KVEvent = BlockStored | BlockRemoved | CacheCleared
 
 @dataclass(frozen=True, slots=True)
 class KVSnapshot:
-    """A replica's whole cache: `blocks` maps each cached hash to its parent hash (None for a
-    first block); it reflects every event numbered below `next_seq` and none after."""
+    """A replica's whole cache: `blocks` maps each hash cached on the device to its parent
+    hash (None for a first block), `host_blocks` those of the host tier; it reflects every
+    event numbered below `next_seq` and none after."""
     next_seq: int
     blocks: dict
+    host_blocks: dict = field(default_factory=dict)
 
 
 class KVEventLog:
@@ -70,7 +83,8 @@ class KVEventLog:
         if capacity < 1:
             raise ValueError(f"a KV event log needs room for at least one event (got {capacity})")
         self._pending: deque[KVEvent] = deque(maxlen=capacity)
-        self._blocks: dict = {}  # cached hash → parent hash: the state the events so far describe
+        # Per medium, cached hash → parent hash: the state the events so far describe.
+        self._media: dict[str, dict] = {medium: {} for medium in MEDIA}
         self._next_seq = 0
         self.num_dropped = 0
 
@@ -80,11 +94,10 @@ class KVEventLog:
         with a drained batch so the consumer sees a loss at the tail of the stream too."""
         return self._next_seq
 
-    @property
-    def cached_hashes(self):
-        """The hashes the events published so far leave cached (a live view: valid until the
-        next event). The pool's integrity check compares it with its hash map."""
-        return self._blocks.keys()
+    def cached_hashes(self, medium: str = DEVICE):
+        """The hashes the events published so far leave cached in `medium` (a live view: valid
+        until the next event). A pool's integrity check compares it with its hash map."""
+        return self._media[medium].keys()
 
     def _publish(self, event: KVEvent) -> None:
         if len(self._pending) == self._pending.maxlen:
@@ -92,19 +105,20 @@ class KVEventLog:
         self._pending.append(event)
         self._next_seq += 1
 
-    def stored(self, block_hash, parent_hash, block_id: int) -> None:
-        """Publish that `block_hash` (child of `parent_hash`) entered the cache in `block_id`."""
-        self._blocks[block_hash] = parent_hash
-        self._publish(BlockStored(self._next_seq, block_hash, parent_hash, block_id))
+    def stored(self, block_hash, parent_hash, block_id: int, medium: str = DEVICE) -> None:
+        """Publish that `block_hash` (child of `parent_hash`) entered `medium`'s cache in `block_id`."""
+        self._media[medium][block_hash] = parent_hash
+        self._publish(BlockStored(self._next_seq, block_hash, parent_hash, block_id, medium))
 
-    def removed(self, block_hash, block_id: int) -> None:
-        """Publish that `block_hash` left the cache (`block_id` is reused)."""
-        del self._blocks[block_hash]
-        self._publish(BlockRemoved(self._next_seq, block_hash, block_id))
+    def removed(self, block_hash, block_id: int, medium: str = DEVICE) -> None:
+        """Publish that `block_hash` left `medium`'s cache (`block_id` is reused)."""
+        del self._media[medium][block_hash]
+        self._publish(BlockRemoved(self._next_seq, block_hash, block_id, medium))
 
     def cleared(self) -> None:
-        """Publish that the whole cache was dropped."""
-        self._blocks.clear()
+        """Publish that the whole cache, every medium, was dropped."""
+        for blocks in self._media.values():
+            blocks.clear()
         self._publish(CacheCleared(self._next_seq))
 
     def drain(self) -> list[KVEvent]:
@@ -119,4 +133,4 @@ class KVEventLog:
         consumer to resynchronise. Discards the undrained events: the snapshot already
         reflects them, so the next drain starts at its `next_seq`."""
         self._pending.clear()
-        return KVSnapshot(self._next_seq, dict(self._blocks))
+        return KVSnapshot(self._next_seq, dict(self._media[DEVICE]), dict(self._media[HOST]))

@@ -11,7 +11,8 @@ are freed) or, in swap mode while the CPU pool has room, by swapping its blocks 
 the workers' CPU pool; either way it returns to the head of the waiting queue.
 
 Admission looks up the longest cached prefix of a request's tokens first (prefix
-caching), so only the rest is computed. A sample of a parallel-sampling group (`fork_of`)
+caching, on the device and, with a host tier, in host memory: those blocks are copied back
+by the step's swap-ins), so only the rest is computed. A sample of a parallel-sampling group (`fork_of`)
 waits until its leader has computed the shared prompt, then forks the leader's blocks
 (shared, ref-counted) and recomputes only the last prompt token, to sample its own
 first token; the shared partial block is copied on first write (copy-on-write).
@@ -214,18 +215,21 @@ class Scheduler:
                     if request.fork_of.status is RequestStatus.WAITING or request.fork_of.status is RequestStatus.RUNNING:
                         break  # its leader is still computing the shared prompt: wait for it
                     request.fork_of = None  # the leader is gone or preempted: start on its own
-                computed_blocks, num_hit = self.kv.get_computed_blocks(request)
-                num_new = min(request.num_tokens - num_hit, budget)
-                if self.kv.allocate_slots(request, num_hit + num_new, computed_blocks,
+                hit = self.kv.get_computed_blocks(request)
+                num_new = min(request.num_tokens - hit.num_tokens, budget)
+                if self.kv.allocate_slots(request, hit.num_tokens + num_new, hit,
                                           keep_free=self._admission_watermark()) is None:
                     break
-                self.kv.record_lookup(request.num_tokens, num_hit)
-                request.num_computed_tokens = num_hit
+                self.kv.record_lookup(request.num_tokens, hit)
+                request.num_computed_tokens = hit.num_tokens
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
             self._add_to_plan(plan, request, num_new)
             budget -= num_new
+        offloads, loads = self.kv.end_step()  # the host tier's copies: before the forward pass, like swaps
+        plan.swap_out.extend(offloads)
+        plan.swap_in.extend(loads)
         return plan
 
     def _admission_watermark(self) -> int:

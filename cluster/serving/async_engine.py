@@ -367,7 +367,8 @@ class AsyncEngine:
         if self.metrics is not None:
             kv = self.engine.kv
             self.metrics.publish_load(running, waiting, kv_usage, scheduler.num_preemptions,
-                                      kv.num_query_tokens, kv.num_hit_tokens, self.engine.num_worker_restarts)
+                                      kv.num_query_tokens, kv.num_hit_tokens, self.engine.num_worker_restarts,
+                                      kv.num_host_hit_tokens, kv.num_offloaded_blocks)
 
 
 def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result, error: BaseException | None) -> None:

@@ -41,8 +41,14 @@ class ServerMetrics:
             **labels)
         self._prefix_queries = counter("quire_prefix_cache_queries",
                                        "Prompt tokens looked up in the prefix cache").labels(**labels)
-        self._prefix_hits = counter("quire_prefix_cache_hits", "Prompt tokens found in the prefix cache").labels(
-            **labels)
+        self._prefix_hits = counter("quire_prefix_cache_hits",
+                                    "Prompt tokens found in the prefix cache (either tier)").labels(**labels)
+        self._prefix_host_hits = counter("quire_prefix_cache_host_hits",
+                                         "Prompt tokens found in the host-memory tier (copied back to the device)"
+                                         ).labels(**labels)
+        self._host_offloads = counter("quire_kv_host_offloaded_blocks",
+                                      "Cached blocks copied from the device to the host-memory tier on eviction"
+                                      ).labels(**labels)
         self._worker_restarts = counter("quire_worker_restarts",
                                         "Times the workers were replaced after one died").labels(**labels)
         self._rejected = counter("quire_requests_rejected", "Requests refused before admission", ["reason"])
@@ -60,7 +66,7 @@ class ServerMetrics:
         self._kv_usage = Gauge("quire_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1)", ["model_name"],
                                registry=r).labels(**labels)
         self._labels = labels
-        self._seen = {"preemptions": 0, "queries": 0, "hits": 0, "restarts": 0}
+        self._seen = {"preemptions": 0, "queries": 0, "hits": 0, "host_hits": 0, "offloads": 0, "restarts": 0}
 
     def on_admitted(self, num_prompt_tokens: int) -> None:
         self._prompt_tokens.inc(num_prompt_tokens)
@@ -85,7 +91,8 @@ class ServerMetrics:
             self._tpot.observe((seconds_since_arrival - seconds_to_first_token) / (num_output_tokens - 1))
 
     def publish_load(self, num_running: int, num_waiting: int, kv_usage: float, num_preemptions: int,
-                     prefix_query_tokens: int = 0, prefix_hit_tokens: int = 0, worker_restarts: int = 0) -> None:
+                     prefix_query_tokens: int = 0, prefix_hit_tokens: int = 0, worker_restarts: int = 0,
+                     prefix_host_hit_tokens: int = 0, host_offloaded_blocks: int = 0) -> None:
         """Set the gauges; the counts are the engine's running totals."""
         self._running.set(num_running)
         self._waiting.set(num_waiting)
@@ -93,6 +100,8 @@ class ServerMetrics:
         for name, counter, total in (("preemptions", self._preemptions, num_preemptions),
                                      ("queries", self._prefix_queries, prefix_query_tokens),
                                      ("hits", self._prefix_hits, prefix_hit_tokens),
+                                     ("host_hits", self._prefix_host_hits, prefix_host_hit_tokens),
+                                     ("offloads", self._host_offloads, host_offloaded_blocks),
                                      ("restarts", self._worker_restarts, worker_restarts)):
             if total > self._seen[name]:
                 counter.inc(total - self._seen[name])

@@ -82,6 +82,7 @@ class ReplicaInspection:
     cached_hashes: frozenset = field(default_factory=frozenset)
     num_hit_tokens: int = 0
     num_query_tokens: int = 0
+    host_cached_hashes: frozenset = field(default_factory=frozenset)  # the host tier's (empty without one)
 
 
 class ReplicaHost:
@@ -198,6 +199,7 @@ class ReplicaHost:
         engine = self.async_engine.engine
         # Read off the loop thread without a lock: each is a monotonic int, read atomically.
         counters = {"num_query_tokens": engine.kv.num_query_tokens, "num_hit_tokens": engine.kv.num_hit_tokens,
+                    "num_host_hit_tokens": engine.kv.num_host_hit_tokens,
                     "num_preemptions": engine.scheduler.num_preemptions,
                     "num_worker_restarts": engine.num_worker_restarts}
         return ReplicaUpdate(outputs, events, next_seq, self.epoch, self.async_engine.stats(), counters)
@@ -219,8 +221,9 @@ class ReplicaHost:
         def read(engine: Engine) -> ReplicaInspection:
             engine.kv.check_integrity()
             kv = engine.kv
+            host = frozenset(kv.cpu_pool.cached) if kv.host_tier else frozenset()
             return ReplicaInspection(kv.pool.num_blocks, kv.pool.num_free_blocks, engine.scheduler.num_unfinished,
-                                     frozenset(kv.pool.cached), kv.num_hit_tokens, kv.num_query_tokens)
+                                     frozenset(kv.pool.cached), kv.num_hit_tokens, kv.num_query_tokens, host)
 
         return await self.async_engine.call(read)
 

@@ -28,7 +28,9 @@ class RouterMetrics(ServerMetrics):
         self._replica_queries = counter("quire_replica_prefix_cache_queries",
                                         "Prompt tokens looked up in the replica's prefix cache")
         self._replica_hits = counter("quire_replica_prefix_cache_hits",
-                                     "Prompt tokens found in the replica's prefix cache")
+                                     "Prompt tokens found in the replica's prefix cache (either tier)")
+        self._replica_host_hits = counter("quire_replica_prefix_cache_host_hits",
+                                          "Prompt tokens found in the replica's host-memory tier (copied back)")
         self._replica_preemptions = counter("quire_replica_num_preemptions", "Requests preempted on the replica")
         self._decisions = counter("quire_router_decisions", "Requests routed, by policy and replica",
                                   ("policy", "replica"))
@@ -65,6 +67,7 @@ class RouterMetrics(ServerMetrics):
         self._replica_waiting.labels(**labels).set(num_waiting)
         self._replica_kv.labels(**labels).set(kv_usage)
         for name, counter in (("num_query_tokens", self._replica_queries), ("num_hit_tokens", self._replica_hits),
+                              ("num_host_hit_tokens", self._replica_host_hits),
                               ("num_preemptions", self._replica_preemptions)):
             total = counters.get(name, 0)
             seen = self._seen.get((replica, name), 0)
