@@ -97,26 +97,66 @@ def wire_versions(ctx) -> dict:
 def kernel_checks(ctx) -> dict:
     """The Triton kernels against the torch reference: the kernel tests under pytest when it
     is there, else quire.kernels.verify's cases in every dtype (dry run: two small cases in
-    float32, in Triton's interpreter)."""
+    float32, in Triton's interpreter); then quantized caches either way (`quantized_kv`)."""
     import torch
 
+    dtypes = (torch.float32,) if ctx.dry_run else (torch.float16, torch.bfloat16, torch.float32)
+    quantized = quantized_kv(ctx, dtypes)
     if not ctx.dry_run and importlib.util.find_spec("pytest") is not None:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                "tests/test_triton_attention.py", "tests/test_attention_ref.py"],
                               cwd=ROOT, capture_output=True, text=True, timeout=150)
-        return {"runner": "pytest", "ok": proc.returncode == 0, "tail": proc.stdout[-1500:] + proc.stderr[-500:]}
+        return {"runner": "pytest", "ok": proc.returncode == 0 and quantized["ok"], "quantized_kv": quantized,
+                "tail": proc.stdout[-1500:] + proc.stderr[-500:]}
     from quire.kernels.verify import CASES, max_error_vs_reference
 
-    dtypes, cases = (torch.float16, torch.bfloat16, torch.float32), CASES
-    if ctx.dry_run:
-        dtypes, cases = (torch.float32,), [case for case in CASES if case[0] in ("gqa4-block8", "split-k-empty-splits")]
-    results, ok = [], True
+    cases = [case for case in CASES if case[0] in ("gqa4-block8", "split-k-empty-splits")] if ctx.dry_run else CASES
+    results, ok = [], quantized["ok"]
     for dtype in dtypes:
         for name, shapes, heads, kv_heads, head_dim, block_size, splits in cases:
             error, tolerance, _ = max_error_vs_reference(shapes, heads, kv_heads, head_dim, block_size, dtype, splits)
             ok &= error <= tolerance
             results.append({"case": name, "dtype": str(dtype), "max_error": error, "tolerance": tolerance})
-    return {"runner": "quire.kernels.verify", "ok": ok, "cases": results}
+    return {"runner": "quire.kernels.verify", "ok": ok, "cases": results, "quantized_kv": quantized}
+
+
+def quantized_kv(ctx, dtypes) -> dict:
+    """int8 and fp8 e4m3 caches: the Triton write must store the torch write's codes and scales
+    bit for bit, and split-K attention over them match the reference over the dequantized cache."""
+    import torch
+
+    from quire.kernels import kv_quant
+    from quire.kernels.attention_ref import paged_attention_ref, write_kv_ref
+    from quire.kernels.triton_attention import TritonAttentionPlan, paged_attention, write_kv
+    from quire.kernels.verify import TOLERANCE, random_paged_batch
+
+    device, shapes = torch.device(ctx.device), [(300 if ctx.dry_run else 1500, 1), (17, 1), (40, 9)]
+    results, ok = [], True
+    for cache_dtype in (torch.int8, torch.float8_e4m3fn):
+        for dtype in dtypes:
+            query, k, v, tables, seq_lens, starts = random_paged_batch(shapes, 8, 2, 64, 16, dtype, device)
+            want = [torch.zeros(k.shape, dtype=cache_dtype) for _ in "kv"]
+            want += [torch.zeros(k.shape[:3], dtype=kv_quant.SCALE_DTYPE) for _ in "kv"]
+            k, v = k.flatten(0, 1).cpu(), v.flatten(0, 1).cpu()
+            write_kv_ref(k, v, *want[:2], torch.arange(k.shape[0]), *want[2:])  # the whole cache, in torch
+            # 48 random slots rewritten by the Triton kernel: the same bytes must come back.
+            slots = torch.randperm(k.shape[0], generator=torch.Generator().manual_seed(0))[:48]
+            got = [t.clone() for t in want]
+            for t in got:
+                t.view(torch.uint8).flatten(0, 1)[slots] = 0
+            got = [t.to(device) for t in got]
+            write_kv(k[slots].to(device), v[slots].to(device), *got[:2], slots.to(device), *got[2:])
+            exact = all(torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want))
+            plan = TritonAttentionPlan.build(seq_lens, starts, 4, 2, device, num_splits=2)
+            out = paged_attention(query, *got[:2], tables, plan, 0.125, *got[2:]).float().cpu()
+            expected = paged_attention_ref(query.float().cpu(), kv_quant.dequantize(want[0], want[2]),
+                                           kv_quant.dequantize(want[1], want[3]), tables.cpu(), seq_lens, starts, 0.125)
+            error = (out - expected).abs().max().item()
+            tolerance = 2 * TOLERANCE[dtype] * (1 + expected.abs().max().item())  # p carries V's scales
+            ok &= exact and error <= tolerance
+            results.append({"cache_dtype": str(cache_dtype), "dtype": str(dtype), "writes_exact": exact,
+                            "max_error": error, "tolerance": tolerance})
+    return {"ok": ok, "cases": results}
 
 
 def checkpoint(ctx) -> dict:

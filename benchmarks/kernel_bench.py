@@ -8,6 +8,9 @@ one decode step (one query token per request) and reports:
     device-to-device copy bandwidth measured by this script on the same card;
   - the kernel's time over SDPA's on contiguous `[batch, kv_heads, ctx, dim]` K/V;
   - per shape and dtype, the backend's warm-up: variants compiled and seconds taken.
+`--kv-cache-dtype int8|fp8_e4m3` times quantized caches (`kv_quant`: one-byte codes and an
+fp16 scale per token and KV head, both counted in the bytes read); SDPA then gets the
+dequantized K/V in the activation dtype. "auto" (the default) keeps caches in each dtype.
 
 Timing. A launch of a small case lasts microseconds, about what recording a CUDA event
 costs, so each event pair times many launches (`launches_per_pair`, about 10 ms of work)
@@ -21,6 +24,7 @@ it checks the script, its numbers mean nothing.
 
     python benchmarks/kernel_bench.py             # on a CUDA machine
     python benchmarks/kernel_bench.py --dry-run   # tiny shapes, CPU or GPU
+    python benchmarks/kernel_bench.py --kv-cache-dtype int8
 """
 from __future__ import annotations
 
@@ -98,22 +102,35 @@ def sdpa_fn(q, k, v, scale, group):
         return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def bench_case(num_heads, num_kv_heads, head_dim, batch, ctx, block_size, dtype, device, pairs) -> dict:
+def bench_case(num_heads, num_kv_heads, head_dim, batch, ctx, block_size, dtype, device, pairs,
+               cache_dtype=None) -> dict:
+    from quire.kernels import kv_quant
     from quire.kernels.triton_attention import TritonAttentionPlan, paged_attention
 
+    cache_dtype = cache_dtype or dtype
+    quantized = kv_quant.is_quantized(cache_dtype)
     blocks_per_req = -(-ctx // block_size)
     total_blocks = batch * blocks_per_req
-    kv_bytes = 2 * batch * ctx * num_kv_heads * head_dim * dtype.itemsize
-    cache_bytes = 2 * total_blocks * block_size * num_kv_heads * head_dim * dtype.itemsize
+    token_bytes = 2 * num_kv_heads * kv_quant.bytes_per_token_head(head_dim, cache_dtype)  # K and V, scales included
+    kv_bytes, cache_bytes = batch * ctx * token_bytes, total_blocks * block_size * token_bytes
     group, scale = num_heads // num_kv_heads, head_dim ** -0.5
     plan = TritonAttentionPlan.build([ctx] * batch, list(range(batch + 1)), group, num_kv_heads, device)
     paged, sdpa, first = [], [], None
     for _ in range(copies_for(cache_bytes, device)):
         k_cache = torch.randn(total_blocks, block_size, num_kv_heads, head_dim, device=device).to(dtype)
         v_cache = torch.randn_like(k_cache)
+        scales = (None, None)
+        if quantized:  # the kernel reads codes and scales; SDPA below the values they stand for
+            (k_codes, k_scale), (v_codes, v_scale) = (kv_quant.quantize(c, cache_dtype) for c in (k_cache, v_cache))
+            k_cache = kv_quant.dequantize(k_codes, k_scale, dtype)
+            v_cache = kv_quant.dequantize(v_codes, v_scale, dtype)
+            scales = (k_scale, v_scale)
+        else:
+            k_codes, v_codes = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
         tables = torch.randperm(total_blocks, device=device).view(batch, blocks_per_req)
         query = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
-        paged.append(lambda q=query, k=k_cache, v=v_cache, t=tables: paged_attention(q, k, v, t, plan, scale))
+        paged.append(lambda q=query, k=k_codes, v=v_codes, t=tables, s=scales:
+                     paged_attention(q, k, v, t, plan, scale, *s))
         # The same K/V, contiguous, as SDPA wants them.
         k = k_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
         v = v_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
@@ -134,11 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="tiny shapes, same report: checks the script (on the CPU through Triton's interpreter)")
     parser.add_argument("--pairs", type=int, default=5, help="timed event pairs per measurement")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
+                        help="cache dtype: each activation dtype's (auto), or quantized codes with scales")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         # Chosen before the kernels' module is imported: Triton reads it when it decorates them.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from quire.kernels import kv_quant
     from quire.kernels.triton_attention import TritonAttentionBackend
 
     batches, contexts, shapes = (1, 16, 64), (512, 2048, 8192), SHAPES
@@ -149,20 +169,24 @@ def main(argv: list[str] | None = None) -> dict:
     copy_bw = copy_bandwidth(device, copy_bytes, pairs)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dry_run": args.dry_run, "dtypes": [str(d).replace("torch.", "") for d in DTYPES],
-              "block_size": args.block_size, "timing": {"pairs": pairs, "seconds_per_pair": PAIR_SECONDS},
+              "kv_cache_dtype": args.kv_cache_dtype, "block_size": args.block_size,
+              "timing": {"pairs": pairs, "seconds_per_pair": PAIR_SECONDS},
               "copy_gb_per_s": copy_bw / 1e9, "warm_up": {}, "results": {}}
     backend = TritonAttentionBackend()
     for dtype in DTYPES:
         dtype_name = str(dtype).replace("torch.", "")
+        cache_dtype = kv_quant.cache_dtype(args.kv_cache_dtype, dtype)
         report["warm_up"][dtype_name], report["results"][dtype_name] = {}, {}
         for name, (heads, kv_heads, head_dim) in shapes.items():
             warm = backend.warm_up(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                                   block_size=args.block_size, dtype=dtype, device=device)
+                                   block_size=args.block_size, dtype=dtype, device=device,
+                                   kv_cache_dtype=cache_dtype)
             report["warm_up"][dtype_name][name] = {"variants": warm.variants, "seconds": warm.seconds}
             rows = []
             for batch in batches:
                 for ctx in contexts:
-                    row = bench_case(heads, kv_heads, head_dim, batch, ctx, args.block_size, dtype, device, pairs)
+                    row = bench_case(heads, kv_heads, head_dim, batch, ctx, args.block_size, dtype, device, pairs,
+                                     cache_dtype)
                     row["fraction_of_copy_bandwidth"] = row["paged_gb_per_s"] * 1e9 / copy_bw
                     rows.append(row)
                     print(f"{dtype_name} {name} batch={batch:3d} ctx={ctx:5d} splits={row['num_splits']:2d} "

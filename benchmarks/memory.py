@@ -33,6 +33,13 @@ is served by three schemes:
 Ratios: quire mean concurrency over pre-allocation's (and HF static's). Goals checked:
 live share >= 96% on ``mixed`` and >= 20x pre-allocation's concurrency (per workload).
 
+KV dtypes (``--kv-cache-dtypes``, default auto,int8,fp8_e4m3; ``""`` skips them): the same
+KV bytes (``budget_slots`` x the auto cache's bytes per token) in each dtype's blocks, sized
+by ``KVCacheSpec.bytes_per_block``; per dtype the tokens that fit, requests that fit, mean /
+peak concurrency and output throughput on ``mixed``, with ratios to auto, and the same
+ratios from ``KVCacheSpec`` arithmetic for bfloat16 and a 70B-like geometry (see
+``benchmarks/memory_dtypes.py``).
+
 Unless ``--model`` is given, a tiny random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads,
 8192 positions, the embedded default model's tokenizer) is built into a temp dir: this is a
 memory experiment, the weights do not matter. Example (a few minutes on 2 CPU cores):
@@ -42,6 +49,7 @@ memory experiment, the weights do not matter. Example (a few minutes on 2 CPU co
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -55,6 +63,17 @@ SPECS = {"short": ((16, 128), (16, 128)), "medium": ((256, 1024), (64, 256)), "l
 MIX = (("short", 4), ("medium", 3), ("long", 1))  # parts of 8
 WORKLOADS = ("short", "medium", "long", "mixed")
 GOAL_LIVE_MIXED, GOAL_RATIO = 0.96, 20.0
+
+
+def _load_sibling(name: str):
+    """A module beside this script (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+memory_dtypes = _load_sibling("memory_dtypes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-batch", type=int, default=2, help="batch of the HF StaticCache measured")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--kv-cache-dtypes", default=",".join(memory_dtypes.KV_DTYPES),
+                   help="KV dtypes compared in the same bytes on mixed (comma-separated; empty: none)")
     p.add_argument("--quick", action="store_true", help="small run: 16k-slot budget and few requests")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", help="write a PNG chart here")
@@ -83,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if unknown := set(args.workloads) - set(WORKLOADS):
         p.error(f"unknown workloads: {sorted(unknown)}")
+    args.kv_cache_dtypes = [d.strip() for d in args.kv_cache_dtypes.split(",") if d.strip()]
+    if unknown := set(args.kv_cache_dtypes) - set(memory_dtypes.KV_DTYPES):
+        p.error(f"unknown KV cache dtypes: {sorted(unknown)}")
     return args
 
 
@@ -239,6 +263,8 @@ def run(args, model_path: str) -> dict:
             print(f"[memory] {name}: done in {quire['wall_seconds']:.1f}s", file=sys.stderr, flush=True)
     finally:
         llm.shutdown()
+    kv_dtypes = (memory_dtypes.run_dtypes(args, model_path, run_quire, make_workload, allowed, results)
+                 if args.kv_cache_dtypes else None)
     goals = {"live_share_mixed_min": GOAL_LIVE_MIXED, "ratio_vs_preallocation_min": GOAL_RATIO}
     if "mixed" in results:
         goals["live_share_mixed"] = results["mixed"]["quire"]["live_share"]
@@ -250,7 +276,7 @@ def run(args, model_path: str) -> dict:
                   enable_prefix_caching=False, dtype="float32", specs={k: list(v) for k, v in args.specs.items()},
                   quire_bytes_per_slot=slot_bytes, quire_bytes_per_slot_source=slot_bytes_source,
                   torch_threads=torch.get_num_threads(), argv=sys.argv[1:])
-    return {"config": config, "hf_static_cache": hf, "results": results, "goals": goals}
+    return {"config": config, "hf_static_cache": hf, "results": results, "goals": goals, "kv_dtypes": kv_dtypes}
 
 
 def format_table(report: dict) -> str:
@@ -279,6 +305,8 @@ def format_table(report: dict) -> str:
                      f"({'met' if g['live_share_mixed_met'] else 'NOT met'})")
     met = ", ".join(f"{n} {'met' if ok else 'NOT met'}" for n, ok in g["ratio_met"].items())
     lines.append(f"goal >= {g['ratio_vs_preallocation_min']:.0f}x pre-allocation concurrency: {met}")
+    if report.get("kv_dtypes"):
+        lines.append(memory_dtypes.format_table(report["kv_dtypes"]))
     return "\n".join(lines)
 
 

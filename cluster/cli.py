@@ -26,6 +26,8 @@ import re
 import sys
 from typing import NoReturn
 
+from quire.cluster.core.config import KV_CACHE_DTYPES
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -71,6 +73,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "to the workers' CPU swap pool")
     group.add_argument("--swap-space", type=parse_bytes, default=None,
                        help="CPU swap pool per rank for --preemption-mode swap, e.g. 4GiB (default: 1GiB)")
+    group.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                       help="KV cache format: auto (the model's dtype, default), or int8 / fp8_e4m3: one-byte "
+                            "codes with a float16 scale per token and KV head, about twice bf16's tokens")
+    group.add_argument("--kv-host-memory", type=parse_bytes, default=None, metavar="BYTES",
+                       help="host memory per rank for the prefix cache's host tier, e.g. 8GiB (default: none); "
+                            "the workers allocate it with --swap-space as one host pool")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="plan each step while the one before runs (default: on where the workers are "
                             "separate processes, off in-process)")
@@ -104,7 +112,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
              "max_model_len", "num_kv_blocks", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching",
              "preemption_mode", "swap_space", "dtype", "seed", "tensor_parallel_size", "executor", "worker_addresses",
              "dist_init_method", "ray_address", "max_worker_restarts", "async_scheduling",
-             "bind_cpu_cores", "admission_watermark", "enforce_eager")
+             "bind_cpu_cores", "admission_watermark", "enforce_eager", "kv_cache_dtype", "kv_host_memory")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -137,7 +145,8 @@ def _plan(args: argparse.Namespace) -> int:
         gpu_memory=args.gpu_memory or memory, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, prompt_len=args.prompt_len, output_len=args.output_len,
-        hbm_bandwidth=args.hbm_bandwidth or bandwidth, data_parallel_size=args.data_parallel_size)
+        hbm_bandwidth=args.hbm_bandwidth or bandwidth, data_parallel_size=args.data_parallel_size,
+        kv_host_memory=args.kv_host_memory)
     print(plan.to_json() if args.json else format_plan(plan))
     return 0
 
@@ -219,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--kv-cache-memory", type=parse_bytes, default=512 << 20,
                       help="KV budget per rank when planning for the CPU (no --gpu/--gpu-memory)")
     plan.add_argument("--dtype", default="auto", help="weights: auto (the checkpoint's), bf16, fp16, fp32")
-    plan.add_argument("--kv-cache-dtype", default="auto", help="auto (= dtype), bf16, fp16, fp32, fp8")
+    plan.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                      help="as `quire serve`: auto (= dtype), int8, fp8_e4m3 (codes + a scale per token and head)")
+    plan.add_argument("--kv-host-memory", type=parse_bytes, default=0, metavar="BYTES",
+                      help="host memory per rank of the prefix cache's host tier: the plan reports its tokens")
     plan.add_argument("--block-size", type=int, default=16)
     plan.add_argument("--max-model-len", type=int, default=None)
     plan.add_argument("--max-num-batched-tokens", type=int, default=2048)

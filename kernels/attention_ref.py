@@ -19,18 +19,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quire.kernels import kv_quant
 from quire.kernels.backend import AttentionBackend, AttentionPlan
 
 
-def write_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-    """Write `key`/`value` (`[num_tokens, num_kv_heads, head_dim]`) into their slots.
+def require_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    """ValueError unless a quantized cache's `k_scale`/`v_scale` are given, shaped `k_cache.shape[:3]`."""
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None or scale.shape != k_cache.shape[:3]:
+            got = None if scale is None else tuple(scale.shape)
+            raise ValueError(f"a {k_cache.dtype} KV cache needs `k_scale` and `v_scale` of shape "
+                             f"{tuple(k_cache.shape[:3])} (`{name}` is {got})")
 
-    Mutates `k_cache` and `v_cache` in place; slots must be distinct.
+
+def write_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
+    """Write `key`/`value` (`[num_tokens, num_kv_heads, head_dim]`) into their slots, cast to the
+    cache dtype, or for a quantized cache as `kv_quant.quantize`'s codes with their scales in the
+    same slots of `k_scale`/`v_scale` (required then).
+
+    Mutates the caches (and scales) in place; slots must be distinct.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    if not kv_quant.is_quantized(k_cache.dtype):
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+        return
+    require_scales(k_cache, k_scale, v_scale)
+    for rows, cache, scales in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        codes, row_scales = kv_quant.quantize(rows, cache.dtype)
+        # Byte copies: index_copy_ has no float8 kernel on the CPU.
+        cache.view(torch.uint8).view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, codes.view(torch.uint8))
+        scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, row_scales.to(scales.dtype))
 
 
 @dataclass
@@ -81,7 +102,8 @@ class RefAttentionPlan:
 
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int],
-                        scale: float, plan: RefAttentionPlan | None = None) -> torch.Tensor:
+                        scale: float, plan: RefAttentionPlan | None = None, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of every query row over its request's paged context.
 
     query: `[num_tokens, num_heads, head_dim]`; block_tables: `[num_reqs, max_blocks]`
@@ -89,12 +111,16 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     lists; `plan` is the step's RefAttentionPlan (built here when not given).
     `num_heads` must be a multiple of `num_kv_heads` (GQA/MQA). Returns
     `[num_tokens, num_heads, head_dim]` in the query's dtype; half-precision inputs are
-    computed in fp32 on the CPU.
+    computed in fp32 on the CPU. A quantized cache (with its required `k_scale`/`v_scale`)
+    is dequantized as gathered (`codes * scale` in fp32), then attended as values.
     """
     _, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     plan = plan or RefAttentionPlan(block_tables, seq_lens, query_start_loc, block_size)
+    quantized = kv_quant.is_quantized(k_cache.dtype)
+    if quantized:
+        require_scales(k_cache, k_scale, v_scale)
     cpu_half = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu"
     compute_dtype = torch.float32 if cpu_half else query.dtype
     out = torch.empty_like(query)
@@ -103,8 +129,14 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         # index_select plus one transposing copy into SDPA's contiguous
         # [n, kv_heads, ctx, dim] layout is several times faster on the CPU than fancy
         # indexing followed by a strided SDPA.
-        k = k_cache.index_select(0, g.flat_tables).view(n, ctx, num_kv_heads, head_dim)
-        v = v_cache.index_select(0, g.flat_tables).view(n, ctx, num_kv_heads, head_dim)
+        if quantized:  # gathered as bytes (no float8 index_select on the CPU), then dequantized
+            k, v = (kv_quant.dequantize(c.view(torch.uint8).index_select(0, g.flat_tables).view(c.dtype),
+                                        s.index_select(0, g.flat_tables)) for c, s in ((k_cache, k_scale),
+                                                                                        (v_cache, v_scale)))
+            k, v = k.view(n, ctx, num_kv_heads, head_dim), v.view(n, ctx, num_kv_heads, head_dim)
+        else:
+            k = k_cache.index_select(0, g.flat_tables).view(n, ctx, num_kv_heads, head_dim)
+            v = v_cache.index_select(0, g.flat_tables).view(n, ctx, num_kv_heads, head_dim)
         k = k.transpose(1, 2).to(compute_dtype).contiguous()
         v = v.transpose(1, 2).to(compute_dtype).contiguous()
         # The query heads sharing a KV head are stacked along the query dimension
@@ -130,10 +162,11 @@ class TorchAttentionBackend(AttentionBackend):
                              RefAttentionPlan(block_tables, seq_lens, query_start_loc, block_size))
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
+        write_kv_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
-               scale: float) -> torch.Tensor:
+               scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
         return paged_attention_ref(query, k_cache, v_cache, plan.block_tables, plan.seq_lens, plan.query_start_loc,
-                                   scale, plan.kernel_plan)
+                                   scale, plan.kernel_plan, k_scale, v_scale)

@@ -10,6 +10,12 @@ reference (`attention_ref.TorchAttentionBackend`, the CPU backend) and the Trito
 Layouts (one layer, one rank), shared by both: caches `[num_blocks, block_size,
 num_kv_heads, head_dim]`; queries and outputs `[num_tokens, num_heads, head_dim]`; K/V to
 write `[num_tokens, num_kv_heads, head_dim]`. `num_heads` is a multiple of `num_kv_heads`.
+
+Quantized caches (`kv_quant`): caches of int8 or float8_e4m3fn hold one-byte codes, and
+each layer has a float16 scale per (token, KV head) for K and for V, `[num_blocks,
+block_size, num_kv_heads]` (contiguous), indexed like the cache. `write_kv` computes
+codes and scales (kv_quant's rule, bit for bit the same in every backend) and `attend`
+dequantizes inside; for a cache of values the scales are None and never read.
 """
 from __future__ import annotations
 
@@ -67,17 +73,21 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
         """Write token t's `key[t]`/`value[t]` into flat slot `slot_mapping[t]`
-        (`block * block_size + offset`), in place, cast to the cache dtype; slots are distinct."""
+        (`block * block_size + offset`), in place, cast to the cache dtype; slots are distinct.
+        A quantized cache (`kv_quant.is_quantized(k_cache.dtype)`) gets `kv_quant.quantize`'s codes,
+        and its scales go to the same slots of `k_scale`/`v_scale`, which it requires (ValueError)."""
 
     @abstractmethod
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
-               scale: float) -> torch.Tensor:
+               scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Each query row's attention over its request's paged context, causally: request i's
         queries sit at positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1`. Query head h
         uses KV head `h // (num_heads // num_kv_heads)`. Returns a new tensor in the query's
-        dtype and shape. `plan` must come from this backend's `plan`."""
+        dtype and shape. `plan` must come from this backend's `plan`. A quantized cache is read
+        as `kv_quant.dequantize(codes, scale)` with its required `k_scale`/`v_scale` (ValueError)."""
 
     def static_decode_plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, *, max_seq_len: int,
                            block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan | None:
@@ -91,10 +101,11 @@ class AttentionBackend(ABC):
         return None
 
     def warm_up(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                device: torch.device | str) -> WarmUpResult:
+                device: torch.device | str, kv_cache_dtype: torch.dtype | None = None) -> WarmUpResult:
         """Prepare, before serving, everything later steps would otherwise build on first use
         (compiled kernels) for this rank's `num_heads` query heads over `num_kv_heads` KV heads of
-        `head_dim`, blocks of `block_size` tokens, caches and activations in `dtype` on `device`.
+        `head_dim`, blocks of `block_size` tokens, activations (queries, K/V to write) in `dtype`
+        and caches in `kv_cache_dtype` (None: `dtype`; int8 / float8_e4m3fn: quantized) on `device`.
         Touches no caller state (it may allocate and free small buffers). The default does nothing."""
         return WarmUpResult(variants=0, seconds=0.0)
 

@@ -1,6 +1,6 @@
-"""Triton kernels over the paged KV cache: write K/V into slots, and paged attention
-over a ragged batch in one launch (prefill chunks and decodes together), with a
-split-K (flash-decoding) path and its reduction kernel.
+"""Triton paged attention over a ragged batch in one launch (prefill chunks and decodes
+together), with a split-K (flash-decoding) path and its reduction kernel; the slot
+writes are in triton_write_kv.py.
 
 Layouts are those of `attention_ref` (the torch reference these kernels are tested
 against): caches `[num_blocks, block_size, num_kv_heads, head_dim]`, queries
@@ -23,6 +23,14 @@ step launches fewer programs than the device can run at once (`2 * SMs`), into a
 chunks as fill it rounded down to a power of two, at most 16, and never into chunks
 shorter than 256 positions.
 
+Quantized caches (`kv_quant`: int8 or e4m3 codes, an fp16 scale per token and KV head).
+The kernel loads codes, converts them to the query dtype (exact: |int8| <= 127 and e4m3
+values fit fp16/bf16) and applies the scales where they cost least: K's scale multiplies
+the score columns, V's the columns of p before the p.V product (the softmax sum takes p
+unscaled). e4m3 codes are read as bytes and widened through fp16 bits (`_e4m3_to_f16`),
+which works on every GPU generation. `QUANT` is a constexpr: a cache of values compiles
+the same kernel as before and reads no scales.
+
 Compiled variants. Which constexprs and launch options a launch uses, and which
 integer arguments Triton must not specialise, are set in triton_variants.py, so a
 worker compiles a handful of variants, all at startup (`TritonAttentionBackend.warm_up`).
@@ -37,56 +45,41 @@ import torch
 import triton
 import triton.language as tl
 
+from quire.kernels import kv_quant
 from quire.kernels.backend import AttentionBackend, AttentionPlan, WarmUpResult
 from quire.kernels.triton_variants import (MAX_SPLITS, SPLIT_LADDER, attention_variant, choose_num_splits,
                                            device_capability, reduce_variant, split_length,
                                            tile_rows, write_kv_variant)
+from quire.kernels.triton_write_kv import WRITE_KV_DYNAMIC, check_scales, codes_view, write_kv
 
-__all__ = ["TritonAttentionBackend", "TritonAttentionPlan", "choose_num_splits", "paged_attention", "write_kv"]
+__all__ = ["WRITE_KV_DYNAMIC", "TritonAttentionBackend", "TritonAttentionPlan", "choose_num_splits",
+           "paged_attention", "write_kv"]
 
 LOG2E = 1.4426950408889634
-# Arguments that vary from step to step, or that the model's layout decides (token strides):
-# Triton must not specialise them (== 1, divisible by 16), or every new value class compiles anew.
-WRITE_KV_DYNAMIC = ("key_stride", "value_stride")
+# Arguments that vary from step to step: Triton must not specialise them (== 1, divisible
+# by 16), or every new value class compiles anew.
 ATTENTION_DYNAMIC = ("q_stride_t", "out_stride_t", "table_stride", "num_tokens", "split_len")
 REDUCE_DYNAMIC = ("out_stride_t", "num_tokens", "num_splits")
 
 
-@triton.jit(do_not_specialize=WRITE_KV_DYNAMIC)
-def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, key_stride, value_stride,
-                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    offs = tl.arange(0, ROW_PAD)
-    mask = offs < ROW
-    key = tl.load(key_ptr + token.to(tl.int64) * key_stride + offs, mask=mask)
-    value = tl.load(value_ptr + token.to(tl.int64) * value_stride + offs, mask=mask)
-    tl.store(k_cache_ptr + slot * ROW + offs, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + slot * ROW + offs, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write `key`/`value` `[num_tokens, num_kv_heads, head_dim]` into their slots (in place)."""
-    num_tokens = key.shape[0]
-    if num_tokens == 0:
-        return
-    key = key if key[0].is_contiguous() else key.contiguous()
-    value = value if value[0].is_contiguous() else value.contiguous()
-    variant = write_kv_variant(k_cache.shape[2], k_cache.shape[3], k_cache.dtype)
-    _write_kv_kernel[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-                                    **variant.launch_kwargs())
+@triton.jit
+def _e4m3_to_f16(code):
+    """e4m3 codes (as uint8) to fp16, exactly: placing e4m3's 7 exponent and mantissa bits
+    under fp16's sign makes a value 2^-8 times the code's (normal and subnormal alike)."""
+    bits = ((code.to(tl.uint16) & 0x80) << 8) | ((code.to(tl.uint16) & 0x7F) << 7)
+    return bits.to(tl.float16, bitcast=True) * 256.0
 
 
 @triton.jit(do_not_specialize=ATTENTION_DYNAMIC)
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-        tile_req_ptr, tile_first_ptr, m_part_ptr, l_part_ptr, acc_part_ptr,
+        tile_req_ptr, tile_first_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, k_scale_ptr, v_scale_ptr,
         qk_scale, q_stride_t, q_stride_h, out_stride_t, out_stride_h,
         k_stride_block, k_stride_pos, k_stride_head, table_stride, num_tokens, split_len,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGING: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        PAGING: tl.constexpr, SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr,
+        QUANT: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,6 +137,22 @@ def _paged_attention_kernel(
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k = tl.load(k_head + base[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_head + base[:, None], mask=kv_mask, other=0.0)
+        if QUANT:
+            if PAGING == 1:
+                in_block = block_start % BLOCK_SIZE + offs_n
+            elif PAGING == 2:
+                in_block = offs_n % BLOCK_SIZE
+            else:
+                in_block = k_pos % BLOCK_SIZE
+            # Scales are contiguous [num_blocks, block_size, num_kv_heads]: indexed by flat slot.
+            scale_offs = (block * BLOCK_SIZE + in_block) * (NUM_HEADS // GROUP) + kv_head
+            k_scale = tl.load(k_scale_ptr + scale_offs, mask=k_valid, other=0.0).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + scale_offs, mask=k_valid, other=0.0).to(tl.float32)
+            if QUANT == 2:
+                k = _e4m3_to_f16(k)
+                v = _e4m3_to_f16(v)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -151,6 +160,8 @@ def _paged_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if QUANT:
+            s = s * k_scale[None, :]  # the dot took K's codes: each column gets its token's scale
         s = s * qk_scale  # scale * log2(e): the softmax runs in base 2
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -160,6 +171,8 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT:
+            p = p * v_scale[None, :]  # V's codes follow: fold each token's scale into its column of p
         if IEEE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -264,15 +277,22 @@ def launch_variants(query: torch.Tensor, k_cache: torch.Tensor, plan: TritonAtte
     split = plan.num_splits > 1
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     attention = attention_variant(num_heads, num_kv_heads, head_dim, block_size, query.dtype, plan.block_m, split,
-                                  device_capability(query.device), interpret)
+                                  device_capability(query.device), interpret, k_cache.dtype)
     return attention, (reduce_variant(num_heads, head_dim, query.dtype) if split else None)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    plan: TritonAttentionPlan, scale: float) -> torch.Tensor:
-    """Same contract as `attention_ref.paged_attention_ref`, from a step's TritonAttentionPlan."""
+                    plan: TritonAttentionPlan, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `attention_ref.paged_attention_ref`, from a step's TritonAttentionPlan; a
+    quantized cache needs its contiguous float16 scales `k_scale`/`v_scale` (ValueError otherwise)."""
     num_tokens, num_heads, _ = query.shape
     attention, reduce = launch_variants(query, k_cache, plan)
+    if kv_quant.is_quantized(k_cache.dtype):
+        check_scales(k_cache, k_scale, v_scale)
+        k_cache, v_cache = codes_view(k_cache), codes_view(v_cache)
+    else:
+        k_scale, v_scale = k_cache, v_cache  # unused by the kernel when not quantized
     head_dim_pad = dict(attention.constexprs)["HEAD_DIM_PAD"]
     out = torch.empty_like(query)
     splits = plan.num_splits
@@ -285,7 +305,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     grid = (plan.tile_req.numel(), k_cache.shape[2], splits)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, plan.seq_lens, plan.query_start, plan.tile_req, plan.tile_first,
-        m_part, l_part, acc_part, scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        m_part, l_part, acc_part, k_scale, v_scale, scale * LOG2E, query.stride(0), query.stride(1),
+        out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), num_tokens, plan.split_len,
         **attention.launch_kwargs())
     if reduce is not None:
@@ -313,26 +334,32 @@ class TritonAttentionBackend(AttentionBackend):
         return AttentionPlan(block_tables, [], [], kernel_plan)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        write_kv(key, value, k_cache, v_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
+        write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
-               scale: float) -> torch.Tensor:
-        return paged_attention(query, k_cache, v_cache, plan.block_tables, plan.kernel_plan, scale)
+               scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return paged_attention(query, k_cache, v_cache, plan.block_tables, plan.kernel_plan, scale, k_scale, v_scale)
 
     def warm_up(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                device: torch.device | str) -> WarmUpResult:
+                device: torch.device | str, kv_cache_dtype: torch.dtype | None = None) -> WarmUpResult:
         """Compile every variant of `compile_variants` by launching each once on a tiny batch of
         the worker's geometry (the real caches are not touched): a decode step and a two-token
         prefill, each unsplit and split (split count 2 stands for the whole ladder, which is a
-        runtime argument). Compiled kernels land in Triton's caches; later launches with these
+        runtime argument), with caches in `kv_cache_dtype` (None: `dtype`; a quantized one
+        with its scales). Compiled kernels land in Triton's caches; later launches with these
         shapes compile nothing. In the interpreter the launches just run."""
         began = time.perf_counter()
         device = torch.device(device)
+        cache_dtype = kv_cache_dtype or dtype
         group = num_heads // num_kv_heads
         blocks = 2 * -(-3 // block_size)  # two requests of up to 3 positions
-        k_cache = torch.zeros(blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        k_cache = torch.zeros(blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype, device=device)
         v_cache = torch.zeros_like(k_cache)
+        scales = (None, None)
+        if kv_quant.is_quantized(cache_dtype):
+            scales = tuple(torch.ones(k_cache.shape[:3], dtype=kv_quant.SCALE_DTYPE, device=device) for _ in "kv")
         # int64 tables and slots, as the worker builds them (a pointer's dtype is part of the variant).
         tables = torch.arange(blocks, dtype=torch.int64, device=device).view(2, -1)
         launched = set()  # the variants of these launches: `compile_variants` of this geometry
@@ -341,12 +368,12 @@ class TritonAttentionBackend(AttentionBackend):
             tokens = starts[-1]
             key = torch.zeros(tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
             slots = torch.arange(tokens, dtype=torch.int64, device=device)
-            self.write_kv(key, key, k_cache, v_cache, slots)
-            launched.add(write_kv_variant(num_kv_heads, head_dim, dtype))
+            self.write_kv(key, key, k_cache, v_cache, slots, *scales)
+            launched.add(write_kv_variant(num_kv_heads, head_dim, dtype, cache_dtype))
             query = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=device)
             for splits in (1, SPLIT_LADDER[1]):
                 plan = TritonAttentionPlan.build(seq_lens, starts, group, num_kv_heads, device, num_splits=splits)
-                paged_attention(query, k_cache, v_cache, tables, plan, head_dim ** -0.5)
+                paged_attention(query, k_cache, v_cache, tables, plan, head_dim ** -0.5, *scales)
                 launched.update(v for v in launch_variants(query, k_cache, plan) if v is not None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -22,9 +22,14 @@ The rules that keep the set small and bounded:
   prefill tile (64 rows), and the tile fixes `BLOCK_N`, `num_warps` and `num_stages`
   through `tile_config`, a table keyed by head dim and GPU generation.
 
-So per head geometry, block size and dtype a worker launches at most 4 attention
-variants (tile x split), 1 reduction and 1 slot write: `compile_variants` lists them,
-and `attention_variant` / `reduce_variant` / `write_kv_variant` are what the launches use.
+- A quantized KV cache (`kv_quant`: int8 or fp8 e4m3 codes with fp16 scales) is a
+  constexpr of the attention kernel (`QUANT`) and selects the quantizing slot write;
+  the activation dtype (queries, outputs, K/V to write) stays a separate key.
+
+So per head geometry, block size, dtype AND cache dtype a worker launches at most 4
+attention variants (tile x split), 1 reduction and 1 slot write: `compile_variants`
+lists them, and `attention_variant` / `reduce_variant` / `write_kv_variant` are what the
+launches use.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from quire.kernels import kv_quant
 
 SPLIT_LADDER = (1, 2, 4, 8, 16)  # the only split-K factors the rule picks
 MAX_SPLITS = SPLIT_LADDER[-1]     # also the reduction kernel's (fixed) padded width
@@ -134,11 +141,12 @@ def split_length(max_seq_len: int, num_splits: int) -> int:
 class Variant:
     """One compiled kernel: what Triton keys its cache on, given the specialisation rules above."""
 
-    kernel: str                                 # "paged_attention", "reduce" or "write_kv"
-    dtype: torch.dtype                          # of the query / K/V / output tensors
+    kernel: str                                 # "paged_attention", "reduce", "write_kv" or "write_kv_quant"
+    dtype: torch.dtype                          # of the query / K/V to write / output tensors
     constexprs: tuple[tuple[str, object], ...]  # (name, value), in signature order
     num_warps: int = 4
     num_stages: int = 3
+    cache_dtype: torch.dtype | None = None      # of the KV cache; None for the reduction (reads no cache)
 
     def launch_kwargs(self) -> dict:
         """Keyword arguments of the launch: the constexprs and launch options."""
@@ -147,8 +155,11 @@ class Variant:
 
 @lru_cache(maxsize=None)  # memo of a pure function: launches ask it per layer and step
 def attention_variant(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                      block_m: int, split: bool, capability: tuple[int, int] | None, interpret: bool) -> Variant:
-    """The paged-attention variant of a launch with `block_m`-row tiles (from `tile_rows`)."""
+                      block_m: int, split: bool, capability: tuple[int, int] | None, interpret: bool,
+                      cache_dtype: torch.dtype | None = None) -> Variant:
+    """The paged-attention variant of a launch with `block_m`-row tiles (from `tile_rows`), queries
+    in `dtype` and caches in `cache_dtype` (None: `dtype`)."""
+    cache_dtype = cache_dtype or dtype
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, next_power_of_2(head_dim))
     tile = DECODE if block_m < PREFILL_ROWS else PREFILL
@@ -160,8 +171,14 @@ def attention_variant(num_heads: int, num_kv_heads: int, head_dim: int, block_si
                   ("BLOCK_N", config.block_n), ("PAGING", paging), ("SPLIT", split),
                   ("IEEE_DOT", dtype == torch.float32),
                   # Triton's interpreter mis-computes bf16 dot products; it gets fp32 operands instead.
-                  ("UPCAST", dtype == torch.bfloat16 and interpret))
-    return Variant("paged_attention", dtype, constexprs, config.num_warps, config.num_stages)
+                  ("UPCAST", dtype == torch.bfloat16 and interpret),
+                  ("QUANT", quant_kind(cache_dtype)))
+    return Variant("paged_attention", dtype, constexprs, config.num_warps, config.num_stages, cache_dtype)
+
+
+def quant_kind(cache_dtype: torch.dtype) -> int:
+    """The kernels' `QUANT` constexpr: 0 for a cache of values, 1 for int8 codes, 2 for e4m3 codes."""
+    return 0 if not kv_quant.is_quantized(cache_dtype) else 1 if cache_dtype == torch.int8 else 2
 
 
 @lru_cache(maxsize=None)
@@ -173,22 +190,32 @@ def reduce_variant(num_heads: int, head_dim: int, dtype: torch.dtype) -> Variant
 
 
 @lru_cache(maxsize=None)
-def write_kv_variant(num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> Variant:
-    """The slot write of one token's `num_kv_heads * head_dim` row."""
+def write_kv_variant(num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     cache_dtype: torch.dtype | None = None) -> Variant:
+    """The slot write of one token's `num_kv_heads * head_dim` row in `dtype` into a cache of
+    `cache_dtype` (None: `dtype`): a copy, or for a quantized cache the quantizing write."""
+    cache_dtype = cache_dtype or dtype
+    if kv_quant.is_quantized(cache_dtype):
+        constexprs = (("HEADS", num_kv_heads), ("HEAD_DIM", head_dim), ("HEADS_PAD", next_power_of_2(num_kv_heads)),
+                      ("HEAD_DIM_PAD", next_power_of_2(head_dim)), ("FP8", cache_dtype == torch.float8_e4m3fn))
+        return Variant("write_kv_quant", dtype, constexprs, num_warps=4, num_stages=1, cache_dtype=cache_dtype)
     row = num_kv_heads * head_dim
-    return Variant("write_kv", dtype, (("ROW", row), ("ROW_PAD", next_power_of_2(row))), num_warps=4, num_stages=1)
+    return Variant("write_kv", dtype, (("ROW", row), ("ROW_PAD", next_power_of_2(row))), num_warps=4, num_stages=1,
+                   cache_dtype=cache_dtype)
 
 
 def compile_variants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                     capability: tuple[int, int] | None = None, interpret: bool = False) -> frozenset[Variant]:
-    """Every variant a worker with this geometry launches, whatever its batches and sequence
-    lengths: at most 6 (4 attention, 1 reduction, 1 slot write)."""
+                     capability: tuple[int, int] | None = None, interpret: bool = False,
+                     cache_dtype: torch.dtype | None = None) -> frozenset[Variant]:
+    """Every variant a worker with this geometry, activations in `dtype` and caches in `cache_dtype`
+    (None: `dtype`) launches, whatever its batches and sequence lengths: at most 6 (4 attention,
+    1 reduction, 1 slot write)."""
     group = num_heads // num_kv_heads
     tiles = {tile_rows(group, decode_only)[0] for decode_only in (True, False)}
     attention = {attention_variant(num_heads, num_kv_heads, head_dim, block_size, dtype, block_m, split,
-                                   capability, interpret) for block_m in tiles for split in (False, True)}
+                                   capability, interpret, cache_dtype) for block_m in tiles for split in (False, True)}
     return frozenset(attention | {reduce_variant(num_heads, head_dim, dtype),
-                                  write_kv_variant(num_kv_heads, head_dim, dtype)})
+                                  write_kv_variant(num_kv_heads, head_dim, dtype, cache_dtype)})
 
 
 @lru_cache(maxsize=None)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19quire/protos/worker.proto\x12\x08quire.v1\"\x96\x01\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x18\n\x10\x64ist_init_method\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\"=\n\x11LoadModelResponse\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x03\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\"\xb6\x01\n\x14ProfileMemoryRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x1e\n\x16gpu_memory_utilization\x18\x03 \x01(\x01\x12\x1d\n\x15kv_cache_memory_bytes\x18\x04 \x01(\x03\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\x05\x12\x15\n\renforce_eager\x18\x06 \x01(\x08\"\xe9\x01\n\x15ProfileMemoryResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x03\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x03\x12\x1d\n\x15peak_activation_bytes\x18\x04 \x01(\x03\x12\x19\n\x11\x66ree_memory_bytes\x18\x05 \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x03\x12\x1a\n\x12\x64ummy_sampled_rows\x18\x08 \x01(\x05\"\x87\x01\n\x16\x41llocateKVCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x18\n\x10swap_space_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\x12\x15\n\renforce_eager\x18\x05 \x01(\x08\"1\n\x17\x41llocateKVCacheResponse\x12\x16\n\x0enum_cpu_blocks\x18\x01 \x01(\x03\"\xd5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x10\n\x08logprobs\x18\n \x01(\x05\"\xc7\x01\n\nNewRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x31\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x18.quire.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x07\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x07\x12\x18\n\x10output_token_ids\x18\x07 \x03(\x05\"\x81\x01\n\rCachedRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x11\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x07\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\x07\x12\x15\n\rreplace_table\x18\x05 \x01(\x08\"\xb0\x03\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x14.quire.v1.NewRequest\x12\x30\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32\x17.quire.v1.CachedRequest\x12\x19\n\x11scheduled_handles\x18\x04 \x03(\x04\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x03(\r\x12\x18\n\x10\x66inished_handles\x18\x06 \x03(\x04\x12\x16\n\x0e\x64\x65\x63ode_handles\x18\x07 \x03(\x04\x12\x18\n\x10\x64\x65\x63ode_token_ids\x18\x08 \x03(\x11\x12\x1c\n\x14\x64\x65\x63ode_block_handles\x18\t \x03(\x04\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\n \x03(\x07\x12\x14\n\x0cswap_out_src\x18\x0b \x03(\x07\x12\x14\n\x0cswap_out_dst\x18\x0c \x03(\x07\x12\x13\n\x0bswap_in_src\x18\r \x03(\x07\x12\x13\n\x0bswap_in_dst\x18\x0e \x03(\x07\x12\x10\n\x08\x63opy_src\x18\x0f \x03(\x07\x12\x10\n\x08\x63opy_dst\x18\x10 \x03(\x07\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"`\n\x0fSampledLogprobs\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.quire.v1.TokenLogprob\"\xda\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fsampled_handles\x18\x05 \x03(\x04\x12\x19\n\x11sampled_token_ids\x18\x06 \x03(\x05\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.quire.v1.SampledLogprobs\x12\x16\n\x0e\x66\x61iled_handles\x18\x08 \x03(\x04\x12\x15\n\rfailed_errors\x18\t \x03(\tJ\x04\x08\x03\x10\x04\"\x0f\n\rHealthRequest\"-\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xef\x03\n\x06Worker\x12\x44\n\tLoadModel\x12\x1a.quire.v1.LoadModelRequest\x1a\x1b.quire.v1.LoadModelResponse\x12P\n\rProfileMemory\x12\x1e.quire.v1.ProfileMemoryRequest\x1a\x1f.quire.v1.ProfileMemoryResponse\x12V\n\x0f\x41llocateKVCache\x12 .quire.v1.AllocateKVCacheRequest\x1a!.quire.v1.AllocateKVCacheResponse\x12\x37\n\x0b\x45xecuteStep\x12\x12.quire.v1.StepPlan\x1a\x14.quire.v1.StepResult\x12<\n\x0c\x45xecuteSteps\x12\x12.quire.v1.StepPlan\x1a\x14.quire.v1.StepResult(\x01\x30\x01\x12;\n\x06Health\x12\x17.quire.v1.HealthRequest\x1a\x18.quire.v1.HealthResponse\x12\x41\n\x08Shutdown\x12\x19.quire.v1.ShutdownRequest\x1a\x1a.quire.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19quire/protos/worker.proto\x12\x08quire.v1\"\xae\x01\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x18\n\x10\x64ist_init_method\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x16\n\x0ekv_cache_dtype\x18\x08 \x01(\t\"=\n\x11LoadModelResponse\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x03\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\"\xb6\x01\n\x14ProfileMemoryRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x1e\n\x16gpu_memory_utilization\x18\x03 \x01(\x01\x12\x1d\n\x15kv_cache_memory_bytes\x18\x04 \x01(\x03\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\x05\x12\x15\n\renforce_eager\x18\x06 \x01(\x08\"\xe9\x01\n\x15ProfileMemoryResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x03\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x03\x12\x1a\n\x12total_memory_bytes\x18\x03 \x01(\x03\x12\x1d\n\x15peak_activation_bytes\x18\x04 \x01(\x03\x12\x19\n\x11\x66ree_memory_bytes\x18\x05 \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x03\x12\x1a\n\x12\x64ummy_sampled_rows\x18\x08 \x01(\x05\"\x87\x01\n\x16\x41llocateKVCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x18\n\x10swap_space_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\x12\x15\n\renforce_eager\x18\x05 \x01(\x08\"1\n\x17\x41llocateKVCacheResponse\x12\x16\n\x0enum_cpu_blocks\x18\x01 \x01(\x03\"\xd5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x10\n\x08logprobs\x18\n \x01(\x05\"\xc7\x01\n\nNewRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x31\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x18.quire.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x07\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\x07\x12\x18\n\x10output_token_ids\x18\x07 \x03(\x05\"\x81\x01\n\rCachedRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x11\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x07\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\x07\x12\x15\n\rreplace_table\x18\x05 \x01(\x08\"\xb0\x03\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12*\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x14.quire.v1.NewRequest\x12\x30\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32\x17.quire.v1.CachedRequest\x12\x19\n\x11scheduled_handles\x18\x04 \x03(\x04\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x03(\r\x12\x18\n\x10\x66inished_handles\x18\x06 \x03(\x04\x12\x16\n\x0e\x64\x65\x63ode_handles\x18\x07 \x03(\x04\x12\x18\n\x10\x64\x65\x63ode_token_ids\x18\x08 \x03(\x11\x12\x1c\n\x14\x64\x65\x63ode_block_handles\x18\t \x03(\x04\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\n \x03(\x07\x12\x14\n\x0cswap_out_src\x18\x0b \x03(\x07\x12\x14\n\x0cswap_out_dst\x18\x0c \x03(\x07\x12\x13\n\x0bswap_in_src\x18\r \x03(\x07\x12\x13\n\x0bswap_in_dst\x18\x0e \x03(\x07\x12\x10\n\x08\x63opy_src\x18\x0f \x03(\x07\x12\x10\n\x08\x63opy_dst\x18\x10 \x03(\x07\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"`\n\x0fSampledLogprobs\x12\x0e\n\x06handle\x18\x01 \x01(\x04\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.quire.v1.TokenLogprob\"\xda\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fsampled_handles\x18\x05 \x03(\x04\x12\x19\n\x11sampled_token_ids\x18\x06 \x03(\x05\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.quire.v1.SampledLogprobs\x12\x16\n\x0e\x66\x61iled_handles\x18\x08 \x03(\x04\x12\x15\n\rfailed_errors\x18\t \x03(\tJ\x04\x08\x03\x10\x04\"\x0f\n\rHealthRequest\"-\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xef\x03\n\x06Worker\x12\x44\n\tLoadModel\x12\x1a.quire.v1.LoadModelRequest\x1a\x1b.quire.v1.LoadModelResponse\x12P\n\rProfileMemory\x12\x1e.quire.v1.ProfileMemoryRequest\x1a\x1f.quire.v1.ProfileMemoryResponse\x12V\n\x0f\x41llocateKVCache\x12 .quire.v1.AllocateKVCacheRequest\x1a!.quire.v1.AllocateKVCacheResponse\x12\x37\n\x0b\x45xecuteStep\x12\x12.quire.v1.StepPlan\x1a\x14.quire.v1.StepResult\x12<\n\x0c\x45xecuteSteps\x12\x12.quire.v1.StepPlan\x1a\x14.quire.v1.StepResult(\x01\x30\x01\x12;\n\x06Health\x12\x17.quire.v1.HealthRequest\x1a\x18.quire.v1.HealthResponse\x12\x41\n\x08Shutdown\x12\x19.quire.v1.ShutdownRequest\x1a\x1a.quire.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,39 +32,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'quire.protos.worker_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADMODELREQUEST']._serialized_start=40
-  _globals['_LOADMODELREQUEST']._serialized_end=190
-  _globals['_LOADMODELRESPONSE']._serialized_start=192
-  _globals['_LOADMODELRESPONSE']._serialized_end=253
-  _globals['_PROFILEMEMORYREQUEST']._serialized_start=256
-  _globals['_PROFILEMEMORYREQUEST']._serialized_end=438
-  _globals['_PROFILEMEMORYRESPONSE']._serialized_start=441
-  _globals['_PROFILEMEMORYRESPONSE']._serialized_end=674
-  _globals['_ALLOCATEKVCACHEREQUEST']._serialized_start=677
-  _globals['_ALLOCATEKVCACHEREQUEST']._serialized_end=812
-  _globals['_ALLOCATEKVCACHERESPONSE']._serialized_start=814
-  _globals['_ALLOCATEKVCACHERESPONSE']._serialized_end=863
-  _globals['_SAMPLINGPARAMS']._serialized_start=866
-  _globals['_SAMPLINGPARAMS']._serialized_end=1079
-  _globals['_NEWREQUEST']._serialized_start=1082
-  _globals['_NEWREQUEST']._serialized_end=1281
-  _globals['_CACHEDREQUEST']._serialized_start=1284
-  _globals['_CACHEDREQUEST']._serialized_end=1413
-  _globals['_STEPPLAN']._serialized_start=1416
-  _globals['_STEPPLAN']._serialized_end=1848
-  _globals['_TOKENLOGPROB']._serialized_start=1850
-  _globals['_TOKENLOGPROB']._serialized_end=1899
-  _globals['_SAMPLEDLOGPROBS']._serialized_start=1901
-  _globals['_SAMPLEDLOGPROBS']._serialized_end=1997
-  _globals['_STEPRESULT']._serialized_start=2000
-  _globals['_STEPRESULT']._serialized_end=2218
-  _globals['_HEALTHREQUEST']._serialized_start=2220
-  _globals['_HEALTHREQUEST']._serialized_end=2235
-  _globals['_HEALTHRESPONSE']._serialized_start=2237
-  _globals['_HEALTHRESPONSE']._serialized_end=2282
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2284
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2301
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=2303
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=2321
-  _globals['_WORKER']._serialized_start=2324
-  _globals['_WORKER']._serialized_end=2819
+  _globals['_LOADMODELREQUEST']._serialized_end=214
+  _globals['_LOADMODELRESPONSE']._serialized_start=216
+  _globals['_LOADMODELRESPONSE']._serialized_end=277
+  _globals['_PROFILEMEMORYREQUEST']._serialized_start=280
+  _globals['_PROFILEMEMORYREQUEST']._serialized_end=462
+  _globals['_PROFILEMEMORYRESPONSE']._serialized_start=465
+  _globals['_PROFILEMEMORYRESPONSE']._serialized_end=698
+  _globals['_ALLOCATEKVCACHEREQUEST']._serialized_start=701
+  _globals['_ALLOCATEKVCACHEREQUEST']._serialized_end=836
+  _globals['_ALLOCATEKVCACHERESPONSE']._serialized_start=838
+  _globals['_ALLOCATEKVCACHERESPONSE']._serialized_end=887
+  _globals['_SAMPLINGPARAMS']._serialized_start=890
+  _globals['_SAMPLINGPARAMS']._serialized_end=1103
+  _globals['_NEWREQUEST']._serialized_start=1106
+  _globals['_NEWREQUEST']._serialized_end=1305
+  _globals['_CACHEDREQUEST']._serialized_start=1308
+  _globals['_CACHEDREQUEST']._serialized_end=1437
+  _globals['_STEPPLAN']._serialized_start=1440
+  _globals['_STEPPLAN']._serialized_end=1872
+  _globals['_TOKENLOGPROB']._serialized_start=1874
+  _globals['_TOKENLOGPROB']._serialized_end=1923
+  _globals['_SAMPLEDLOGPROBS']._serialized_start=1925
+  _globals['_SAMPLEDLOGPROBS']._serialized_end=2021
+  _globals['_STEPRESULT']._serialized_start=2024
+  _globals['_STEPRESULT']._serialized_end=2242
+  _globals['_HEALTHREQUEST']._serialized_start=2244
+  _globals['_HEALTHREQUEST']._serialized_end=2259
+  _globals['_HEALTHRESPONSE']._serialized_start=2261
+  _globals['_HEALTHRESPONSE']._serialized_end=2306
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2308
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2325
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=2327
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=2345
+  _globals['_WORKER']._serialized_start=2348
+  _globals['_WORKER']._serialized_end=2843
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from quire.kernels import BACKENDS, AttentionBackend, AttentionPlan, select_backend
+from quire.kernels import BACKENDS, AttentionBackend, AttentionPlan, kv_quant, select_backend
 from quire.kernels.attention_ref import TorchAttentionBackend, paged_attention_ref, write_kv_ref
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -49,23 +49,25 @@ def ragged_batch(num_heads=4, num_kv_heads=2, head_dim=32, block_size=8, seed=0,
             "block_size": block_size, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "scale": head_dim ** -0.5}
 
 
-def run_step(backend: AttentionBackend, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's step through the contract: plan, write K/V, attend. Returns (out, k_cache, v_cache)."""
+def run_step(backend: AttentionBackend, batch: dict, scales: tuple = (None, None)) -> tuple:
+    """One layer's step through the contract: plan, write K/V, attend (a quantized cache with its
+    `scales`, which are copied first). Returns (out, k_cache, v_cache, k_scale, v_scale)."""
     k_cache, v_cache = batch["k_cache"].clone(), batch["v_cache"].clone()
+    scales = tuple(s if s is None else s.clone() for s in scales)
     plan = backend.plan(batch["block_tables"], batch["seq_lens"], batch["query_start_loc"],
                         block_size=batch["block_size"], num_heads=batch["num_heads"],
                         num_kv_heads=batch["num_kv_heads"])
     assert isinstance(plan, AttentionPlan)
     assert plan.seq_lens == batch["seq_lens"] and plan.query_start_loc == batch["query_start_loc"]
-    backend.write_kv(batch["key"], batch["value"], k_cache, v_cache, batch["slot_mapping"])
-    return backend.attend(batch["query"], k_cache, v_cache, plan, batch["scale"]), k_cache, v_cache
+    backend.write_kv(batch["key"], batch["value"], k_cache, v_cache, batch["slot_mapping"], *scales)
+    return backend.attend(batch["query"], k_cache, v_cache, plan, batch["scale"], *scales), k_cache, v_cache, *scales
 
 
 def test_torch_backend_is_the_reference_through_the_contract():
     backend = TorchAttentionBackend()
     assert isinstance(backend, AttentionBackend) and backend.name == "torch"
     batch = ragged_batch()
-    out, k_cache, v_cache = run_step(backend, batch)
+    out, k_cache, v_cache, _, _ = run_step(backend, batch)
     expected_k, expected_v = batch["k_cache"].clone(), batch["v_cache"].clone()
     write_kv_ref(batch["key"], batch["value"], expected_k, expected_v, batch["slot_mapping"])
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
@@ -80,10 +82,27 @@ def test_both_backends_write_the_same_cache_and_agree(num_heads, num_kv_heads, b
     batch = ragged_batch(num_heads, num_kv_heads, block_size=block_size, device=DEVICE)
     backend = triton_backend()
     assert isinstance(backend, AttentionBackend) and backend.name == "triton"
-    got, got_k, got_v = run_step(backend, batch)
-    expected, expected_k, expected_v = run_step(TorchAttentionBackend(), batch)
+    got, got_k, got_v, _, _ = run_step(backend, batch)
+    expected, expected_k, expected_v, _, _ = run_step(TorchAttentionBackend(), batch)
     assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v), "the slot writes are exact copies"
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8_e4m3"])
+def test_both_backends_quantize_the_same_cache_and_agree(cache_dtype):
+    """A quantized cache through the whole contract: the Triton write stores the torch write's codes
+    and scales bit for bit, and both attend over them alike."""
+    batch = ragged_batch(8, 2, block_size=8, device=DEVICE)
+    (k_codes, k_scale), (v_codes, v_scale) = (kv_quant.quantize(batch[c], cache_dtype) for c in ("k_cache", "v_cache"))
+    batch.update(k_cache=k_codes, v_cache=v_codes)
+    got = run_step(triton_backend(), batch, (k_scale, v_scale))
+    expected = run_step(TorchAttentionBackend(), batch, (k_scale, v_scale))
+    def bits(t):  # float8 has no equality everywhere, and -0 == 0
+        return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
+
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got[1:], expected[1:])), "codes and scales"
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
 
 
 def test_every_named_backend_implements_the_whole_contract():

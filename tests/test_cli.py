@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from quire.cluster.cli import build_parser, main, parse_bytes
+from quire.cluster.core.config import EngineConfig
 
 SMALL = ["--num-kv-blocks", "16", "--max-model-len", "64"]
 
@@ -103,6 +104,43 @@ def test_parse_bytes_and_serve_arguments():
         "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
     assert (args.grpc_port, args.api_key, args.tensor_parallel_size, args.max_queue_len) == (9090, "k", 4, 100)
     assert (args.gpu_memory_utilization, args.ssl_certfile, args.ssl_keyfile) == (0.85, "c.pem", "k.pem")
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_kv_cache_flags_parse_into_engine_arguments(command):
+    from quire.cluster.cli import _engine_kwargs
+
+    args = build_parser().parse_args([command, "--kv-cache-dtype", "int8", "--kv-host-memory", "2GiB"])
+    assert (args.kv_cache_dtype, args.kv_host_memory) == ("int8", 2 << 30)
+    kwargs = _engine_kwargs(args)
+    assert kwargs["kv_cache_dtype"] == "int8" and kwargs["kv_host_memory"] == 2 << 30
+    config = EngineConfig.from_kwargs(**kwargs)
+    assert (config.cache.kv_cache_dtype, config.cache.kv_host_memory) == ("int8", 2 << 30)
+    unset = _engine_kwargs(build_parser().parse_args([command]))  # the config's defaults apply
+    assert "kv_cache_dtype" not in unset and "kv_host_memory" not in unset
+    assert build_parser().parse_args([command, "--kv-cache-dtype", "fp8_e4m3"]).kv_cache_dtype == "fp8_e4m3"
+
+
+@pytest.mark.parametrize("argv", [["--kv-cache-dtype", "fp8"], ["--kv-cache-dtype", "bf16"],
+                                  ["--kv-host-memory", "lots"], ["--kv-host-memory", "0"]])
+def test_a_bad_kv_cache_flag_is_a_usage_error_naming_it(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", *argv])
+    assert exited.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"), (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype"),
+    (dict(kv_host_memory=-1), "kv_host_memory"), (dict(kv_host_memory=1.5), "kv_host_memory"),
+    (dict(kv_host_memory=True), "kv_host_memory"), (dict(kv_host_memory="1GiB"), "kv_host_memory")])
+def test_the_engine_config_names_a_bad_kv_cache_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        EngineConfig.from_kwargs(**kwargs)
+
+
+def test_the_kv_cache_config_defaults():
+    cache = EngineConfig.from_kwargs().cache
+    assert (cache.kv_cache_dtype, cache.kv_host_memory) == ("auto", 0)
 
 
 def test_worker_arguments_pass_through_unparsed():

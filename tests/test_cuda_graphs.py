@@ -12,9 +12,16 @@ import pytest
 import torch
 
 from quire.cluster import LLM, SamplingParams
+from quire.kernels.attention_ref import TorchAttentionBackend
 from quire.protos.step import PLACEHOLDER_TOKEN, NewRequestData, StepPlan
-from quire.worker.cuda_graphs import (REPLAY, REPLAY_ENV, batch_size_ladder, graph_memory_reserve, max_padding,
-                                      padded_size)
+from quire.worker.cuda_graphs import (REPLAY, REPLAY_ENV, DecodeGraphSpec, batch_size_ladder, graph_memory_reserve,
+                                      max_padding, padded_size)
+from quire.worker.kv_pool import KVPool
+from quire.worker.loader import load_model
+from quire.worker.memory_profile import dummy_step_plan
+from quire.worker.model_runner import ModelRunner
+from quire.worker.parallel import ParallelContext
+from quire.worker.sampler import Sampler
 
 NUM_BLOCKS, MAX_NUM_SEQS = 64, 8  # ladder 1, 2, 4, 8: 3 rows pad to 4, 5 to 8
 
@@ -209,3 +216,65 @@ def test_tensor_parallel_replay_gives_the_single_rank_tokens(tiny_checkpoint, mo
     finally:
         launcher.stop()
     assert got == want
+
+
+class _ScaleRecordingBackend(TorchAttentionBackend):
+    """The torch backend, recording which cache and scale tensors every call is handed."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        self.calls.append(("write_kv", k_cache, k_scale, v_scale))
+        super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+
+    def attend(self, query, k_cache, v_cache, plan, scale, k_scale=None, v_scale=None):
+        self.calls.append(("attend", k_cache, k_scale, v_scale))
+        return super().attend(query, k_cache, v_cache, plan, scale, k_scale=k_scale, v_scale=v_scale)
+
+
+def _assert_every_layer_got_its_scales(calls, pool) -> None:
+    assert [name for name, *_ in calls] == ["write_kv", "attend"] * len(pool.caches)
+    for i, (_, k_cache, k_scale, v_scale) in enumerate(calls):
+        layer = i // 2
+        assert k_cache is pool.caches[layer][0], f"call {i}"
+        assert k_scale is pool.scales[layer][0] and v_scale is pool.scales[layer][1], f"call {i}"
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_the_eager_and_the_static_path_hand_every_layer_its_scales(kv_cache_dtype, tiny_checkpoint):
+    cpu = torch.device("cpu")
+    model = load_model(tiny_checkpoint("llama-gqa4"), ParallelContext(), torch.float32, cpu, 64)
+    plan, num_blocks = dummy_step_plan([5, 3], 4)
+    scratch = list(range(num_blocks, num_blocks + 3))
+    pool = KVPool(model.kv_cache_spec(kv_cache_dtype), num_blocks + len(scratch), 4, cpu)
+    backend = _ScaleRecordingBackend()
+    runner = ModelRunner(model, ParallelContext(), cpu, pool, backend, Sampler(0),
+                         decode_graphs=DecodeGraphSpec(REPLAY, 4, 64, scratch))
+    runner.execute(plan)  # a prefill: the eager path
+    _assert_every_layer_got_its_scales(backend.calls, pool)
+    assert all(bool((scale > 0).any()) for pair in pool.scales for scale in pair), "the prefill wrote scales"
+    pool.check_integrity()
+    backend.calls.clear()
+    graphs = runner.graphs  # one row through the static buffers (slot 0, context 1)
+    graphs._seq_lens_host = [1]
+    graphs._run_model(1, graphs._plan(1))
+    _assert_every_layer_got_its_scales(backend.calls, pool)
+    pool.check_integrity()
+
+
+def test_replay_gives_the_eager_tokens_with_a_quantized_cache(tiny_checkpoint):
+    checkpoint = tiny_checkpoint("llama-gqa4")
+    eager = _llm(checkpoint, replay=False, kv_cache_dtype="int8")
+    replay = _llm(checkpoint, replay=True, kv_cache_dtype="int8")
+    try:
+        assert _runner(eager).kv_pool.spec.dtype == _runner(replay).kv_pool.spec.dtype == torch.int8
+        prompts = [[3, 17, 29], [4, 17], [5, 17, 31, 8]]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in replay.generate(prompts, params, use_tqdm=False)]
+        want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+        assert got == want and all(len(t) == 6 for t in got)
+        _runner(replay).kv_pool.check_integrity()
+    finally:
+        eager.shutdown()
+        replay.shutdown()

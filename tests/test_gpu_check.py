@@ -58,6 +58,9 @@ def test_dry_run_through_the_script_runs_every_section(tmp_path, tokenizer_dir):
     assert {"torch", "triton", "protobuf", "grpcio", "setuptools"} <= versions.keys()
     assert sections["environment"]["device"]["type"] == "cpu"
     assert sections["parity_float16"]["dtype"] == "float32" and sections["parity_float16"]["backend"] == "torch"
+    quantized = sections["kernels"]["quantized_kv"]  # int8 and fp8 caches through the Triton kernels
+    assert quantized["ok"] and {c["cache_dtype"] for c in quantized["cases"]} == {"torch.int8", "torch.float8_e4m3fn"}
+    assert all(c["writes_exact"] and c["max_error"] <= c["tolerance"] for c in quantized["cases"])
     assert sections["transport"]["token_agreement"]["overall"] == 1.0  # float32 on the CPU: no near-ties flip
     # kernel_bench ran in its own dry run, or (before it had one) was skipped with a note.
     bench = json.loads(Path(env["OUT"], "kernel_bench.json").read_text())

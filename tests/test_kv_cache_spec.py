@@ -6,6 +6,7 @@ import torch
 
 from conftest import TINY_CONFIGS
 from quire.cluster import LLM
+from quire.kernels import kv_quant
 from quire.worker.kv_pool import KVCacheSpec, KVPool
 from quire.worker.loader import load_config, load_model
 from quire.worker.parallel import ParallelContext
@@ -59,3 +60,27 @@ def test_the_worker_sizes_its_pool_by_the_spec_and_keeps_one_backend(tiny_checkp
         assert runner.backend == runner.attention.name == "torch"  # the cache is on the CPU
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("name, dtype", [("int8", torch.int8), ("fp8_e4m3", torch.float8_e4m3fn)])
+def test_a_quantized_block_holds_codes_and_scales(name, dtype):
+    """One code byte per value and a float16 scale per token and KV head: at head_dim 128 the
+    same budget holds about twice bf16's tokens and four times fp32's."""
+    layers, kv_heads, head_dim, block_size = 32, 8, 128, 16
+    quantized = KVCacheSpec(layers, kv_heads, head_dim, kv_quant.cache_dtype(name, torch.bfloat16))
+    assert quantized.dtype == dtype and quantized.quantized
+    assert quantized.bytes_per_block(block_size) == 2 * layers * block_size * kv_heads * (head_dim + 2)
+    budget = 1 << 30
+    tokens = {d: budget // KVCacheSpec(layers, kv_heads, head_dim, d).bytes_per_block(block_size) * block_size
+              for d in (torch.bfloat16, torch.float32)}
+    held = budget // quantized.bytes_per_block(block_size) * block_size
+    assert held >= 1.9 * tokens[torch.bfloat16] and held >= 3.8 * tokens[torch.float32]
+
+
+def test_the_model_states_the_cache_dtype_it_is_given(tiny_checkpoint):
+    model = load_model(tiny_checkpoint("llama-gqa4"), ParallelContext(), torch.float32, torch.device("cpu"), 256)
+    assert model.kv_cache_spec().dtype == model.kv_cache_spec("auto").dtype == torch.float32
+    assert model.kv_cache_spec("int8").dtype == torch.int8
+    assert model.kv_cache_spec("fp8_e4m3").dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="`kv_cache_dtype`.*'fp8'"):
+        model.kv_cache_spec("fp8")

@@ -1,10 +1,12 @@
-"""benchmarks/memory.py on a tiny model and a small budget: the measured quantities are consistent."""
+"""benchmarks/memory.py on a tiny model and a small budget: the measured quantities are consistent,
+and the KV dtypes get the blocks the same bytes buy."""
 from __future__ import annotations
 
 import json
 import random
 
 import pytest
+import torch
 
 SMALL_SPECS = {"short": ((4, 24), (4, 16)), "medium": ((32, 96), (8, 24)), "long": ((160, 320), (8, 24))}
 
@@ -59,6 +61,30 @@ def test_small_run_is_consistent(memory, tmp_path, tokenizer_dir):
         assert r["ratio_vs_preallocation"] == pytest.approx(q["mean_concurrency"] / (budget // max_len))
     assert "live_share_mixed_met" in report["goals"] and set(report["goals"]["ratio_met"]) == set(memory.WORKLOADS)
     assert "mixed" in memory.format_table(report)
+
+    # KV dtypes in the same bytes: blocks sized by the workers' KVCacheSpec arithmetic.
+    from quire.worker.kv_pool import KVCacheSpec
+
+    dtypes = report["kv_dtypes"]
+    assert list(dtypes["rows"]) == ["auto", "int8", "fp8_e4m3"]
+    budget_bytes = budget * KVCacheSpec(2, 2, 16, torch.float32).bytes_per_block(16) // 16
+    assert dtypes["budget_bytes"] == budget_bytes
+    for name, dtype in (("auto", torch.float32), ("int8", torch.int8), ("fp8_e4m3", torch.float8_e4m3fn)):
+        row = dtypes["rows"][name]
+        per_block = KVCacheSpec(2, 2, 16, dtype).bytes_per_block(16)
+        assert row["bytes_per_block"] == per_block and row["tokens_fit"] == budget_bytes // per_block * 16
+        assert row["generated_tokens"] == report["results"]["mixed"]["output_tokens"]
+        assert 0 < row["mean_concurrency"] <= row["peak_concurrency"] and row["output_tokens_per_s"] > 0
+    assert dtypes["rows"]["auto"]["tokens_fit"] == budget
+    int8_ratio = dtypes["rows"]["int8"]["ratio_to_auto"]["tokens_fit"]
+    # head_dim 16: 16 code bytes + 2 scale bytes against 64 fp32 bytes per token and head.
+    assert int8_ratio == (budget_bytes // KVCacheSpec(2, 2, 16, torch.int8).bytes_per_block(16) * 16) / budget
+    assert int8_ratio == pytest.approx(64 / 18, rel=0.01)
+    assert dtypes["rows"]["int8"]["mean_concurrency"] >= dtypes["rows"]["auto"]["mean_concurrency"]
+    large = dtypes["arithmetic"]["70B-like bfloat16"]["ratios"]["int8"]["tokens_ratio"]
+    assert large == KVCacheSpec(80, 8, 128, torch.bfloat16).bytes_per_block(16) / KVCacheSpec(
+        80, 8, 128, torch.int8).bytes_per_block(16) == 256 / 130
+    assert "fp8_e4m3" in memory.format_table(report)
 
 
 def test_preallocation_arithmetic(memory):

@@ -7,7 +7,11 @@ import torch
 
 from quire.cluster import LLM
 from quire.cluster.cli import main
+from quire.cluster.core import config as engine_config
+from quire.cluster.tools import planner
 from quire.cluster.tools.planner import ModelShape, make_plan
+from quire.kernels import kv_quant
+from quire.worker.kv_pool import KVCacheSpec
 from quire.worker.loader import load_model
 from quire.worker.parallel import ParallelContext
 
@@ -41,9 +45,11 @@ def test_llama_3_8b_does_not_need_tensor_parallelism_and_70b_does():
         make_plan(ModelShape.load("llama-3-70b"), tensor_parallel_size=1, dtype="bf16", gpu_memory=A100_80GB)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         make_plan(ModelShape.load("llama-3-70b"), tensor_parallel_size=3)
-    fp8 = make_plan(ModelShape.load("llama-3-70b"), tensor_parallel_size=4, dtype="bf16", kv_cache_dtype="fp8",
-                    gpu_memory=A100_80GB)
-    assert fp8.kv_bytes_per_token == 40 * 1024
+    for name in ("int8", "fp8_e4m3"):  # one byte per value plus a 2-byte scale per token and KV head
+        quantized = make_plan(ModelShape.load("llama-3-70b"), tensor_parallel_size=4, dtype="bf16",
+                              kv_cache_dtype=name, gpu_memory=A100_80GB)
+        assert quantized.kv_cache_dtype == name
+        assert quantized.kv_bytes_per_token == 2 * 80 * 2 * (128 + 2) == 41600
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -139,3 +145,47 @@ def test_plan_refuses_a_data_parallel_size_that_is_not_a_number(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["plan", "--model", "llama-3-70b", "--data-parallel-size", "two"])
     assert exited.value.code == 2 and "--data-parallel-size" in capsys.readouterr().err
+
+
+def test_plan_serve_and_the_workers_name_the_same_kv_cache_dtypes():
+    assert planner.KV_CACHE_DTYPES == engine_config.KV_CACHE_DTYPES == kv_quant.KV_CACHE_DTYPES
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype, torch_dtype", [("float32", torch.float32), ("bf16", torch.bfloat16),
+                                                ("float16", torch.float16)])
+@pytest.mark.parametrize("tp", [1, 4, 16])
+def test_plan_and_the_workers_spec_agree_on_bytes_per_block(kv_cache_dtype, dtype, torch_dtype, tp):
+    shape = ModelShape.load("llama-3-70b")  # 8 KV heads: split at tp 4, replicated at 16
+    plan = make_plan(shape, tensor_parallel_size=tp, dtype=dtype, kv_cache_dtype=kv_cache_dtype, block_size=32)
+    spec = KVCacheSpec(shape.num_layers, shape.kv_heads_per_rank(tp), shape.head_dim,
+                       kv_quant.cache_dtype(kv_cache_dtype, torch_dtype))
+    assert plan.kv_bytes_per_block == spec.bytes_per_block(32)
+
+
+@pytest.mark.parametrize("bad", ["fp8", "bf16", "fp16", "fp32", "int4"])
+def test_plan_accepts_only_the_kv_cache_dtypes_serve_runs(bad, capsys):
+    with pytest.raises(ValueError, match=f"`kv_cache_dtype` '{bad}'"):
+        make_plan(ModelShape.load("llama-3-8b"), kv_cache_dtype=bad)
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--model", "llama-3-8b", "--kv-cache-dtype", bad])
+    assert exited.value.code == 2 and "--kv-cache-dtype" in capsys.readouterr().err
+
+
+def test_plan_reports_the_host_tier(capsys):
+    plan = make_plan(ModelShape.load("llama-3-8b"), dtype="bf16", kv_cache_dtype="int8", kv_host_memory=8 << 30)
+    assert plan.kv_host_memory_bytes == 8 << 30
+    assert plan.host_tier_tokens == (8 << 30) // plan.kv_bytes_per_block * plan.block_size
+    assert make_plan(ModelShape.load("llama-3-8b")).host_tier_tokens == 0
+    with pytest.raises(ValueError, match="`kv_host_memory`"):
+        make_plan(ModelShape.load("llama-3-8b"), kv_host_memory=-1)
+    argv = ["plan", "--model", "llama-3-8b", "--dtype", "bf16", "--kv-cache-dtype", "int8", "--kv-host-memory", "8GiB"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "kv_cache_dtype=int8" in text and "codes + float16 scales" in text
+    assert f"host tier (prefix cache)       8.00 GiB of host memory: {plan.host_tier_tokens} tokens" in text
+    assert main([*argv, "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert reported["host_tier_tokens"] == plan.host_tier_tokens and reported["kv_cache_dtype"] == "int8"
+    assert main(["plan", "--model", "llama-3-8b"]) == 0
+    assert "host tier" not in capsys.readouterr().out

@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install 'quire[triton]')")
 
-from quire.kernels import AttentionBackend, WarmUpResult  # noqa: E402
+from quire.kernels import AttentionBackend, WarmUpResult, kv_quant  # noqa: E402
 from quire.kernels import triton_attention as ta  # noqa: E402
+from quire.kernels import triton_write_kv as tw  # noqa: E402
 from quire.kernels.attention_ref import TorchAttentionBackend  # noqa: E402
 from quire.kernels.triton_variants import (MAX_SPLITS, SPLIT_ALIGN, SPLIT_LADDER, attention_variant,  # noqa: E402
                                            choose_num_splits, compile_variants, tile_config)
@@ -23,7 +24,9 @@ from quire.kernels.verify import random_paged_batch  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CAPABILITIES = [None, (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0)]
 DYNAMIC = {"_paged_attention_kernel": ta.ATTENTION_DYNAMIC, "_reduce_kernel": ta.REDUCE_DYNAMIC,
-           "_write_kv_kernel": ta.WRITE_KV_DYNAMIC}
+           "_write_kv_kernel": tw.WRITE_KV_DYNAMIC, "_write_kv_quant_kernel": tw.WRITE_KV_DYNAMIC}
+MODULES = {"_paged_attention_kernel": ta, "_reduce_kernel": ta, "_write_kv_kernel": tw, "_write_kv_quant_kernel": tw}
+CACHE_DTYPES = [None, torch.int8, torch.float8_e4m3fn]  # None: the activation dtype
 
 
 def cache_key(name, kernel, args, kwargs):
@@ -59,20 +62,27 @@ class Recorder:
 @pytest.fixture
 def recorded(monkeypatch):
     keys = set()
-    for name in DYNAMIC:
-        monkeypatch.setattr(ta, name, Recorder(name, getattr(ta, name), keys))
+    for name, module in MODULES.items():
+        monkeypatch.setattr(module, name, Recorder(name, getattr(module, name), keys))
     return keys
 
 
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("capability", CAPABILITIES)
-def test_a_worker_compiles_a_few_variants_whatever_its_geometry(dtype, capability):
+def test_a_worker_compiles_a_few_variants_whatever_its_geometry(dtype, capability, cache_dtype):
+    quantized = cache_dtype is not None
     for heads, kv_heads, head_dim, block_size in [(32, 8, 128, 16), (16, 2, 128, 32), (8, 1, 64, 16),
                                                   (64, 1, 128, 64), (4, 4, 80, 8), (2, 1, 256, 24)]:
-        variants = compile_variants(heads, kv_heads, head_dim, block_size, dtype, capability)
+        variants = compile_variants(heads, kv_heads, head_dim, block_size, dtype, capability, cache_dtype=cache_dtype)
         attention = [v for v in variants if v.kernel == "paged_attention"]
         assert len(variants) <= 6 and 2 <= len(attention) <= 4
-        assert {v.kernel for v in variants} == {"paged_attention", "reduce", "write_kv"}
+        write = "write_kv_quant" if quantized else "write_kv"
+        assert {v.kernel for v in variants} == {"paged_attention", "reduce", write}
+        # The cache dtype is part of every key that reads or writes the cache.
+        assert all(v.cache_dtype == (cache_dtype or dtype) for v in variants if v.kernel != "reduce")
+        assert all(dict(v.constexprs)["QUANT"] == (0 if not quantized else 1 if cache_dtype == torch.int8 else 2)
+                   for v in attention)
 
 
 def test_plans_of_any_lengths_use_only_the_enumerated_variants():
@@ -121,16 +131,17 @@ def test_the_base_warm_up_does_nothing():
     assert "warm_up" not in AttentionBackend.__abstractmethods__
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_warm_up_launches_exactly_what_serving_launches(recorded, dtype):
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float16, None), (torch.bfloat16, None),
+                                                (torch.bfloat16, torch.int8), (torch.float16, torch.float8_e4m3fn)])
+def test_warm_up_launches_exactly_what_serving_launches(recorded, dtype, cache_dtype):
     heads, kv_heads, head_dim, block_size = 4, 2, 32, 16
     backend = ta.TritonAttentionBackend()
     result = backend.warm_up(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
-                             dtype=dtype, device=DEVICE)
+                             dtype=dtype, device=DEVICE, kv_cache_dtype=cache_dtype)
     interpret = DEVICE.type != "cuda"
     capability = None if interpret else tuple(torch.cuda.get_device_capability(DEVICE))
     assert result.variants == len(compile_variants(heads, kv_heads, head_dim, block_size, dtype, capability,
-                                                   interpret)) <= 6
+                                                   interpret, cache_dtype)) <= 6
     warmed = set(recorded)
     assert len(warmed) == result.variants, "each variant is one compiled kernel"
 
@@ -141,11 +152,15 @@ def test_warm_up_launches_exactly_what_serving_launches(recorded, dtype):
     for shapes in steps:
         query, k_cache, v_cache, tables, seq_lens, starts = random_paged_batch(
             shapes, heads, kv_heads, head_dim, block_size, dtype, DEVICE)
+        scales = [None, None]
+        if cache_dtype is not None:  # the worker's quantized caches: codes, contiguous fp16 scales
+            (k_cache, k_scale), (v_cache, v_scale) = (kv_quant.quantize(c, cache_dtype) for c in (k_cache, v_cache))
+            scales = [k_scale, v_scale]
         tokens = query.shape[0]
         slots = torch.randperm(k_cache.shape[0] * block_size, device=DEVICE)[:tokens]
-        backend.write_kv(query[:, :kv_heads], query[:, kv_heads:], k_cache, v_cache, slots)
+        backend.write_kv(query[:, :kv_heads], query[:, kv_heads:], k_cache, v_cache, slots, *scales)
         plan = backend.plan(tables, seq_lens, starts, block_size=block_size, num_heads=heads, num_kv_heads=kv_heads)
-        backend.attend(query, k_cache, v_cache, plan, head_dim ** -0.5)
+        backend.attend(query, k_cache, v_cache, plan, head_dim ** -0.5, *scales)
         splits.add(plan.kernel_plan.num_splits)
     assert len(splits) >= 3, "the steps cover unsplit launches and several split counts"
     assert recorded == warmed, f"compiled after warm-up: {recorded - warmed}"

@@ -140,3 +140,66 @@ def test_an_engine_with_a_token_budget_above_max_model_len_starts_and_serves(tin
     [output] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                             use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("name, dtype", [("", torch.float32), ("auto", torch.float32), ("int8", torch.int8),
+                                         ("fp8_e4m3", torch.float8_e4m3fn)])
+def test_load_model_takes_the_kv_cache_dtype_and_profiling_sizes_blocks_by_it(name, dtype, tiny_checkpoint):
+    worker = Worker(torch.device("cpu"))
+    worker.load_model(pb.LoadModelRequest(model_path=str(tiny_checkpoint("llama-gqa4")), dtype="float32", rank=0,
+                                          world_size=1, max_model_len=64, kv_cache_dtype=name))
+    spec = worker.kv_spec
+    assert spec.dtype == dtype
+    profile = worker.profile_memory(pb.ProfileMemoryRequest(block_size=16, max_num_batched_tokens=64,
+                                                            max_num_seqs=2, kv_cache_memory_bytes=4 << 20))
+    per_value = 4 if dtype == torch.float32 else 1
+    scale = 0 if dtype == torch.float32 else 2
+    assert profile.bytes_per_block == 2 * spec.num_layers * 16 * spec.num_kv_heads * (spec.head_size * per_value
+                                                                                         + scale)
+    assert profile.num_blocks == (4 << 20) // profile.bytes_per_block
+
+
+def test_load_model_refuses_an_unknown_kv_cache_dtype_before_loading(tiny_checkpoint):
+    worker = Worker(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"`kv_cache_dtype` must be one of auto, int8, fp8_e4m3 \(got 'fp8'\)"):
+        worker.load_model(pb.LoadModelRequest(model_path=str(tiny_checkpoint("llama-gqa4")), dtype="float32",
+                                              rank=0, world_size=1, max_model_len=64, kv_cache_dtype="fp8"))
+    assert worker.model is None
+
+
+@pytest.mark.parametrize("mode, kv_host_memory, host_bytes", [
+    ("recompute", 0, 0), ("swap", 0, 3 << 20), ("recompute", 5 << 20, 5 << 20), ("swap", 5 << 20, 8 << 20)])
+def test_the_engine_sends_the_cache_dtype_and_one_host_pool(mode, kv_host_memory, host_bytes, tiny_checkpoint):
+    """The host pool the workers allocate is the swap space (in swap mode) plus the host tier's."""
+    from quire.cluster.core.config import EngineConfig
+    from quire.cluster.core.engine import Engine
+
+    class HostPoolExecutor(RecordingExecutor):
+        def _call_all(self, method, requests):
+            responses = super()._call_all(method, requests)
+            if method == "AllocateKVCache":  # a few host blocks when any host memory is asked for
+                return [pb.AllocateKVCacheResponse(num_cpu_blocks=4 if requests[0].swap_space_bytes else 0)]
+            return responses
+
+    executor = HostPoolExecutor()
+    config = EngineConfig.from_kwargs(model=str(tiny_checkpoint("llama-gqa4")), dtype="float32", max_model_len=64,
+                                      kv_cache_dtype="int8", preemption_mode=mode, swap_space=3 << 20,
+                                      kv_host_memory=kv_host_memory)
+    engine = Engine(config, executor=executor)
+    [load] = executor.requests["LoadModel"]
+    [allocate] = executor.requests["AllocateKVCache"]
+    assert load.kv_cache_dtype == "int8" and allocate.swap_space_bytes == host_bytes
+    assert (engine.kv.cpu_pool is not None) == (host_bytes > 0)
+    assert engine.kv.host_tier == (kv_host_memory > 0)
+
+
+def test_a_host_tier_too_small_for_one_block_is_refused(tiny_checkpoint):
+    from quire.cluster.core.config import EngineConfig
+    from quire.cluster.core.engine import Engine
+
+    executor = RecordingExecutor()  # every rank answers: no host block fits
+    config = EngineConfig.from_kwargs(model=str(tiny_checkpoint("llama-gqa4")), dtype="float32", max_model_len=64,
+                                      kv_host_memory=100)
+    with pytest.raises(ValueError, match="`kv_host_memory` \\(100 bytes\\) holds no KV block"):
+        Engine(config, executor=executor)
+    assert "Shutdown" in executor.requests, "the workers are shut down"

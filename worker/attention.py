@@ -24,7 +24,8 @@ class AttentionMetadata:
     of context of request i after this step; query_start_loc: prefix sums of query
     lengths (`num_reqs + 1` entries). `backend` is the worker's attention backend (chosen
     once, at setup); `plan` is its layer-independent plan for the step, built once by the
-    runner and shared by every layer.
+    runner and shared by every layer. `kv_caches` (and, for a quantized cache, `kv_scales`)
+    are the KV pool's tensors, by layer.
     """
 
     slot_mapping: torch.Tensor
@@ -35,6 +36,9 @@ class AttentionMetadata:
     # K/V tensors per layer, set by the runner for the step: [num_blocks, block_size, kv_heads, head_dim].
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     plan: AttentionPlan | None = None
+    # (k_scale, v_scale) per layer for a quantized cache ([num_blocks, block_size, kv_heads], the
+    # KV pool's `scales`); empty or None for an unquantized one.
+    kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Attention(nn.Module):
@@ -53,6 +57,8 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = meta.kv_caches[self.layer_index]
-        meta.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = meta.backend.attend(q, k_cache, v_cache, meta.plan, self.scale)
+        # A quantized cache's codes are written and read with their scales; an unquantized one has none.
+        k_scale, v_scale = meta.kv_scales[self.layer_index] if meta.kv_scales else (None, None)
+        meta.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale=k_scale, v_scale=v_scale)
+        out = meta.backend.attend(q, k_cache, v_cache, meta.plan, self.scale, k_scale=k_scale, v_scale=v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -18,7 +18,9 @@ Graph safety of the attention: the plan of a captured size comes from the backen
 `static_decode_plan` (Triton: one tile per request, the split-K factor and chunk length
 fixed from max_model_len, empty splits weighed 0 by the reduction), built once over the
 static buffers; nothing inside the captured region reads host values. A backend without
-a static plan (the torch reference) is never captured.
+a static plan (the torch reference) is never captured. A quantized KV pool's scale tensors,
+like its codes, are allocated once and never move, so a captured graph reads and writes
+both at fixed addresses.
 
 Modes: "capture" (CUDA, a backend with static plans, NCCL or one rank) captures each size
 once after a warm-up run, all sizes in one memory pool, the tensor-parallel all-reduce
@@ -191,7 +193,7 @@ class DecodeGraphRunner:
     def _metadata(self, size: int, plan: AttentionPlan, seq_lens: list[int]) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:size], block_tables=plan.block_tables,
                                  seq_lens=seq_lens, query_start_loc=list(range(size + 1)), backend=self.attention,
-                                 kv_caches=self.kv_pool.caches, plan=plan)
+                                 kv_caches=self.kv_pool.caches, kv_scales=self.kv_pool.scales, plan=plan)
 
     def _plan(self, size: int) -> AttentionPlan:
         """The static plan of `size` (built once), else a plan of the loaded step's lengths."""

@@ -225,6 +225,7 @@ class ModelRunner:
             query_start_loc=query_start_loc.tolist(),
             backend=self.attention,
             kv_caches=self.kv_pool.caches,
+            kv_scales=self.kv_pool.scales,
         )
         meta.plan = self.attention.plan(meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                         block_size=self.block_size, num_heads=self.num_heads,

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from quire.kernels import kv_quant
 from quire.kernels.backend import AttentionBackend, select_backend
 from quire.protos import worker_pb2 as pb
 from quire.protos.step import StepPlan
@@ -51,7 +52,14 @@ class Worker:
 
     def load_model(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
         """Join the TP group, load this rank's weight shard, and choose the attention backend for
-        a cache on this device. Mutates: model, context, kv_spec, attention."""
+        a cache on this device, in the format `kv_cache_dtype` names ("" or "auto": the model's
+        dtype; "int8", "fp8_e4m3": quantized, `kernels.kv_quant`). An unknown name raises
+        ValueError naming the field, before anything is loaded. Mutates: model, context,
+        kv_spec, attention."""
+        kv_cache_dtype = request.kv_cache_dtype or "auto"
+        if kv_cache_dtype not in kv_quant.KV_CACHE_DTYPES:
+            raise ValueError(f"`kv_cache_dtype` must be one of {', '.join(kv_quant.KV_CACHE_DTYPES)} "
+                             f"(got {kv_cache_dtype!r})")
         self.device = self.device or default_device(request.rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -61,7 +69,7 @@ class Worker:
         self.max_model_len = request.max_model_len  # the longest sequence, so the longest dummy request
         self.model = load_model(request.model_path, self.ctx, self.dtype, self.device, request.max_model_len)
         config = self.model.config
-        self.kv_spec = self.model.kv_cache_spec()
+        self.kv_spec = self.model.kv_cache_spec(kv_cache_dtype)  # ProfileMemory and AllocateKVCache size by it
         # One choice per worker: its KV cache lives on self.device for good.
         self.attention = select_backend(self.device)
         weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
@@ -157,10 +165,11 @@ class Worker:
         warmed = self.attention.warm_up(
             num_heads=self.model.config.num_attention_heads // self.ctx.world_size,
             num_kv_heads=self.kv_spec.num_kv_heads, head_dim=self.kv_spec.head_size, block_size=request.block_size,
-            dtype=self.kv_spec.dtype, device=self.device)
-        logger.info("rank %d: KV pool of %d blocks x %d tokens (+%d CPU swap blocks), %s attention "
+            dtype=self.dtype, device=self.device, kv_cache_dtype=self.kv_spec.dtype)
+        logger.info("rank %d: KV pool of %d blocks x %d tokens in %s (+%d CPU blocks), %s attention "
                     "(%d kernel variants warmed up in %.1fs)", self.ctx.rank, request.num_blocks, request.block_size,
-                    num_cpu_blocks, self.attention.name, warmed.variants, warmed.seconds)
+                    str(self.kv_spec.dtype).removeprefix("torch."), num_cpu_blocks, self.attention.name,
+                    warmed.variants, warmed.seconds)
         if mode == CAPTURE:  # after the warm-up: no kernel compiles inside a capture
             self.runner.graphs.capture()
         return pb.AllocateKVCacheResponse(num_cpu_blocks=num_cpu_blocks)

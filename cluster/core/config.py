@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+# `--kv-cache-dtype` names (the worker's `kernels.kv_quant.KV_CACHE_DTYPES`; the controller
+# does not import kernels, a test keeps the two equal).
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+
 
 @dataclass
 class ModelConfig:
@@ -25,6 +29,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # recompute | swap
     swap_space: int = 1 << 30           # bytes of CPU swap pool per rank (allocated in swap mode only)
+    # KV cache format: auto (the model's dtype) | int8 | fp8_e4m3 (one-byte codes with a float16
+    # scale per token and KV head: about half bf16's bytes per token).
+    kv_cache_dtype: str = "auto"
+    # Bytes of host memory per rank for the prefix cache's host tier (0: none). The workers
+    # allocate it with the swap space as one host pool.
+    kv_host_memory: int = 0
     # Secret key of the prefix cache's block hashes, hex (None: a fresh one per engine). The
     # replicas of one deployment share it, so a router can compute their hashes; never sent to clients.
     hash_seed: str | None = None
@@ -110,8 +120,13 @@ class EngineConfig:
             raise ValueError(f"`max_worker_restarts` must be an integer >= 0 (got {self.parallel.max_worker_restarts!r})")
         if self.cache.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"`preemption_mode` must be recompute or swap (got {self.cache.preemption_mode!r})")
-        if not isinstance(self.cache.swap_space, int) or self.cache.swap_space < 0:
-            raise ValueError(f"`swap_space` must be a non-negative number of bytes (got {self.cache.swap_space!r})")
+        for name in ("swap_space", "kv_host_memory"):
+            value = getattr(self.cache, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative number of bytes (got {value!r})")
+        if self.cache.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"`kv_cache_dtype` must be one of {', '.join(KV_CACHE_DTYPES)} "
+                             f"(got {self.cache.kv_cache_dtype!r})")
         seed = self.cache.hash_seed
         if seed is not None:
             try:

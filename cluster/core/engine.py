@@ -71,10 +71,15 @@ class Engine:
             kv_cache_memory=config.cache.kv_cache_memory or 0,
             gpu_memory_utilization=config.cache.gpu_memory_utilization,
             num_kv_blocks=config.cache.num_kv_blocks,
-            dist_init_method=dist_init_method,
-            swap_space=config.cache.swap_space if config.cache.preemption_mode == "swap" else 0)
+            dist_init_method=dist_init_method, kv_cache_dtype=config.cache.kv_cache_dtype,
+            # One host pool per rank, shared by swap preemption and the prefix cache's host tier.
+            swap_space=(config.cache.swap_space if config.cache.preemption_mode == "swap" else 0)
+            + config.cache.kv_host_memory)
         try:
             num_blocks, num_cpu_blocks = self.executor.start(self._setup)
+            if config.cache.kv_host_memory and not num_cpu_blocks:
+                raise ValueError(f"`kv_host_memory` ({config.cache.kv_host_memory} bytes) holds no KV block on "
+                                 "some rank; give it at least one block's bytes")
         except BaseException:
             self.executor.shutdown()
             raise
@@ -85,7 +90,7 @@ class Engine:
         self.kv = KVCacheManager(BlockPool(num_blocks, events=self.kv_events), self.block_size,
                                  enable_prefix_caching=config.cache.enable_prefix_caching,
                                  cpu_pool=BlockPool(num_cpu_blocks) if num_cpu_blocks else None,
-                                 hash_seed=hash_seed)
+                                 hash_seed=hash_seed, host_tier=config.cache.kv_host_memory > 0)
         self.scheduler = Scheduler(config.scheduler, self.kv, preemption_mode=config.cache.preemption_mode)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.parents: dict[str, ParentRequest] = {}              # by the caller's request id

@@ -36,7 +36,10 @@ class WorkerSetup:
     gpu_memory_utilization: float
     num_kv_blocks: int | None
     dist_init_method: str = ""
-    swap_space: int = 0  # bytes of CPU swap pool per rank
+    # Bytes of host memory per rank for KV blocks off the device: swap preemption's pool and the
+    # prefix cache's host tier, one pool.
+    swap_space: int = 0
+    kv_cache_dtype: str = "auto"  # the KV cache's format: auto (the model's dtype) | int8 | fp8_e4m3
     # The cap on running requests: the profiling step samples this many rows (as the token
     # budget allows), so the KV budget leaves room for a full batch's sampler temporaries.
     # 0 means unknown and profiles one row; the engine always sets it.
@@ -62,10 +65,11 @@ class Executor(ABC):
 
     def start(self, setup: WorkerSetup) -> tuple[int, int]:
         """Load the model on every rank, size and allocate the KV pool. Returns the device and
-        CPU (swap) block counts: the minimum over ranks of what each holds."""
+        CPU (host pool) block counts: the minimum over ranks of what each holds."""
         self._call_all("LoadModel", [pb.LoadModelRequest(
             model_path=setup.model_path, dtype=setup.dtype, rank=rank, world_size=self.world_size, seed=setup.seed,
-            max_model_len=setup.max_model_len, dist_init_method=setup.dist_init_method)
+            max_model_len=setup.max_model_len, dist_init_method=setup.dist_init_method,
+            kv_cache_dtype=setup.kv_cache_dtype)
             for rank in range(self.world_size)])
         num_blocks = setup.num_kv_blocks
         if num_blocks is None:

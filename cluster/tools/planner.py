@@ -16,6 +16,13 @@ N x the KV tokens, N x the requests that fit and run at once, and N x the decode
 in output tokens/s (replicas share no memory and no bandwidth; the router's cache-aware
 placement decides how well their prefix caches are used, which no plan can know).
 
+`kv_cache_dtype` is what `quire serve --kv-cache-dtype` accepts: auto (the weights' dtype),
+int8 or fp8_e4m3 (one byte per value plus a 2-byte float16 scale per token and KV head, as
+the workers store them: `kv_bytes_per_token_head` mirrors `kernels.kv_quant.bytes_per_token_head`,
+which this standalone tool does not import; a test keeps the two equal). `kv_host_memory`
+(`--kv-host-memory`) is the host memory per rank of the prefix cache's host tier: the plan
+reports the tokens it holds, in blocks of the same bytes as the device's.
+
 On a GPU the worker sizes the KV cache the same way from what it measures
 (`gpu_memory_utilization` x device memory - weights - the peak of a dummy full-budget
 step); without `--gpu-memory` the plan is for the CPU, where the KV budget is
@@ -27,8 +34,20 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
-               "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2}
+# `--kv-cache-dtype` names, as serve accepts them; the quantized ones store one-byte codes and
+# a float16 scale per token and KV head.
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+KV_CODE_BYTES = {"int8": 1, "fp8_e4m3": 1}
+KV_SCALE_BYTES = 2
+
+
+def kv_bytes_per_token_head(head_dim: int, dtype: str, kv_cache_dtype: str) -> int:
+    """Bytes of one token's K (or V) of one KV head in a cache of `kv_cache_dtype` for weights in
+    `dtype`: `head_dim` values, plus the scale of a quantized cache (as `kv_quant.bytes_per_token_head`)."""
+    if kv_cache_dtype == "auto":
+        return head_dim * DTYPE_BYTES[dtype]
+    return head_dim * KV_CODE_BYTES[kv_cache_dtype] + KV_SCALE_BYTES
 
 # Config values of well-known checkpoints, so a plan needs no files.
 PRESETS = {
@@ -94,9 +113,10 @@ class ModelShape:
         embeddings = vocab_rows * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embeddings + h
 
-    def kv_bytes_per_token(self, tp: int, kv_dtype_bytes: int) -> int:
-        """K and V of one token over all layers, on one rank."""
-        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * self.head_dim * kv_dtype_bytes
+    def kv_bytes_per_token(self, tp: int, dtype: str, kv_cache_dtype: str = "auto") -> int:
+        """K and V of one token over all layers, on one rank, scales of a quantized cache included."""
+        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * kv_bytes_per_token_head(self.head_dim, dtype,
+                                                                                             kv_cache_dtype)
 
     def activation_bytes(self, tp: int, dtype_bytes: int, max_num_batched_tokens: int, max_num_seqs: int) -> int:
         """Estimated peak of a full-budget step beyond the weights: a few hidden-state copies,
@@ -134,6 +154,9 @@ class Plan:
     decode_tokens_per_s_ceiling: float | None
     single_request_tokens_per_s_ceiling: float | None
     allreduce_bytes_per_step_per_gpu: int
+    # The prefix cache's host tier (`--kv-host-memory`) per rank, and the tokens it holds.
+    kv_host_memory_bytes: int
+    host_tier_tokens: int
     # Data parallelism: the fields above are one replica's (per GPU or per replica), these
     # the whole deployment's: data_parallel_size x the per-replica figure.
     data_parallel_size: int
@@ -151,7 +174,8 @@ def make_plan(shape: ModelShape, tensor_parallel_size: int = 1, dtype: str = "au
               block_size: int = 16, max_model_len: int | None = None, gpu_memory: int | None = None,
               gpu_memory_utilization: float = 0.9, kv_cache_memory: int = 512 << 20,
               max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, prompt_len: int = 1024,
-              output_len: int = 256, hbm_bandwidth: float | None = None, data_parallel_size: int = 1) -> Plan:
+              output_len: int = 256, hbm_bandwidth: float | None = None, data_parallel_size: int = 1,
+              kv_host_memory: int = 0) -> Plan:
     """The plan for one configuration; raises ValueError naming the field that cannot work."""
     tp, dp = tensor_parallel_size, data_parallel_size
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
@@ -161,16 +185,19 @@ def make_plan(shape: ModelShape, tensor_parallel_size: int = 1, dtype: str = "au
         raise ValueError(f"`tensor_parallel_size` {tp} must divide num_attention_heads={shape.num_heads}")
     if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
         raise ValueError(f"`tensor_parallel_size` {tp} and num_key_value_heads={shape.num_kv_heads} do not divide")
+    if isinstance(kv_host_memory, bool) or not isinstance(kv_host_memory, int) or kv_host_memory < 0:
+        raise ValueError(f"`kv_host_memory` must be a non-negative number of bytes (got {kv_host_memory!r})")
     dtype = shape.dtype if dtype == "auto" else dtype
-    kv_cache_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
-    for name, value in (("dtype", dtype), ("kv_cache_dtype", kv_cache_dtype)):
-        if value not in DTYPE_BYTES:
-            raise ValueError(f"`{name}` {value!r} is not one of {sorted(DTYPE_BYTES)}")
-    dtype_bytes, kv_bytes = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_cache_dtype]
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"`dtype` {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"`kv_cache_dtype` {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    dtype_bytes = DTYPE_BYTES[dtype]
     max_model_len = max_model_len or shape.max_position_embeddings
     weights = shape.weight_params_per_rank(tp) * dtype_bytes
-    per_token = shape.kv_bytes_per_token(tp, kv_bytes)
+    per_token = shape.kv_bytes_per_token(tp, dtype, kv_cache_dtype)
     per_block = per_token * block_size
+    kv_cache_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype  # reported as what the cache holds
     if gpu_memory is None:  # the CPU: the KV budget is given, activations come out of other memory
         activation, budget = 0, kv_cache_memory
     else:
@@ -204,6 +231,7 @@ def make_plan(shape: ModelShape, tensor_parallel_size: int = 1, dtype: str = "au
         else "max_num_seqs", memory_bytes_per_gpu=gpu_memory, hbm_bandwidth_bytes_per_s=hbm_bandwidth,
         decode_steps_per_s_ceiling=steps, decode_tokens_per_s_ceiling=tokens_per_s,
         single_request_tokens_per_s_ceiling=single, allreduce_bytes_per_step_per_gpu=allreduce,
+        kv_host_memory_bytes=kv_host_memory, host_tier_tokens=kv_host_memory // per_block * block_size,
         data_parallel_size=dp, gpus_needed=dp * tp, total_tokens=dp * num_blocks * block_size,
         total_requests_fit_in_kv=dp * by_memory, total_concurrent_requests=dp * concurrent,
         total_decode_tokens_per_s_ceiling=None if tokens_per_s is None else dp * tokens_per_s)
@@ -227,10 +255,16 @@ def format_plan(plan: Plan) -> str:
         f"  weights (this shard)     {plan.weight_bytes_per_gpu / gib:10.2f} GiB  ({plan.weight_bytes_per_gpu / gb:.2f} GB)",
         f"  activation reserve       {plan.activation_reserve_bytes / gib:10.2f} GiB  (estimate, full-budget step)",
         f"  KV cache budget          {plan.kv_budget_bytes / gib:10.2f} GiB",
-        f"  KV per token             {plan.kv_bytes_per_token / 1024:10.1f} KiB",
+        f"  KV per token             {plan.kv_bytes_per_token / 1024:10.1f} KiB"
+        + ("  (1-byte codes + float16 scales)" if plan.kv_cache_dtype in KV_CODE_BYTES else ""),
         f"  KV per block             {plan.kv_bytes_per_block / 2**20:10.2f} MiB  ({plan.block_size} tokens)",
         f"  blocks                   {plan.num_blocks:10d}",
         f"  tokens that fit          {plan.tokens:10d}",
+    ]
+    if plan.kv_host_memory_bytes:
+        lines.append(f"  host tier (prefix cache) {plan.kv_host_memory_bytes / gib:10.2f} GiB of host memory: "
+                     f"{plan.host_tier_tokens} tokens")
+    lines += [
         f"requests of prompt {plan.prompt_len} + output {plan.output_len} tokens: {plan.requests_fit_in_kv} fit in "
         f"the KV cache; {plan.concurrent_requests} run at once (limited by {plan.concurrency_limited_by})",
     ]

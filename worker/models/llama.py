@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quire.kernels import kv_quant
 from quire.worker.attention import Attention, AttentionMetadata
 from quire.worker.embedding import ParallelLMHead, VocabParallelEmbedding
 from quire.worker.kv_pool import KVCacheSpec
@@ -134,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
         architecture = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
         qkv_bias = architecture == "Qwen2ForCausalLM" or getattr(config, "attention_bias", False)
         self.config = config
-        self.dtype = dtype  # of the weights, the activations and the KV cache
+        self.dtype = dtype  # of the weights and the activations (and of the KV cache, unless quantized)
         self.model = LlamaModel(config, ctx, dtype, qkv_bias, max_position)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -148,12 +149,14 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
-    def kv_cache_spec(self) -> KVCacheSpec:
+    def kv_cache_spec(self, kv_cache_dtype: str = "auto") -> KVCacheSpec:
         """This rank's KV-cache geometry: every layer caches K and V for its share of the KV heads
-        (`num_key_value_heads / tp`, at least one: replicated when tp exceeds them)."""
+        (`num_key_value_heads / tp`, at least one: replicated when tp exceeds them), in the dtype
+        `kv_cache_dtype` names (`kv_quant.cache_dtype`: the model's for "auto"; ValueError naming
+        the field for an unknown name)."""
         attn = self.model.layers[0].self_attn
         return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.qkv_proj.num_kv_heads,
-                           head_size=attn.head_dim, dtype=self.dtype)
+                           head_size=attn.head_dim, dtype=kv_quant.cache_dtype(kv_cache_dtype, self.dtype))
 
     def load_weights(self, tensors) -> None:
         """Load from `(checkpoint_name, source)` pairs; `source` is sliced lazily, so each
