@@ -158,11 +158,10 @@ def conversation_turns(llm: LLM, args) -> dict:
             engine.add_request(prompt, params, request_id=request_id)
             first, out = None, []
             while engine.has_unfinished():
-                for output in engine.step():
+                for output in engine.step():  # deltas: each step's new tokens
                     if output.request_id == request_id and output.outputs[0].token_ids:
                         first = first or time.perf_counter()
-                        if output.finished:
-                            out = list(output.outputs[0].token_ids)
+                        out.extend(output.outputs[0].token_ids)
             ttft.append(first - submitted)
             outputs.append(out)
             histories[index] = prompt + out
@@ -205,7 +204,7 @@ def host_tier_report(args) -> dict:
         "goals": {"prefill_tokens_cut": ">= 0.70"}}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     parser.add_argument("--num-requests", type=int, default=64)
@@ -226,7 +225,7 @@ def main() -> None:
     parser.add_argument("--tier-host-memory", type=int, default=256 << 20, help="host tier bytes (per rank)")
     parser.add_argument("--skip-shared-unique", action="store_true", help="run only the host-tier workload")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tier_device_blocks is None:
         # A quarter of the conversations' openings, but room for the longest conversation's last turn.
         last_turn = args.conversation_prefix_len + args.turns * (args.user_len + args.turn_output_len)
@@ -243,6 +242,7 @@ def main() -> None:
         with open(args.out, "w") as handle:
             handle.write(text)
     print(json.dumps({"summary": report.get("summary"), "host_tier": report["host_tier"]["summary"]}, indent=2))
+    return report
 
 
 def shared_and_unique(args) -> dict:
