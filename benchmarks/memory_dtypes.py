@@ -17,9 +17,9 @@ exactly as the memory benchmark does (all requests queued at once, stepped to th
 and the ratios of each to auto's. The auto row reuses the main ``mixed`` run when there is
 one (the same engine, budget and workload). Goals: int8 tokens >= 3.8x auto's (float32 on
 the CPU, measured) and >= 1.9x bfloat16's, the latter computed arithmetically from
-``KVCacheSpec`` with dtype bfloat16 (no run). The tiny model's head dim is small, so the
-scales weigh more than at real sizes: the same ratios are also computed from ``KVCacheSpec``
-for a 70B-like geometry (80 layers, 8 KV heads, head_dim 128).
+``KVCacheSpec`` with dtype bfloat16 (no run). The benchmark's tiny model has one head of
+64 (the smallest real head dim: the scales weigh most there); the same ratios are also
+computed from ``KVCacheSpec`` for a 70B-like geometry (80 layers, 8 KV heads, head_dim 128).
 """
 from __future__ import annotations
 

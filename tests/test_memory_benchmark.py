@@ -40,10 +40,10 @@ def test_small_run_is_consistent(memory, tmp_path, tokenizer_dir):
     assert json.loads(out.read_text())["results"].keys() == set(memory.WORKLOADS)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Tiny Llama: 2 layers, 2 KV heads, head_dim 64 / 4 = 16, float32.
+    # The benchmark's tiny Llama: 2 layers, 1 KV head of 64, float32.
     hf = report["hf_static_cache"]
-    assert hf["bytes_per_sequence"] == 2 * 2 * 2 * 16 * max_len * 4 == hf["bytes_per_sequence_formula"]
-    assert report["config"]["quire_bytes_per_slot"] == 2 * 2 * 2 * 16 * 4
+    assert hf["bytes_per_sequence"] == 2 * 2 * 1 * 64 * max_len * 4 == hf["bytes_per_sequence_formula"]
+    assert report["config"]["quire_bytes_per_slot"] == 2 * 2 * 1 * 64 * 4
     assert hf["concurrency"] == budget // max_len  # same bytes per token: same as pre-allocation
 
     for name, r in report["results"].items():
@@ -67,19 +67,19 @@ def test_small_run_is_consistent(memory, tmp_path, tokenizer_dir):
 
     dtypes = report["kv_dtypes"]
     assert list(dtypes["rows"]) == ["auto", "int8", "fp8_e4m3"]
-    budget_bytes = budget * KVCacheSpec(2, 2, 16, torch.float32).bytes_per_block(16) // 16
+    budget_bytes = budget * KVCacheSpec(2, 1, 64, torch.float32).bytes_per_block(16) // 16
     assert dtypes["budget_bytes"] == budget_bytes
     for name, dtype in (("auto", torch.float32), ("int8", torch.int8), ("fp8_e4m3", torch.float8_e4m3fn)):
         row = dtypes["rows"][name]
-        per_block = KVCacheSpec(2, 2, 16, dtype).bytes_per_block(16)
+        per_block = KVCacheSpec(2, 1, 64, dtype).bytes_per_block(16)
         assert row["bytes_per_block"] == per_block and row["tokens_fit"] == budget_bytes // per_block * 16
         assert row["generated_tokens"] == report["results"]["mixed"]["output_tokens"]
         assert 0 < row["mean_concurrency"] <= row["peak_concurrency"] and row["output_tokens_per_s"] > 0
     assert dtypes["rows"]["auto"]["tokens_fit"] == budget
     int8_ratio = dtypes["rows"]["int8"]["ratio_to_auto"]["tokens_fit"]
-    # head_dim 16: 16 code bytes + 2 scale bytes against 64 fp32 bytes per token and head.
-    assert int8_ratio == (budget_bytes // KVCacheSpec(2, 2, 16, torch.int8).bytes_per_block(16) * 16) / budget
-    assert int8_ratio == pytest.approx(64 / 18, rel=0.01)
+    # head_dim 64: 64 code bytes + 2 scale bytes against 256 fp32 bytes per token and head: >= 3.8x.
+    assert int8_ratio == (budget_bytes // KVCacheSpec(2, 1, 64, torch.int8).bytes_per_block(16) * 16) / budget
+    assert int8_ratio == pytest.approx(256 / 66, rel=0.01) and int8_ratio >= 3.8
     assert dtypes["rows"]["int8"]["mean_concurrency"] >= dtypes["rows"]["auto"]["mean_concurrency"]
     large = dtypes["arithmetic"]["70B-like bfloat16"]["ratios"]["int8"]["tokens_ratio"]
     assert large == KVCacheSpec(80, 8, 128, torch.bfloat16).bytes_per_block(16) / KVCacheSpec(

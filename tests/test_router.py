@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from quire.cluster.core.block_hash import new_hash_seed
 from quire.cluster.core.config import EngineConfig
+from quire.cluster.core.kv_events import HOST
 from quire.cluster.core.engine import Engine
 from quire.cluster.core.outputs import OutputAccumulator
 from quire.cluster.serving.llm import LLM
@@ -67,7 +68,8 @@ async def settle(router, timeout=10.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         inspections = {r: await router.handle(r).inspect() for r in router.replica_ids()}
-        if all(router.mirror.cached_hashes(r) == set(i.cached_hashes) for r, i in inspections.items()):
+        if all(router.mirror.cached_hashes(r) == set(i.cached_hashes)
+               and router.mirror.cached_hashes(r, HOST) == set(i.host_cached_hashes) for r, i in inspections.items()):
             return inspections
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("the mirror did not converge to the replicas' caches")
@@ -189,13 +191,16 @@ def test_salts_keep_tenants_apart_on_every_replica(model_path):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(workload=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 12), st.sampled_from([None, "a", "b"]),
                                    st.integers(1, 12), st.booleans()), min_size=1, max_size=10),
-       policy=st.sampled_from(["cache_aware", "least_loaded", "round_robin"]))
-def test_the_mirror_equals_every_replica_cache_after_random_workloads(model_path, workload, policy):
+       policy=st.sampled_from(["cache_aware", "least_loaded", "round_robin"]),
+       kv_host_memory=st.sampled_from([0, 0, 1 << 16]))
+def test_the_mirror_equals_every_replica_cache_after_random_workloads(model_path, workload, policy, kv_host_memory):
     """Arrivals with shared prefixes, salts, aborts mid-stream, and a pool small enough to
-    preempt and evict: afterwards the mirror equals each replica's hash map, no resync was
+    preempt and evict (with or without a host tier, whose evictions and hits then happen
+    too): afterwards the mirror equals each replica's hash maps, both tiers, no resync was
     needed, and no block is held."""
     async def main():
-        router = build_router(model_path, policy=policy, num_kv_blocks=16, block_size=4, max_num_seqs=4)
+        router = build_router(model_path, policy=policy, num_kv_blocks=16, block_size=4, max_num_seqs=4,
+                              kv_host_memory=kv_host_memory)
         router.start()
 
         async def one(index, base, extra, salt, max_tokens, abort):

@@ -212,16 +212,18 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Pat
 
 
 def build_tiny_llama(directory: str | os.PathLike, max_position_embeddings: int = 4096,
-                     tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """Save a random tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads; seed 0) with the
-    default model's tokenizer (or `tokenizer_dir`'s) into `directory`, for benchmarks that
-    need a model of a given context length; returns the directory."""
+                     tokenizer_dir: str | os.PathLike | None = None, num_attention_heads: int = 4,
+                     num_key_value_heads: int = 2) -> pathlib.Path:
+    """Save a random tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads by default; seed 0)
+    with the default model's tokenizer (or `tokenizer_dir`'s) into `directory`, for benchmarks
+    that need a model of a given context length; returns the directory."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or default_model_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                         max_position_embeddings=max_position_embeddings,
                          rms_norm_eps=1e-6, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):
