@@ -157,3 +157,15 @@ def test_worker_help_is_the_workers_own():
         assert option in result.stdout
     result = subprocess.run([*quire_command(), "worker", "--rank", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "quire worker: error:" in result.stderr and "--world-size" in result.stderr
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`quire plan ... | head`: the plan meets a pipe its reader closed (here `true`, which closes
+    it before quire has started); quire stops quietly, exit status 0."""
+    import shutil
+
+    quire = shutil.which("quire", path=os.path.dirname(sys.executable))
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; '{quire}' plan --model llama-3-70b | true"],
+                            capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == 0
