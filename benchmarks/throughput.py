@@ -27,6 +27,13 @@ slows down under sustained load (shared or burst-credited vCPUs), the probe show
 (``speed_probe_us``) and the report carries a warning. On small VMs ``--threads 1``
 often gives steadier (and no slower) numbers than two OpenMP threads.
 
+``--workload long`` (``throughput_workloads``) swaps in longer requests on a larger model
+built on the fly: 64 requests, prompts 32-512, outputs 16-256, a random 6-layer 768-hidden
+GQA 12:4 Llama with a 32k vocabulary and no tokenizer (token-id prompts). It also lets HF
+generate try static batch sizes 8, 16, 32, 64 and report the best (``--hf-batch-sizes``).
+``--attention-share`` adds one more, instrumented quire run that times the attention
+backend's ``write_kv`` + ``attend`` (``quire_attention_share``).
+
 Example (the embedded default model, about a minute on 2 CPU cores):
 
     python benchmarks/throughput.py --num-requests 64 --input-len 32:128 --output-len 32:128 \
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import importlib.util
 import json
 import logging
 import math
@@ -53,6 +61,12 @@ import traceback
 import torch
 
 from quire.cluster.tools.bench_serve import parse_range
+
+_spec = importlib.util.spec_from_file_location("throughput_workloads",  # a sibling script, not a package
+                                               pathlib.Path(__file__).with_name("throughput_workloads.py"))
+_workloads = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_workloads)
+WORKLOADS, AttentionTimer = _workloads.WORKLOADS, _workloads.AttentionTimer
 
 PEERS = ("quire", "hf_generate", "hf_generate_batch")
 
@@ -74,11 +88,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="checkpoint directory (default: quire's embedded default checkpoint)")
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--input-len", type=parse_range, default=(32, 128), metavar="MIN:MAX")
-    ap.add_argument("--output-len", type=parse_range, default=(32, 128), metavar="MIN:MAX")
+    ap.add_argument("--workload", choices=("default", *WORKLOADS), default="default",
+                    help="'long': longer requests on a built 6-layer 32k-vocab GQA Llama (sets the lengths below "
+                         "unless given, and --hf-batch-sizes 8,16,32,64)")
+    ap.add_argument("--num-requests", type=int, default=None, help="default 64")
+    ap.add_argument("--input-len", type=parse_range, default=None, metavar="MIN:MAX", help="default 32:128")
+    ap.add_argument("--output-len", type=parse_range, default=None, metavar="MIN:MAX", help="default 32:128")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=16, help="static batch size of HF generate")
+    ap.add_argument("--hf-batch-sizes", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=None,
+                    help="HF generate tries each of these static batch sizes per run and reports the best")
+    ap.add_argument("--attention-share", action="store_true",
+                    help="one more (untimed, instrumented) quire run timing the attention backend's calls")
     ap.add_argument("--max-num-seqs", type=int, default=256,
                     help="quire's cap on running requests (also HF CB max_requests_per_batch)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -99,15 +120,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also run quire once more under cProfile (untimed) and report its top functions")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--out", default=None, help="write the JSON here (it is always printed to stdout)")
-    args = ap.parse_args(argv)
-    if args.num_requests < 1 or args.hf_batch_size < 1 or args.repeats < 1:
-        ap.error("--num-requests, --hf-batch-size and --repeats must be >= 1")
+    args = _workloads.apply_preset(ap.parse_args(argv))
+    if args.num_requests < 1 or min(args.hf_batch_sizes) < 1 or args.repeats < 1:
+        ap.error("--num-requests, --hf-batch-size(s) and --repeats must be >= 1")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
     return args
 
 
 def special_ids(tokenizer, config) -> set[int]:
+    """Token ids prompts must avoid: the tokenizer's special and added ids (None: none) and the
+    config's bos/eos/pad."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (tokenizer, config):
@@ -169,7 +192,7 @@ class QuirePeer:
         t0 = time.perf_counter()
         self.llm = LLM(model=self.model_path, max_num_seqs=self.args.max_num_seqs,
                        max_num_batched_tokens=self.args.max_num_batched_tokens, dtype=self.args.dtype,
-                       seed=self.args.seed)
+                       seed=self.args.seed, skip_tokenizer_init=self.args.skip_tokenizer_init)
         init = time.perf_counter() - t0
         self._generate(warmup_work(self.work, self.args.warmup_requests))
         return {"init_seconds": round(init, 3)}
@@ -199,6 +222,9 @@ class QuirePeer:
             "mean_forward_ms": round(1000 * d["forward_seconds"] / max(d["num_steps"], 1), 3),
         }
         return wall, tokens, extras
+
+    def attention_share(self) -> dict:
+        return _workloads.attention_share(self.llm, lambda: self._generate(self.work))
 
     def profile(self, top: int) -> dict:
         """One more (untimed) run under cProfile: top functions by own time, and quire/protobuf/
@@ -307,15 +333,23 @@ class HFGeneratePeer:
             self.load_seconds = time.perf_counter() - t0
         init = self.load_seconds or 0.0
         warm = warmup_work(self.work, self.args.warmup_requests)
-        for start in range(0, len(warm), self.args.hf_batch_size):
-            hf_static_batch(self.model, warm[start:start + self.args.hf_batch_size], self.pad_id)
+        for bs in self.args.hf_batch_sizes:
+            for start in range(0, len(warm), bs):
+                hf_static_batch(self.model, warm[start:start + bs], self.pad_id)
         return {"init_seconds": round(init, 3), "attn_implementation": self.model.config._attn_implementation,
-                "batch_size": self.args.hf_batch_size,
-                "num_batches": math.ceil(len(self.work) / self.args.hf_batch_size)}
+                "batch_sizes_tried": self.args.hf_batch_sizes}
 
     def run(self):
+        """Every batch size in turn; the fastest one's wall time and tokens (all walls in extras)."""
+        runs = {bs: self._run(bs) for bs in self.args.hf_batch_sizes}
+        best = min(runs, key=lambda bs: runs[bs][0])
+        wall, tokens, extras = runs[best]
+        extras.update(batch_size=best, num_batches=math.ceil(len(self.work) / best),
+                      wall_seconds_by_batch_size={bs: round(r[0], 4) for bs, r in runs.items()})
+        return wall, tokens, extras
+
+    def _run(self, bs: int):
         tokens, computed = [], 0
-        bs = self.args.hf_batch_size
         t0 = time.perf_counter()
         for start in range(0, len(self.work), bs):
             toks, n = hf_static_batch(self.model, self.work[start:start + bs], self.pad_id)
@@ -460,17 +494,14 @@ def main(argv=None) -> dict:
     _quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
-    if args.model is None:
-        from quire.cluster.tools.default_model import default_model_dir
-
-        model_path = str(default_model_dir())
-    else:
-        model_path = args.model
+    model_path, _scratch = _workloads.checkpoint(args)  # _scratch: a built checkpoint's directory, kept to the end
     hf_config = AutoConfig.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    vocab = min(hf_config.vocab_size, len(tokenizer))
+    # A checkpoint without a tokenizer takes token-id prompts only (quire: skip_tokenizer_init).
+    args.skip_tokenizer_init = not _workloads.has_tokenizer(model_path)
+    tokenizer = None if args.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_path)
+    vocab = hf_config.vocab_size if tokenizer is None else min(hf_config.vocab_size, len(tokenizer))
     excluded = special_ids(tokenizer, hf_config)
-    pad_id = tokenizer.pad_token_id
+    pad_id = hf_config.pad_token_id if tokenizer is None else tokenizer.pad_token_id
     if pad_id is None:
         pad_id = min(excluded) if excluded else 0
     work = make_workload(args.num_requests, args.input_len, args.output_len, args.seed, vocab, excluded)
@@ -567,6 +598,12 @@ def main(argv=None) -> dict:
                 "total_tokens_per_s": round(q["total_tokens_per_s"] / peer["total_tokens_per_s"], 3),
             }
 
+    if args.attention_share and "quire" in peers:
+        log("quire: one more run with the attention backend timed ...")
+        try:
+            report["quire_attention_share"] = peers["quire"].attention_share()
+        except Exception as exc:  # noqa: BLE001
+            report["quire_attention_share"] = _error(exc)
     if args.profile and "quire" in peers:
         log("quire: profiling one more run under cProfile ...")
         try:

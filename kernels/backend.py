@@ -1,11 +1,12 @@
 """The attention backend contract a worker drives each step, and the choice of backend.
 
 A worker chooses one `AttentionBackend` when it sets up (`select_backend`) and hands it
-to its layers through the step's metadata; nothing here is global or mutable. Per step
-the worker asks the backend for a plan once (`plan`), then every layer writes its K/V
-(`write_kv`) and attends (`attend`) with that plan. Two implementations: the pure-torch
-reference (`attention_ref.TorchAttentionBackend`, the CPU backend) and the Triton kernels
-(`triton_attention.TritonAttentionBackend`).
+to its layers through the step's metadata; nothing here is global or mutable (beyond a
+once-only warning). Per step the worker asks the backend for a plan once (`plan`), then
+every layer writes its K/V (`write_kv`) and attends (`attend`) with that plan. Three
+implementations: the pure-torch reference (`attention_ref.TorchAttentionBackend`), the C++
+CPU kernel that reads K/V in place (`cpu_attention.CpuPagedAttentionBackend`, the CPU
+default) and the Triton kernels (`triton_attention.TritonAttentionBackend`).
 
 Layouts (one layer, one rank), shared by both: caches `[num_blocks, block_size,
 num_kv_heads, head_dim]`; queries and outputs `[num_tokens, num_heads, head_dim]`; K/V to
@@ -19,6 +20,7 @@ dequantizes inside; for a cache of values the scales are None and never read.
 """
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,8 +28,11 @@ from typing import ClassVar
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpu")
 OVERRIDE_ENV = "QUIRE_ATTENTION_BACKEND"
+
+logger = logging.getLogger(__name__)
+_cpu_warned = False  # the fallback from the CPU kernel to torch is logged once per process
 
 
 @dataclass(frozen=True)
@@ -112,16 +117,28 @@ class AttentionBackend(ABC):
 
 def select_backend(device: torch.device | str, override: str | None = None) -> AttentionBackend:
     """The backend for a KV cache on `device`: Triton when it is on CUDA (and the Triton kernels
-    import), torch otherwise. `override` ("torch" or "triton") forces one; None reads
-    `QUIRE_ATTENTION_BACKEND` from the environment (empty: no override). ValueError for an
-    unknown name, RuntimeError when Triton is forced but unavailable."""
+    import); on the CPU the C++ in-place kernel (`cpu_attention`), built or loaded from the
+    extension cache here, or the torch reference when it cannot be built (one warning per
+    process); torch for any other device. `override` ("torch", "triton" or "cpu") forces one;
+    None reads `QUIRE_ATTENTION_BACKEND` from the environment (empty: no override). ValueError
+    for an unknown name, RuntimeError when Triton or the CPU kernel is forced but unavailable."""
+    global _cpu_warned
     device_type = torch.device(device).type
     chosen = (os.environ.get(OVERRIDE_ENV, "") if override is None else override).strip().lower()
     if chosen and chosen not in BACKENDS:
         raise ValueError(f"{OVERRIDE_ENV} must be one of {BACKENDS}, got {chosen!r}")
     if not chosen:
         # Only a CUDA cache tries Triton: on the CPU its import (and the interpreter) is never paid for.
-        chosen = "triton" if device_type == "cuda" and _triton_backend() is not None else "torch"
+        chosen = "triton" if device_type == "cuda" and _triton_backend() is not None else \
+            "cpu" if device_type == "cpu" else "torch"
+        if chosen == "cpu":
+            backend, error = _cpu_backend()
+            if backend is not None:
+                return backend
+            if not _cpu_warned:
+                _cpu_warned = True
+                logger.warning("%s; falling back to the torch reference attention (slower)", error)
+            chosen = "torch"
     if chosen == "triton":
         backend = _triton_backend()
         if backend is None:
@@ -130,9 +147,28 @@ def select_backend(device: torch.device | str, override: str | None = None) -> A
                 "built into this version; use the torch backend"
             )
         return backend
+    if chosen == "cpu":
+        if device_type != "cpu":
+            raise RuntimeError(f"{OVERRIDE_ENV}=cpu needs a KV cache on the CPU, not on {device_type}")
+        backend, error = _cpu_backend()
+        if backend is None:
+            raise RuntimeError(f"{OVERRIDE_ENV}=cpu, but {error}; use the torch backend")
+        return backend
     from quire.kernels.attention_ref import TorchAttentionBackend
 
     return TorchAttentionBackend()
+
+
+def _cpu_backend() -> tuple[AttentionBackend | None, str]:
+    """The CPU kernel's backend with its extension loaded (built first if no cached build
+    exists), or None and why not."""
+    from quire.kernels import cpu_attention
+
+    try:
+        cpu_attention.load_extension()
+    except cpu_attention.ExtensionUnavailable as exc:
+        return None, str(exc)
+    return cpu_attention.CpuPagedAttentionBackend(), ""
 
 
 def _triton_backend() -> AttentionBackend | None:

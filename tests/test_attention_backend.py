@@ -1,5 +1,5 @@
-"""The attention backend contract (kernels/backend.py): both implementations fulfil it and
-agree through it, and a worker's backend is chosen by the cache's device unless
+"""The attention backend contract (kernels/backend.py): every implementation fulfils it and
+they agree through it, and a worker's backend is chosen by the cache's device unless
 `QUIRE_ATTENTION_BACKEND` (or an explicit override) says otherwise."""
 import importlib.util
 import sys
@@ -105,19 +105,48 @@ def test_both_backends_quantize_the_same_cache_and_agree(cache_dtype):
     torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
 
 
+def test_the_cpu_kernel_writes_the_same_cache_and_agrees_with_torch():
+    from quire.kernels.cpu_attention import CpuPagedAttentionBackend
+
+    for num_heads, num_kv_heads, block_size in [(4, 2, 8), (8, 1, 16), (2, 2, 4), (6, 2, 5)]:
+        batch = ragged_batch(num_heads, num_kv_heads, block_size=block_size)
+        got, got_k, got_v, _, _ = run_step(CpuPagedAttentionBackend(), batch)
+        expected, expected_k, expected_v, _, _ = run_step(TorchAttentionBackend(), batch)
+        assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8_e4m3"])
+def test_the_cpu_kernel_quantizes_the_same_cache_and_agrees_with_torch(cache_dtype):
+    from quire.kernels.cpu_attention import CpuPagedAttentionBackend
+
+    batch = ragged_batch(8, 2, block_size=8)
+    (k_codes, k_scale), (v_codes, v_scale) = (kv_quant.quantize(batch[c], cache_dtype) for c in ("k_cache", "v_cache"))
+    batch.update(k_cache=k_codes, v_cache=v_codes)
+    got = run_step(CpuPagedAttentionBackend(), batch, (k_scale, v_scale))
+    expected = run_step(TorchAttentionBackend(), batch, (k_scale, v_scale))
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got[1:3], expected[1:3]))
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
 def test_every_named_backend_implements_the_whole_contract():
-    assert BACKENDS == ("torch", "triton")
+    from quire.kernels.cpu_attention import CpuPagedAttentionBackend
+
+    assert BACKENDS == ("torch", "triton", "cpu")
     with pytest.raises(TypeError):
         AttentionBackend()  # abstract: an implementation must provide plan, write_kv and attend
-    implementations = [TorchAttentionBackend] + ([type(triton_backend())] if HAVE_TRITON else [])
+    implementations = [TorchAttentionBackend, CpuPagedAttentionBackend] + (
+        [type(triton_backend())] if HAVE_TRITON else [])
     for cls in implementations:
         assert cls.name in BACKENDS and not getattr(cls, "__abstractmethods__", None)
 
 
 def test_the_device_chooses_the_backend_without_an_override(monkeypatch):
     monkeypatch.delenv("QUIRE_ATTENTION_BACKEND", raising=False)
-    assert select_backend(torch.device("cpu")).name == "torch"
-    assert select_backend("cpu", override="").name == "torch"
+    # The CPU gets the C++ in-place kernel (it builds here; tests/test_cpu_attention.py covers
+    # the fallback to torch when it cannot).
+    assert select_backend(torch.device("cpu")).name == "cpu"
+    assert select_backend("cpu", override="").name == "cpu"
     # A CUDA cache gets Triton where Triton imports (choosing needs no GPU: nothing runs).
     assert select_backend("cuda").name == ("triton" if HAVE_TRITON else "torch")
 
@@ -125,6 +154,9 @@ def test_the_device_chooses_the_backend_without_an_override(monkeypatch):
 def test_the_environment_overrides_the_device(monkeypatch):
     monkeypatch.setenv("QUIRE_ATTENTION_BACKEND", " Torch ")
     assert select_backend("cuda").name == "torch"
+    assert select_backend("cpu").name == "torch"
+    monkeypatch.setenv("QUIRE_ATTENTION_BACKEND", "cpu")
+    assert select_backend("cpu").name == "cpu"
     if HAVE_TRITON:
         monkeypatch.setenv("QUIRE_ATTENTION_BACKEND", "triton")
         assert select_backend("cpu").name == "triton"

@@ -57,7 +57,7 @@ def test_dry_run_through_the_script_runs_every_section(tmp_path, tokenizer_dir):
     versions = sections["environment"]["versions"]
     assert {"torch", "triton", "protobuf", "grpcio", "setuptools"} <= versions.keys()
     assert sections["environment"]["device"]["type"] == "cpu"
-    assert sections["parity_float16"]["dtype"] == "float32" and sections["parity_float16"]["backend"] == "torch"
+    assert sections["parity_float16"]["dtype"] == "float32" and sections["parity_float16"]["backend"] == "cpu"
     quantized = sections["kernels"]["quantized_kv"]  # int8 and fp8 caches through the Triton kernels
     assert quantized["ok"] and {c["cache_dtype"] for c in quantized["cases"]} == {"torch.int8", "torch.float8_e4m3fn"}
     assert all(c["writes_exact"] and c["max_error"] <= c["tolerance"] for c in quantized["cases"])

@@ -57,7 +57,7 @@ def test_the_worker_sizes_its_pool_by_the_spec_and_keeps_one_backend(tiny_checkp
         assert worker.kv_spec == worker.model.kv_cache_spec() == runner.kv_pool.spec
         assert worker.kv_spec.head_size == 32, "mistral-gqa's head_dim is not hidden_size / heads"
         assert runner.attention is worker.attention, "chosen once per worker, not per runner or step"
-        assert runner.backend == runner.attention.name == "torch"  # the cache is on the CPU
+        assert runner.backend == runner.attention.name == "cpu"  # the cache is on the CPU: the C++ paged-attention backend
     finally:
         llm.shutdown()
 

@@ -10,7 +10,7 @@ from quire.worker.kv_pool import KVPool
 from quire.worker.model_runner import ModelRunner
 from quire.worker.models.llama import LlamaForCausalLM
 from quire.worker.parallel import ParallelContext
-from quire.worker.rotary import RotaryEmbedding, apply_rotary_pos_emb
+from quire.worker.rotary import RotaryEmbedding, apply_rotary_pos_emb, rotate_qk_
 from quire.worker.sampler import Sampler
 
 MAX_POSITION = 512
@@ -74,3 +74,24 @@ def test_rotation_matches_hf(rope):
                                                      k.view(1, -1, 2, 16).transpose(1, 2), hf_cos, hf_sin)
     torch.testing.assert_close(ours_q, hf_q.transpose(1, 2).reshape_as(q), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_k, hf_k.transpose(1, 2).reshape_as(k), atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_rotation_of_a_fused_projection_is_bit_identical_to_hf():
+    """The layers rotate the query and key columns of the fused QKV output in place (v and
+    the row stride untouched); every value equals HF's rotate-half formula bit for bit."""
+    from transformers.models.llama import modeling_llama
+
+    config = hf_config(rope_theta=10000.0)
+    positions = torch.tensor([0, 1, 5, 64, 300, 511])
+    torch.manual_seed(1)
+    qkv = torch.randn(len(positions), (4 + 2 + 2) * 16)
+    before = qkv.clone()
+    cos, sin = RotaryEmbedding(config, 16, MAX_POSITION, torch.float32)(positions)
+    rotate_qk_(qkv[:, :6 * 16], cos, sin)
+
+    hf_cos, hf_sin = modeling_llama.LlamaRotaryEmbedding(config)(qkv, positions[None])
+    heads = before[:, :6 * 16].view(len(positions), 6, 16)
+    hf_cos, hf_sin = hf_cos[0][:, None], hf_sin[0][:, None]
+    expected = heads * hf_cos + modeling_llama.rotate_half(heads) * hf_sin
+    assert torch.equal(qkv[:, :6 * 16].view_as(expected), expected)
+    assert torch.equal(qkv[:, 6 * 16:], before[:, 6 * 16:]), "v is left alone"

@@ -56,6 +56,27 @@ def test_temperature_zero_and_top_k_one_are_argmax():
     assert out.logprobs == [None] * 6 and out.top_logprobs == [None] * 6
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["all-greedy", "greedy-and-random"])
+def test_one_pass_finds_tokens_ties_and_invalid_rows(mixed):
+    """Greedy tokens come from one max over each row: the first of tied best tokens (as
+    argmax), and rows holding NaN, +inf or nothing finite fail while a row with some -inf
+    entries is sampled as usual."""
+    logits = random_logits(6)
+    logits[0, [5, 9, 40]] = 50.0  # a three-way tie: the first wins
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :30] = float("-inf")
+    rows = [row(temperature=0.0) for _ in range(6)]
+    if mixed:
+        rows[5] = row(temperature=1.0, seed=1)
+    out = Sampler(seed=0)(logits, rows)
+    assert [e is not None for e in out.errors] == [False, True, True, True, False, False]
+    assert out.token_ids[0] == 5 and out.token_ids[4] == int(logits[4].argmax())
+    if not mixed:
+        assert out.token_ids[5] == int(logits[5].argmax())
+
+
 # -- seeding -------------------------------------------------------------------------
 
 def test_same_seed_same_tokens_regardless_of_batch():

@@ -2,7 +2,13 @@
 
 One `RotaryEmbedding` per model (`LlamaModel.rotary_emb`, as in HF): its cos/sin table
 is the same for every layer, so it is built once and looked up once per step; the
-layers receive the step's `(cos, sin)` and only apply them (`apply_rotary_pos_emb`).
+layers receive the step's `(cos, sin)` and only apply them, in place on the fused QKV
+projection's query and key columns (`rotate_qk_`), or out of place (`apply_rotary_pos_emb`).
+
+The sin table carries rotate-half's sign: its first half is `-sin`. HF computes
+`x * cos + cat(-x2, x1) * sin`; here `x * cos + cat(x2, x1) * sin_signed`. Each product
+is the same float (negation is exact) and so is each sum: results are bit-identical,
+with one pass over the rows fewer.
 
 Default RoPE is computed here; scaled variants (llama3, linear, dynamic, yarn, ...)
 take their inverse frequencies and attention factor from transformers' own
@@ -49,30 +55,36 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float)
         freqs = positions[:, None] * inv_freq.float().to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
+        sin = emb.sin() * attention_scaling
+        sin[:, :sin.shape[-1] // 2].neg_()  # rotate-half's sign, folded in (see the module docstring)
         self.register_buffer("cos", (emb.cos() * attention_scaling).to(dtype), persistent=False)
-        self.register_buffer("sin", (emb.sin() * attention_scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", sin.to(dtype), persistent=False)
         self.head_dim = head_dim
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: `[T]` → the step's `(cos, sin)`, each `[T, 1, head_dim]` (broadcast over heads).
-        Called once per step by the model; every layer applies the same pair."""
+        """positions: `[T]` → the step's `(cos, sin)`, each `[T, 1, head_dim]` (broadcast over heads;
+        sin signed as the module docstring says). Called once per step by the model; every
+        layer applies the same pair."""
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rotate_qk_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every head of `qk` `[T, n*D]` in place and return it; `qk` may be a strided view
+    (the query and key columns of a fused QKV projection: rows strided, each row contiguous).
+    cos/sin: `[T, 1, D]` from `RotaryEmbedding`; D is the last dimension of cos."""
+    num_tokens, head_dim = qk.shape[0], cos.shape[-1]
+    half = head_dim // 2
+    x = qk.view(num_tokens, -1, head_dim)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    swapped.mul_(sin)
+    x.mul_(cos).add_(swapped)
+    return qk
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: `[T, H*D]`, k: `[T, KV*D]`, cos/sin: `[T, 1, D]` from `RotaryEmbedding` → rotated
-    (q, k), same shapes. This rank's heads only; D is the last dimension of cos."""
-    num_tokens, head_dim = q.shape[0], cos.shape[-1]
-    q = q.view(num_tokens, -1, head_dim)
-    k = k.view(num_tokens, -1, head_dim)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return q.flatten(1), k.flatten(1)
+    (q, k), new tensors of the same shapes; the inputs are left untouched."""
+    return rotate_qk_(q.clone(), cos, sin), rotate_qk_(k.clone(), cos, sin)

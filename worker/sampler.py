@@ -208,19 +208,19 @@ class Sampler:
         processed = self.process_logits(raw, batch)
         # NaN anywhere, +inf, or nothing finite: no distribution to sample from (and argmax
         # would pick an arbitrary token). Such rows fail, flagged on the device and read back
-        # with the tokens; the others are sampled as usual.
-        invalid = ~((processed < float("inf")).all(dim=-1) & (processed > float("-inf")).any(dim=-1))
-
-        if not batch.rand:
-            tokens = processed.argmax(dim=-1)
-        else:
+        # with the tokens; the others are sampled as usual. A row's max propagates NaN, so it
+        # is finite exactly when the row is valid: one pass over the logits finds both the
+        # validity and, for greedy rows, the token (max's index is argmax's: the first best).
+        best, tokens = processed.max(dim=-1)
+        invalid = ~torch.isfinite(best)
+        if batch.rand:
             probs = (processed if not batch.greedy else processed.index_select(0, t.rand)).softmax(dim=-1)
             # Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p.
             raced = (probs / self._exponentials(batch, logits.device)).argmax(dim=-1)
             if not batch.greedy:
                 tokens = raced
             else:
-                tokens = processed.argmax(dim=-1).index_copy_(0, t.rand, raced)
+                tokens = tokens.index_copy_(0, t.rand, raced)
         tokens = tokens.masked_fill(invalid, 0)
         return self._read_back(batch, raw, tokens, invalid)
 

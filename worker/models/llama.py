@@ -16,22 +16,45 @@ from quire.worker.embedding import ParallelLMHead, VocabParallelEmbedding
 from quire.worker.kv_pool import KVCacheSpec
 from quire.worker.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from quire.worker.parallel import ParallelContext
-from quire.worker.rotary import RotaryEmbedding, apply_rotary_pos_emb
+from quire.worker.rotary import RotaryEmbedding, rotate_qk_
 
 
 class RMSNorm(nn.Module):
-    """Replicated on every rank. Normalises in fp32 and casts back, as HF's LlamaRMSNorm."""
+    """Replicated on every rank. Normalises in fp32 and casts back, as HF's LlamaRMSNorm.
+
+    With `residual` (the fused residual add, as vLLM's `fused_add_rms_norm`): `x + residual`
+    is formed in place in `x`, normalised, and returned as the new residual stream beside
+    the normalised tensor. The same floating-point operations as HF's separate add and
+    norm, in the same order, so the results are bit-identical; fewer temporaries."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`x` alone → its norm (x untouched). With `residual` → (norm of x + residual,
+        x + residual), the latter being `x` itself, overwritten."""
+        if residual is not None:
+            x = x.add_(residual)
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        xf = x.float()
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        # A new tensor from here on (x is never written): the in-place steps touch only it.
+        y = xf * variance.add_(self.eps).rsqrt_()
+        return y.to(dtype).mul_(self.weight)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`[T, 2I]` (gate then up) → `silu(gate) * up`, `[T, I]`, a new tensor. Overwrites the
+    gate half of `gate_up` (its SiLU is taken in place: one temporary fewer)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.mul(nn.functional.silu(gate, inplace=True), up)
 
 
 class LlamaMLP(nn.Module):
@@ -48,8 +71,7 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"config hidden_act {config.hidden_act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
@@ -73,14 +95,21 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        return self.o_proj(self.attn(q, k, v.contiguous(), meta))
+        qkv = self.qkv_proj(hidden)
+        # Query and key columns are adjacent: one in-place rotation of both, and q, k, v stay
+        # views of the projection's output (rows strided, each row contiguous), never copied.
+        rotate_qk_(qkv[:, :self.q_size + self.kv_size], *position_embeddings)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention then MLP, each added to the residual; the residual stream is
-    replicated on every rank (the row-parallel projections all-reduce into it)."""
+    replicated on every rank (the row-parallel projections all-reduce into it).
+
+    As in vLLM, a layer hands on its MLP output and the residual stream separately, and the
+    next norm adds them (`RMSNorm` with `residual`): `(hidden, residual)` in and out, with
+    `residual` None for the first layer, whose input is the whole stream."""
 
     def __init__(self, config, layer_index: int, ctx: ParallelContext, dtype: torch.dtype, qkv_bias: bool):
         super().__init__()
@@ -89,10 +118,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), position_embeddings, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, position_embeddings, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -111,11 +146,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config, head_dim, max_position, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         position_embeddings = self.rotary_emb(positions)
         for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, position_embeddings, meta)
+        return self.norm(hidden, residual)[0] if residual is not None else self.norm(hidden)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Where a quire step's time goes, by category, on the ``long`` throughput workload.
+
+Runs quire in process (``LLM`` on the CPU) on the ``long`` workload of ``throughput.py``
+(or its first ``--num-requests``): once untimed to warm up, once plain (timed), then once
+with timers wrapped around the pieces of a step: the engine step, the model runner's plan application and
+input building, the attention backend's plan / write_kv / attend, every linear layer,
+the LM head, the norms, the rotary embedding, the MLP's activation, the embedding and the
+sampler. Each range's *exclusive* time (its own, less the ranges nested in it) is summed
+into a category; what the model's forward does outside every range (residual adds, the
+QKV split, views and copies) is ``copies/other``. Timers are wall-clock ``perf_counter``
+pairs (the CPU runs synchronously), about a microsecond each; the totals are compared
+with an uninstrumented run of the same work (``uninstrumented_wall_seconds``).
+
+``--torch-ops N`` also runs the same work under ``torch.profiler`` and lists the N
+operators with the most self CPU time (``key_averages``).
+
+    python benchmarks/step_profile.py --num-requests 64 --threads 2 --out step_profile.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+
+def _load_sibling(name: str):
+    """A module beside this script (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+workloads = _load_sibling("throughput_workloads")
+
+# range name -> category
+CATEGORIES = {
+    "engine.step": "engine (scheduler, detokenizer, transport)",
+    "runner.execute": "model runner python",
+    "runner.apply_plan": "model runner python",
+    "runner.prepare": "model runner python",
+    "attention.plan": "attention plan",
+    "attention.write_kv": "attention",
+    "attention.attend": "attention",
+    "model.forward": "copies/other (model glue)",
+    "embedding": "embedding",
+    "linear": "gemm (linear layers)",
+    "lm_head": "gemm (LM head)",
+    "norm": "norms",
+    "rotary": "rotary",
+    "activation": "activation (SiLU*mul)",
+    "sampler": "sampler",
+}
+
+
+class RangeTimer:
+    """Nested wall-clock ranges: `wrap(name, fn)` times every call of `fn`; a range's
+    exclusive time excludes the ranges that ran inside it."""
+
+    def __init__(self):
+        self.exclusive: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._stack: list[list] = []  # [name, start, time of nested ranges]
+
+    def wrap(self, name: str, fn):
+        stack, clock = self._stack, time.perf_counter
+
+        def timed(*args, **kwargs):
+            frame = [name, clock(), 0.0]
+            stack.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = clock() - frame[1]
+                stack.pop()
+                if stack:
+                    stack[-1][2] += elapsed
+                self.exclusive[name] = self.exclusive.get(name, 0.0) + elapsed - frame[2]
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return timed
+
+
+class _CallableProxy:
+    """Stands in for an object whose `__call__` is wrapped (special methods are looked up on the type)."""
+
+    def __init__(self, target, call):
+        self._target, self._call = target, call
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
+def instrument(llm, timer: RangeTimer):
+    """Wrap the step's pieces of an in-process `llm`; returns a function that undoes it."""
+    from quire.worker.linear import ColumnParallelLinear, RowParallelLinear
+    from quire.worker.models import llama
+
+    engine = llm.engine
+    runner = engine.executor.worker.runner
+    model = runner.model
+    undo = []
+
+    def patch(obj, attr, name):
+        had = attr in vars(obj)
+        old = getattr(obj, attr)
+        setattr(obj, attr, timer.wrap(name, old))
+        undo.append((lambda: setattr(obj, attr, old)) if had else (lambda: delattr(obj, attr)))
+
+    patch(engine, "step", "engine.step")
+    patch(runner, "execute", "runner.execute")
+    patch(runner, "_apply_plan", "runner.apply_plan")
+    patch(runner, "_prepare", "runner.prepare")
+    for method, name in (("plan", "attention.plan"), ("write_kv", "attention.write_kv"), ("attend", "attention.attend")):
+        patch(runner.attention, method, name)
+    patch(model, "forward", "model.forward")
+    patch(model, "compute_logits", "lm_head")
+    patch(model.model.embed_tokens, "forward", "embedding")
+    patch(model.model.rotary_emb, "forward", "rotary")
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            patch(module, "forward", "linear")
+        elif isinstance(module, llama.RMSNorm):
+            patch(module, "forward", "norm")
+    for fn, name in (("apply_rotary_pos_emb", "rotary"), ("rotate_qk_", "rotary"), ("silu_and_mul", "activation")):
+        if hasattr(llama, fn):
+            patch(llama, fn, name)
+    sampler = runner.sampler
+    runner.sampler = _CallableProxy(sampler, timer.wrap("sampler", sampler.__call__))
+    undo.append(lambda: setattr(runner, "sampler", sampler))
+    return lambda: [u() for u in reversed(undo)]
+
+
+def table(timer: RangeTimer, steps: int, wall: float) -> dict:
+    by_cat: dict[str, float] = {}
+    for name, seconds in timer.exclusive.items():
+        by_cat[CATEGORIES[name]] = by_cat.get(CATEGORIES[name], 0.0) + seconds
+    by_cat["outside engine.step (generate loop)"] = wall - sum(by_cat.values())
+    total = sum(by_cat.values())
+    rows = {cat: {"ms_per_step": round(1000 * s / steps, 3), "share": round(s / total, 4), "seconds": round(s, 3)}
+            for cat, s in sorted(by_cat.items(), key=lambda kv: -kv[1])}
+    ranges = {name: {"ms_per_step": round(1000 * s / steps, 3), "calls": timer.calls[name]}
+              for name, s in sorted(timer.exclusive.items(), key=lambda kv: -kv[1])}
+    return {"categories": rows, "ranges_exclusive": ranges, "ms_per_step_total": round(1000 * total / steps, 3)}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'category':<44} {'ms/step':>9} {'share':>7}"]
+    for cat, row in report["profile"]["categories"].items():
+        lines.append(f"{cat:<44} {row['ms_per_step']:>9.3f} {100 * row['share']:>6.1f}%")
+    lines.append(f"{'total':<44} {report['profile']['ms_per_step_total']:>9.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-requests", type=int, default=64, help="the long workload's first N requests")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default=None, help="checkpoint (default: the long workload's, built in a temp dir)")
+    ap.add_argument("--torch-ops", type=int, default=0, help="also list the top N torch operators by self CPU time")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoConfig
+
+    from quire.cluster import LLM, SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    throughput = _load_sibling("throughput")
+    scratch = tempfile.TemporaryDirectory(prefix="quire-step-profile-")
+    model_path = args.model or workloads.build_long_model(scratch.name, args.seed)
+    config = AutoConfig.from_pretrained(model_path)
+    total, input_len, output_len = workloads.WORKLOADS["long"]
+    work = throughput.make_workload(total, input_len, output_len, args.seed, config.vocab_size,
+                                    workloads.special_ids_of(config))[:args.num_requests]
+    llm = LLM(model=model_path, dtype="float32", seed=args.seed, skip_tokenizer_init=True)
+
+    def generate(items):
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in items]
+        return llm.generate([p for p, _ in items], params, use_tqdm=False)
+
+    # The whole work once, untimed: a fresh engine's first run pays for first touches of its
+    # KV pool and allocator arenas, which neither measured run should.
+    generate(work)
+    probe_before = throughput.speed_probe()
+    t0 = time.perf_counter()
+    reference = generate(work)
+    plain_wall = time.perf_counter() - t0
+
+    timer = RangeTimer()
+    undo = instrument(llm, timer)
+    steps_before = llm.engine.stats.num_steps
+    t0 = time.perf_counter()
+    outputs = generate(work)
+    wall = time.perf_counter() - t0
+    undo()
+    steps = llm.engine.stats.num_steps - steps_before
+    probe_after = throughput.speed_probe()
+    same = all(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids) for a, b in zip(outputs, reference))
+    report = {
+        "config": {"num_requests": len(work), "prompt_tokens": sum(len(p) for p, _ in work),
+                   "output_tokens": sum(o for _, o in work), "threads": torch.get_num_threads(),
+                   "attention_backend": llm.engine.executor.worker.runner.backend,
+                   "model": "long workload's Llama" if args.model is None else args.model},
+        "steps": steps, "forward_steps": timer.calls.get("model.forward", 0),
+        "instrumented_wall_seconds": round(wall, 3), "uninstrumented_wall_seconds": round(plain_wall, 3),
+        "output_tokens_per_s_uninstrumented": round(sum(o for _, o in work) / plain_wall, 2),
+        "instrumented_tokens_match_uninstrumented": same,
+        "speed_probe_us_before_after": [probe_before, probe_after],
+        "profile": table(timer, steps, wall),
+    }
+    if args.torch_ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        # Driven on this thread: the profiler records the ops of the thread that runs it, and
+        # `generate` steps the engine on a thread of its own.
+        engine = llm.engine
+        for p, o in work:
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            while engine.has_unfinished():
+                engine.step()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.torch_ops]
+        report["torch_ops_by_self_cpu"] = [
+            {"op": e.key, "calls": e.count, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 3)}
+            for e in ops]
+    llm.shutdown()
+    print(format_table(report), file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Paged attention on the CPU that reads K/V in place through the block table: a C++ kernel
+(csrc/paged_attention_cpu.cpp with csrc/vec8.h, registered as
+`torch.ops.quire_cpu.paged_attention`) built with torch's extension tooling on first use and
+cached, so later processes only load it (its design is in the .cpp's opening comment).
+
+Why: the torch reference (`attention_ref`) gathers every request's K/V out of the paged pool
+(index_select, transpose, contiguous copy) in every layer of every step; this kernel reads
+each K/V row where it lies, once per group of query heads sharing its KV head, with an
+online softmax in fp32, OpenMP-style parallel over (request, KV head, query tile, context
+chunk) work items on torch's intra-op threads (`torch.get_num_threads()`).
+
+Build and cache: `load_extension()` compiles into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default under the user's cache directory) under a name keyed on the
+CPU's vector capability (AVX2-class machines get `-mavx2 -mfma`), and torch's loader reuses a
+cached build whose sources are unchanged (it hashes the .cpp; ninja's dependency files catch a
+changed header). A build takes ~10-15 s, a cached load ~0.2 s. It needs a C++ compiler and ninja
+(the `ninja` package puts one beside the interpreter; it is found there when not on PATH).
+A failed build raises `ExtensionUnavailable`; `select_backend` then falls back to the torch
+reference with one warning.
+
+Contract: `attention_ref`'s, through `AttentionBackend` (kernels/backend.py). Queries fp32,
+bf16 or fp16 (computed in fp32, returned in the query's dtype); caches fp32/bf16/fp16 values,
+or int8 / float8_e4m3fn codes with fp16 scales `[num_blocks, block_size, num_kv_heads]`
+(dequantized as code * scale in fp32); any block size and head dim; block tables int32/int64.
+K/V writes are the reference's (`write_kv_ref`: one index_copy per tensor, cheap).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quire.kernels import kv_quant
+from quire.kernels.attention_ref import TorchAttentionBackend, require_scales
+from quire.kernels.backend import AttentionPlan, WarmUpResult
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention_cpu.cpp"
+_KIND = {torch.int8: 1, torch.float8_e4m3fn: 2}  # the kernel's cache kinds; 0: values
+
+_lock = threading.Lock()
+_loaded: dict[str, float] = {}  # "seconds": how long the (first) build or load took in this process
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The C++ kernel could not be built or loaded (no compiler, no ninja, a compile error)."""
+
+
+def extension_name() -> str:
+    """The cache key of the build: the kernel's name plus the vector flags it is compiled with."""
+    return "quire_paged_attention_cpu_" + ("avx2" if _vector_flags() else "base")
+
+
+def _vector_flags() -> list[str]:
+    # AVX2+FMA where torch itself found at least AVX2: 8-wide fp32 FMAs for the inner loops.
+    # Not -march=native: the build is cached by name, and the name records exactly these flags.
+    capability = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's loader runs `ninja` from PATH; a venv's ninja (the `ninja` package) sits beside
+    the interpreter, which is not on PATH when the venv is not activated."""
+    if shutil.which("ninja"):
+        return
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        if shutil.which("ninja", path=folder):
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def load_extension() -> float:
+    """Build (first time on this machine) or load (cached) the kernel into this process, once.
+    Returns the seconds it took the first time in this process (0.0 if already loaded);
+    ExtensionUnavailable when it cannot be built or loaded."""
+    with _lock:
+        if "seconds" in _loaded:
+            return 0.0
+        began = time.perf_counter()
+        try:
+            from torch.utils import cpp_extension
+
+            _ensure_ninja_on_path()
+            cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], is_python_module=False,
+                               extra_cflags=["-O3", "-fopenmp-simd", *_vector_flags()], verbose=False)
+            torch.ops.quire_cpu.paged_attention  # noqa: B018  (raises if registration failed)
+        except Exception as exc:  # a compiler error, no compiler, no ninja: all mean "unavailable"
+            raise ExtensionUnavailable(f"the CPU paged-attention kernel could not be built: {exc}") from exc
+        _loaded["seconds"] = time.perf_counter() - began
+        return _loaded["seconds"]
+
+
+@dataclass(frozen=True)
+class CpuAttentionPlan:
+    """The step's tensors in the kernel's types, built once per step and shared by every layer:
+    `block_tables` int64 contiguous, `seq_lens` `[num_reqs]` and `query_start_loc`
+    `[num_reqs + 1]` int32 (host tensors)."""
+
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+
+
+def paged_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: CpuAttentionPlan,
+                        scale: float, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`attention_ref.paged_attention_ref`'s result, computed in place over the paged caches.
+    Reads query `[T, H, D]`, the caches (and a quantized cache's required scales); writes only
+    the returned `[T, H, D]` tensor, in the query's dtype. The extension must be loaded."""
+    kind = _KIND.get(k_cache.dtype, 0)
+    if kind:
+        require_scales(k_cache, k_scale, v_scale)
+        # e4m3 is read as its bytes (the kernel decodes them through a table); int8 as is.
+        if kind == 2:
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    else:
+        k_scale = v_scale = None
+    q = query if query.dtype == torch.float32 else query.float()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.ops.quire_cpu.paged_attention(q, k_cache, v_cache, plan.block_tables, plan.seq_lens,
+                                              plan.query_start_loc, float(scale), k_scale, v_scale, kind)
+    return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+
+class CpuPagedAttentionBackend(TorchAttentionBackend):
+    """The C++ in-place kernel above as an `AttentionBackend` (CPU caches only); K/V writes are
+    the torch reference's, inherited. Constructing
+    one does not build the kernel: `select_backend` loads it first, `warm_up` (or the first
+    `attend`) otherwise."""
+
+    name = "cpu"
+
+    def plan(self, block_tables: torch.Tensor, seq_lens: list[int], query_start_loc: list[int], *,
+             block_size: int, num_heads: int, num_kv_heads: int) -> AttentionPlan:
+        kernel_plan = CpuAttentionPlan(block_tables.to(torch.int64).contiguous(),
+                                       torch.tensor(seq_lens, dtype=torch.int32),
+                                       torch.tensor(query_start_loc, dtype=torch.int32))
+        return AttentionPlan(block_tables, seq_lens, query_start_loc, kernel_plan)
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+               scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if "seconds" not in _loaded:
+            load_extension()
+        return paged_attention_cpu(query, k_cache, v_cache, plan.kernel_plan, scale, k_scale, v_scale)
+
+    def warm_up(self, *, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                device: torch.device | str, kv_cache_dtype: torch.dtype | None = None) -> WarmUpResult:
+        """Builds or loads the kernel (the seconds include a build this process paid for, even one
+        paid earlier in `select_backend`) and runs it once on a one-block batch of these shapes."""
+        load_extension()
+        began = time.perf_counter()
+        cache_dtype = kv_cache_dtype or dtype
+        shape = (1, block_size, num_kv_heads, head_dim)
+        k_cache = torch.zeros(shape, dtype=torch.uint8).view(cache_dtype) if kv_quant.is_quantized(cache_dtype) \
+            else torch.zeros(shape, dtype=cache_dtype)
+        scales = [torch.ones(shape[:3], dtype=kv_quant.SCALE_DTYPE) for _ in "kv"] \
+            if kv_quant.is_quantized(cache_dtype) else [None, None]
+        plan = self.plan(torch.zeros(1, 1, dtype=torch.int32), [1], [0, 1], block_size=block_size,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads)
+        self.attend(torch.zeros(1, num_heads, head_dim, dtype=dtype), k_cache, k_cache, plan, head_dim ** -0.5,
+                    *scales)
+        return WarmUpResult(variants=1, seconds=time.perf_counter() - began + _loaded["seconds"])
