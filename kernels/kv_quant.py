@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")  # as `--kv-cache-dtype` names them
-SCALE_DTYPE = torch.float16
+from quire.protos import kv_format
+from quire.protos.kv_format import KV_CACHE_DTYPES
+
+SCALE_DTYPE = torch.float16  # kv_format.SCALE_BYTES each
 MIN_SCALE = 2.0 ** -14   # float16's smallest normal
 MAX_SCALE = 65504.0      # float16's largest
 INT8_MAX = 127.0
@@ -62,9 +64,10 @@ def code_max(dtype: torch.dtype) -> float:
 
 
 def bytes_per_token_head(head_size: int, dtype: torch.dtype) -> int:
-    """Bytes one token's K (or V) of one KV head takes in a cache of `dtype`, scale included."""
-    value_bytes = head_size * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else head_size
-    return value_bytes + (SCALE_DTYPE.itemsize if is_quantized(dtype) else 0)
+    """Bytes one token's K (or V) of one KV head takes in a cache of `dtype`, scale included
+    (`kv_format`'s arithmetic, the one the controller and the planner use)."""
+    name = next((name for name, quantized in _QUANTIZED.items() if quantized == dtype), "auto")
+    return kv_format.bytes_per_token_head(head_size, dtype.itemsize, name)
 
 
 def round_to_fp8_grid(y: torch.Tensor) -> torch.Tensor:

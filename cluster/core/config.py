@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-# `--kv-cache-dtype` names (the worker's `kernels.kv_quant.KV_CACHE_DTYPES`; the controller
-# does not import kernels, a test keeps the two equal).
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+from quire.protos.kv_format import KV_CACHE_DTYPES
 
 
 @dataclass

@@ -18,8 +18,8 @@ placement decides how well their prefix caches are used, which no plan can know)
 
 `kv_cache_dtype` is what `quire serve --kv-cache-dtype` accepts: auto (the weights' dtype),
 int8 or fp8_e4m3 (one byte per value plus a 2-byte float16 scale per token and KV head, as
-the workers store them: `kv_bytes_per_token_head` mirrors `kernels.kv_quant.bytes_per_token_head`,
-which this standalone tool does not import; a test keeps the two equal). `kv_host_memory`
+the workers store them: the bytes come from `quire.protos.kv_format`, the workers' own
+arithmetic). `kv_host_memory`
 (`--kv-host-memory`) is the host memory per rank of the prefix cache's host tier: the plan
 reports the tokens it holds, in blocks of the same bytes as the device's.
 
@@ -34,20 +34,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from quire.protos import kv_format
+from quire.protos.kv_format import KV_CACHE_DTYPES
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2}
-# `--kv-cache-dtype` names, as serve accepts them; the quantized ones store one-byte codes and
-# a float16 scale per token and KV head.
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
-KV_CODE_BYTES = {"int8": 1, "fp8_e4m3": 1}
-KV_SCALE_BYTES = 2
-
-
-def kv_bytes_per_token_head(head_dim: int, dtype: str, kv_cache_dtype: str) -> int:
-    """Bytes of one token's K (or V) of one KV head in a cache of `kv_cache_dtype` for weights in
-    `dtype`: `head_dim` values, plus the scale of a quantized cache (as `kv_quant.bytes_per_token_head`)."""
-    if kv_cache_dtype == "auto":
-        return head_dim * DTYPE_BYTES[dtype]
-    return head_dim * KV_CODE_BYTES[kv_cache_dtype] + KV_SCALE_BYTES
 
 # Config values of well-known checkpoints, so a plan needs no files.
 PRESETS = {
@@ -115,8 +105,8 @@ class ModelShape:
 
     def kv_bytes_per_token(self, tp: int, dtype: str, kv_cache_dtype: str = "auto") -> int:
         """K and V of one token over all layers, on one rank, scales of a quantized cache included."""
-        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * kv_bytes_per_token_head(self.head_dim, dtype,
-                                                                                             kv_cache_dtype)
+        per_head = kv_format.bytes_per_token_head(self.head_dim, DTYPE_BYTES[dtype], kv_cache_dtype)
+        return 2 * self.num_layers * self.kv_heads_per_rank(tp) * per_head
 
     def activation_bytes(self, tp: int, dtype_bytes: int, max_num_batched_tokens: int, max_num_seqs: int) -> int:
         """Estimated peak of a full-budget step beyond the weights: a few hidden-state copies,
@@ -256,7 +246,7 @@ def format_plan(plan: Plan) -> str:
         f"  activation reserve       {plan.activation_reserve_bytes / gib:10.2f} GiB  (estimate, full-budget step)",
         f"  KV cache budget          {plan.kv_budget_bytes / gib:10.2f} GiB",
         f"  KV per token             {plan.kv_bytes_per_token / 1024:10.1f} KiB"
-        + ("  (1-byte codes + float16 scales)" if plan.kv_cache_dtype in KV_CODE_BYTES else ""),
+        + ("  (1-byte codes + float16 scales)" if plan.kv_cache_dtype in kv_format.QUANTIZED_KV_CACHE_DTYPES else ""),
         f"  KV per block             {plan.kv_bytes_per_block / 2**20:10.2f} MiB  ({plan.block_size} tokens)",
         f"  blocks                   {plan.num_blocks:10d}",
         f"  tokens that fit          {plan.tokens:10d}",
