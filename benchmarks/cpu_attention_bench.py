@@ -7,7 +7,9 @@ per case, untimed, as a worker builds it once per step for all layers):
   - `mixed`: 4 prefill chunks of 256 tokens (after cached prefixes of 0..512) plus 32 decodes
     with contexts in 32..768.
 Geometry by default: 12 query heads, 4 KV heads, head dim 64, block size 16, fp32, torch threads 2,
-block tables shuffled over the pool. Each backend is timed `--repeats` times, interleaved, after
+block tables shuffled over the pool. `kv_gbps`: the K/V bytes of every context position (what a
+decode must read, once) per second, beside `machine_read_gbps` (a streaming read of 512 MiB):
+decode attention is memory-bound, and that is its floor. Each backend is timed `--repeats` times, interleaved, after
 a warm-up call; the median is reported, with the speed-up (torch time / cpu time) and the max
 abs difference of the outputs. Also reported: the kernel's build-or-load seconds in this process.
 
@@ -66,13 +68,31 @@ def time_backends(case, backends, num_heads, num_kv_heads, block_size, scale, re
             call(name)
             times[name].append(time.perf_counter() - began)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    k = case["k"]
+    # The K and V rows every context position needs, once (what a decode must read from memory).
+    kv_bytes = 2 * sum(case["seq_lens"]) * k.shape[2] * k.shape[3] * k.element_size()
     return {
+        "kv_bytes": kv_bytes,
+        "kv_gbps": {name: round(kv_bytes / m / 1e9, 2) for name, m in medians.items()},
         "ms": {name: round(m * 1e3, 4) for name, m in medians.items()},
         "speedup_cpu_over_torch": round(medians["torch"] / medians["cpu"], 3),
         "max_abs_diff": float((outs["cpu"].float() - outs["torch"].float()).abs().max()),
         "num_tokens": case["query"].shape[0],
         "context_tokens": sum(case["seq_lens"]),
     }
+
+
+def read_bandwidth_gbps(megabytes: int = 512) -> float:
+    """Streaming read bandwidth on torch's threads (best of 5 sums of a tensor far larger than
+    the caches): the floor for decode attention, whose K/V rows are read once each."""
+    data = torch.ones(megabytes * 2 ** 20 // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - began)
+    return round(data.numel() * 4 / best / 1e9, 2)
 
 
 def main(argv=None) -> dict:
@@ -106,7 +126,8 @@ def main(argv=None) -> dict:
         "geometry": dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                          block_size=args.block_size, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype),
         "threads": torch.get_num_threads(), "repeats": args.repeats, "extension": extension_name(),
-        "extension_load_seconds": round(load_seconds, 3), "cases": {},
+        "extension_load_seconds": round(load_seconds, 3), "machine_read_gbps": read_bandwidth_gbps(),
+        "cases": {},
     }
     for i, (name, shapes) in enumerate(cases.items()):
         case = make_case(shapes, args.heads, args.kv_heads, args.head_dim, args.block_size, dtype, cache_dtype,

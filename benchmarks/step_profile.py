@@ -12,6 +12,10 @@ QKV split, views and copies) is ``copies/other``. Timers are wall-clock ``perf_c
 pairs (the CPU runs synchronously), about a microsecond each; the totals are compared
 with an uninstrumented run of the same work (``uninstrumented_wall_seconds``).
 
+Attention is also split by step kind (``attention_by_step_kind``): decode-only steps, with
+the K/V bytes they must read and the bandwidth that achieves, beside the machine's streaming
+read bandwidth (``machine_read_gbps``): decode attention is memory-bound, and that is its floor.
+
 ``--torch-ops N`` also runs the same work under ``torch.profiler`` and lists the N
 operators with the most self CPU time (``key_averages``).
 
@@ -98,8 +102,43 @@ class _CallableProxy:
         return getattr(self._target, name)
 
 
-def instrument(llm, timer: RangeTimer):
-    """Wrap the step's pieces of an in-process `llm`; returns a function that undoes it."""
+class AttentionSplit:
+    """Times `attend` apart for decode-only steps (one query row per request) and steps with
+    prefill rows, and counts the K/V bytes a decode-only call must read (every context
+    position's K and V row of every KV head, once), so decode attention's achieved bandwidth
+    can be set beside the machine's (`cpu_attention_bench.read_bandwidth_gbps`)."""
+
+    def __init__(self):
+        self.seconds = {"decode_only": 0.0, "with_prefill": 0.0}
+        self.calls = {"decode_only": 0, "with_prefill": 0}
+        self.decode_kv_bytes = 0
+
+    def wrap(self, attend):
+        def timed(query, k_cache, v_cache, plan, *args, **kwargs):
+            kind = "decode_only" if query.shape[0] == len(plan.seq_lens) else "with_prefill"
+            began = time.perf_counter()
+            try:
+                return attend(query, k_cache, v_cache, plan, *args, **kwargs)
+            finally:
+                self.seconds[kind] += time.perf_counter() - began
+                self.calls[kind] += 1
+                if kind == "decode_only":
+                    row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+                    self.decode_kv_bytes += 2 * row_bytes * sum(plan.seq_lens)
+        return timed
+
+    def report(self, steps: int) -> dict:
+        out = {kind: {"ms_per_step": round(1000 * self.seconds[kind] / steps, 3), "calls": self.calls[kind],
+                      "seconds": round(self.seconds[kind], 3)} for kind in self.seconds}
+        if self.seconds["decode_only"]:
+            out["decode_only"]["kv_bytes_read"] = self.decode_kv_bytes
+            out["decode_only"]["achieved_gbps"] = round(self.decode_kv_bytes / self.seconds["decode_only"] / 1e9, 2)
+        return out
+
+
+def instrument(llm, timer: RangeTimer, split: AttentionSplit | None = None):
+    """Wrap the step's pieces of an in-process `llm` (and `split` inside `attend`); returns a
+    function that undoes it."""
     from quire.worker.linear import ColumnParallelLinear, RowParallelLinear
     from quire.worker.models import llama
 
@@ -118,6 +157,9 @@ def instrument(llm, timer: RangeTimer):
     patch(runner, "execute", "runner.execute")
     patch(runner, "_apply_plan", "runner.apply_plan")
     patch(runner, "_prepare", "runner.prepare")
+    if split is not None:
+        runner.attention.attend = split.wrap(runner.attention.attend)
+        undo.append(lambda: delattr(runner.attention, "attend"))
     for method, name in (("plan", "attention.plan"), ("write_kv", "attention.write_kv"), ("attend", "attention.attend")):
         patch(runner.attention, method, name)
     patch(model, "forward", "model.forward")
@@ -129,9 +171,10 @@ def instrument(llm, timer: RangeTimer):
             patch(module, "forward", "linear")
         elif isinstance(module, llama.RMSNorm):
             patch(module, "forward", "norm")
-    for fn, name in (("apply_rotary_pos_emb", "rotary"), ("rotate_qk_", "rotary"), ("silu_and_mul", "activation")):
-        if hasattr(llama, fn):
-            patch(llama, fn, name)
+        elif isinstance(module, llama.LlamaAttention):  # the layer's own choice: torch or C++ (use_cpu_kernels)
+            patch(module, "rotate_qk_", "rotary")
+        elif isinstance(module, llama.LlamaMLP):
+            patch(module, "act_and_mul", "activation")
     sampler = runner.sampler
     runner.sampler = _CallableProxy(sampler, timer.wrap("sampler", sampler.__call__))
     undo.append(lambda: setattr(runner, "sampler", sampler))
@@ -197,8 +240,8 @@ def main(argv=None) -> dict:
     reference = generate(work)
     plain_wall = time.perf_counter() - t0
 
-    timer = RangeTimer()
-    undo = instrument(llm, timer)
+    timer, split = RangeTimer(), AttentionSplit()
+    undo = instrument(llm, timer, split)
     steps_before = llm.engine.stats.num_steps
     t0 = time.perf_counter()
     outputs = generate(work)
@@ -218,6 +261,8 @@ def main(argv=None) -> dict:
         "instrumented_tokens_match_uninstrumented": same,
         "speed_probe_us_before_after": [probe_before, probe_after],
         "profile": table(timer, steps, wall),
+        "attention_by_step_kind": split.report(steps),
+        "machine_read_gbps": _load_sibling("cpu_attention_bench").read_bandwidth_gbps(),
     }
     if args.torch_ops:
         from torch.profiler import ProfilerActivity, profile

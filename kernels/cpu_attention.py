@@ -9,14 +9,9 @@ each K/V row where it lies, once per group of query heads sharing its KV head, w
 online softmax in fp32, OpenMP-style parallel over (request, KV head, query tile, context
 chunk) work items on torch's intra-op threads (`torch.get_num_threads()`).
 
-Build and cache: `load_extension()` compiles into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, default under the user's cache directory) under a name keyed on the
-CPU's vector capability (AVX2-class machines get `-mavx2 -mfma`), and torch's loader reuses a
-cached build whose sources are unchanged (it hashes the .cpp; ninja's dependency files catch a
-changed header). A build takes ~10-15 s, a cached load ~0.2 s. It needs a C++ compiler and ninja
-(the `ninja` package puts one beside the interpreter; it is found there when not on PATH).
-A failed build raises `ExtensionUnavailable`; `select_backend` then falls back to the torch
-reference with one warning.
+Build and cache: `cpu_extension.load_extension()` (re-exported here), which builds this kernel
+with the layer kernels of `cpu_layers` into one extension; a failed build raises
+`ExtensionUnavailable` and `select_backend` falls back to the torch reference with one warning.
 
 Contract: `attention_ref`'s, through `AttentionBackend` (kernels/backend.py). Queries fp32,
 bf16 or fp16 (computed in fp32, returned in the query's dtype); caches fp32/bf16/fp16 values,
@@ -26,74 +21,20 @@ K/V writes are the reference's (`write_kv_ref`: one index_copy per tensor, cheap
 """
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import sysconfig
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from quire.kernels import kv_quant
 from quire.kernels.attention_ref import TorchAttentionBackend, require_scales
 from quire.kernels.backend import AttentionPlan, WarmUpResult
+from quire.kernels.cpu_extension import ExtensionUnavailable, extension_name, is_loaded, load_extension, load_seconds
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention_cpu.cpp"
+__all__ = ["CpuAttentionPlan", "CpuPagedAttentionBackend", "ExtensionUnavailable", "extension_name",
+           "load_extension", "paged_attention_cpu"]
+
 _KIND = {torch.int8: 1, torch.float8_e4m3fn: 2}  # the kernel's cache kinds; 0: values
-
-_lock = threading.Lock()
-_loaded: dict[str, float] = {}  # "seconds": how long the (first) build or load took in this process
-
-
-class ExtensionUnavailable(RuntimeError):
-    """The C++ kernel could not be built or loaded (no compiler, no ninja, a compile error)."""
-
-
-def extension_name() -> str:
-    """The cache key of the build: the kernel's name plus the vector flags it is compiled with."""
-    return "quire_paged_attention_cpu_" + ("avx2" if _vector_flags() else "base")
-
-
-def _vector_flags() -> list[str]:
-    # AVX2+FMA where torch itself found at least AVX2: 8-wide fp32 FMAs for the inner loops.
-    # Not -march=native: the build is cached by name, and the name records exactly these flags.
-    capability = torch.backends.cpu.get_cpu_capability()
-    return ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
-
-
-def _ensure_ninja_on_path() -> None:
-    """torch's loader runs `ninja` from PATH; a venv's ninja (the `ninja` package) sits beside
-    the interpreter, which is not on PATH when the venv is not activated."""
-    if shutil.which("ninja"):
-        return
-    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        if shutil.which("ninja", path=folder):
-            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
-            return
-
-
-def load_extension() -> float:
-    """Build (first time on this machine) or load (cached) the kernel into this process, once.
-    Returns the seconds it took the first time in this process (0.0 if already loaded);
-    ExtensionUnavailable when it cannot be built or loaded."""
-    with _lock:
-        if "seconds" in _loaded:
-            return 0.0
-        began = time.perf_counter()
-        try:
-            from torch.utils import cpp_extension
-
-            _ensure_ninja_on_path()
-            cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], is_python_module=False,
-                               extra_cflags=["-O3", "-fopenmp-simd", *_vector_flags()], verbose=False)
-            torch.ops.quire_cpu.paged_attention  # noqa: B018  (raises if registration failed)
-        except Exception as exc:  # a compiler error, no compiler, no ninja: all mean "unavailable"
-            raise ExtensionUnavailable(f"the CPU paged-attention kernel could not be built: {exc}") from exc
-        _loaded["seconds"] = time.perf_counter() - began
-        return _loaded["seconds"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +87,7 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if "seconds" not in _loaded:
+        if not is_loaded():
             load_extension()
         return paged_attention_cpu(query, k_cache, v_cache, plan.kernel_plan, scale, k_scale, v_scale)
 
@@ -166,4 +107,4 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
                          num_heads=num_heads, num_kv_heads=num_kv_heads)
         self.attend(torch.zeros(1, num_heads, head_dim, dtype=dtype), k_cache, k_cache, plan, head_dim ** -0.5,
                     *scales)
-        return WarmUpResult(variants=1, seconds=time.perf_counter() - began + _loaded["seconds"])
+        return WarmUpResult(variants=1, seconds=time.perf_counter() - began + load_seconds())

@@ -72,6 +72,8 @@ class Worker:
         self.kv_spec = self.model.kv_cache_spec(kv_cache_dtype)  # ProfileMemory and AllocateKVCache size by it
         # One choice per worker: its KV cache lives on self.device for good.
         self.attention = select_backend(self.device)
+        if self.attention.name == "cpu":  # the C++ kernels are loaded: the layers' elementwise steps too
+            self.model.use_cpu_kernels()
         weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         logger.info("rank %d loaded %s (%.1f MiB of weights) on %s", self.ctx.rank, request.model_path,
                     weight_bytes / 2**20, self.device)

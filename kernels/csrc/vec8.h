@@ -50,6 +50,33 @@ inline float dot(const float* q, const float* k, int64_t D) {
   return s;
 }
 
+// The eight dot products q . k[j], j < 8, as one vector: eight accumulators, then a
+// transposing reduction (three levels of shuffle-and-add) in place of eight horizontal sums.
+inline v8 pair_sums(v8 a, v8 b) {  // [a0+a1, b0+b1, a2+a3, b2+b3, a4+a5, b4+b5, a6+a7, b6+b7]
+  return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+inline v8 quad_sums(v8 x, v8 y) {  // of two pair_sums results: four sums per half, by row
+  return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+         __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+}
+inline v8 dots8(const float* q, const float* const* k, int64_t D) {
+  v8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const v8 x = load8(q + d);
+    a0 += x * load8(k[0] + d); a1 += x * load8(k[1] + d); a2 += x * load8(k[2] + d); a3 += x * load8(k[3] + d);
+    a4 += x * load8(k[4] + d); a5 += x * load8(k[5] + d); a6 += x * load8(k[6] + d); a7 += x * load8(k[7] + d);
+  }
+  const v8 lo = quad_sums(pair_sums(a0, a1), pair_sums(a2, a3));
+  const v8 hi = quad_sums(pair_sums(a4, a5), pair_sums(a6, a7));
+  v8 r = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+  for (; d < D; ++d)
+    for (int j = 0; j < 8; ++j) r[j] += q[d] * k[j][d];
+  return r;
+}
+
 // acc[d] += sum_n p[n] * v[n][d], four vectors of acc held in registers across the positions.
 // (Lanes d_begin .. D - 1 only.)
 inline void accumulate_pv(float* acc, const float* p, const float* const* v, int n_pos, int64_t D,

@@ -31,11 +31,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.kernel = None  # `cpu_layers.rms_norm` after `LlamaForCausalLM.use_cpu_kernels()`
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`x` alone → its norm (x untouched). With `residual` → (norm of x + residual,
         x + residual), the latter being `x` itself, overwritten."""
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x.add_(residual)
             return self._norm(x), x
@@ -67,11 +70,12 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, ctx, dtype)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, ctx, dtype)
+        self.act_and_mul = silu_and_mul  # `cpu_layers.silu_and_mul` after `use_cpu_kernels()`
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"config hidden_act {config.hidden_act!r} is not supported (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
@@ -92,13 +96,14 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.qkv_proj.num_kv_heads * self.head_dim
         self.attn = Attention(layer_index, self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, self.head_dim,
                               self.head_dim ** -0.5)
+        self.rotate_qk_ = rotate_qk_  # `cpu_layers.rotate_qk_` after `use_cpu_kernels()`
 
     def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         # Query and key columns are adjacent: one in-place rotation of both, and q, k, v stay
         # views of the projection's output (rows strided, each row contiguous), never copied.
-        rotate_qk_(qkv[:, :self.q_size + self.kv_size], *position_embeddings)
+        self.rotate_qk_(qkv[:, :self.q_size + self.kv_size], *position_embeddings)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -180,6 +185,21 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states `[num_tokens, hidden]`, replicated on every rank."""
         return self.model(input_ids, positions, meta)
+
+    def use_cpu_kernels(self) -> None:
+        """Run the norms, SiLU-and-mul and rotary through the C++ CPU kernels (`kernels.cpu_layers`;
+        the extension must be loaded: the worker calls this when its attention backend is the C++
+        one). Same contracts; results within a few ulps of the torch layers'. Mutates the layers'
+        kernel choice, for the model's lifetime."""
+        from quire.kernels import cpu_layers
+
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = cpu_layers.rms_norm
+            elif isinstance(module, LlamaMLP):
+                module.act_and_mul = cpu_layers.silu_and_mul
+            elif isinstance(module, LlamaAttention):
+                module.rotate_qk_ = cpu_layers.rotate_qk_
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
