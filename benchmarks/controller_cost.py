@@ -111,10 +111,10 @@ def word_token_ids(tokenizer) -> list[int]:
 
 
 def stub_checkpoint(max_model_len: int) -> Path:
-    """A directory the controller loads as a checkpoint: the default model's config (its
+    """A directory the controller loads as a checkpoint: the tiny random model's config (its
     context raised to `max_model_len`) and tokenizer, no weights (the stub needs none).
     The caller removes it."""
-    source = _cluster("tools", "default_model").default_model_dir()
+    source = _cluster("tools", "default_model").tiny_random_model_dir()
     target = Path(tempfile.mkdtemp(prefix="quire-stub-checkpoint-"))
     for path in source.iterdir():
         if path.is_file() and path.suffix != ".safetensors":

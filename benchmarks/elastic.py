@@ -34,7 +34,7 @@ after `--drain-grace-s`).
 Output: `<out>/elastic.json` (config, time series, scale events, totals) and
 `<out>/elastic.png` (request rate and replicas; queue; TTFT; throughput; scale events
 marked). Unless `--model` is given, a tiny random Llama (hidden 64, 2 layers, 4 heads, 2 KV
-heads, the embedded default model's tokenizer) is built into a temp dir. Examples:
+heads, the tiny random model's tokenizer) is built into a temp dir. Examples:
 
     python benchmarks/elastic.py --out elastic-report          # about 1.5 minutes on 2 CPU cores
     python benchmarks/elastic.py --quick --out elastic-quick    # seconds: tiny sizes (the smoke test)

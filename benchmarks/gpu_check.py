@@ -166,9 +166,9 @@ def checkpoint(ctx) -> dict:
     import transformers
     from transformers import AutoTokenizer
 
-    from quire.cluster.tools.default_model import default_model_dir
+    from quire.cluster.tools.default_model import tiny_random_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(ctx.cache_dir or ctx.tmp / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_model_dir(ctx.cache_dir or ctx.tmp / "cache"))
     size = (dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
             if ctx.dry_run else
             dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64))

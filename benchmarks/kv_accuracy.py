@@ -34,12 +34,11 @@ A row with dtype ``auto`` (``--dtypes auto``) runs the reference against itself:
 agreement 1 exactly, a check of the harness.
 
 Families: ``llama``, ``mistral``, ``qwen2`` are tiny random checkpoints (2 layers, hidden
-128, GQA, head_dim 32 or 64, seeded, initializer range 0.2, the default model's tokenizer)
+128, GQA, head_dim 32 or 64, seeded, initializer range 0.2, the tiny random model's tokenizer)
 built into a temp dir; their distributions come from random weights and are reported as
-they are. ``default`` is the checkpoint ``LLM()`` serves when given no model (larger: 4
-layers, hidden 256, head_dim 32), also random (seeded) weights with a standard small
-initializer, so its distributions are near flat: an upper bound on agreement and a lower
-bound on KL relative to a trained model with peaked distributions. Example (a few minutes
+they are. ``default`` is the checkpoint ``LLM()`` serves when given no model: quire's shipped
+default model (4 layers, hidden 256, head_dim 32), trained on the Python standard library, so
+its distributions are those of a (small) trained model. Example (a few minutes
 on 2 CPU cores):
 
     python benchmarks/kv_accuracy.py --num-prompts 8 --out kv_accuracy.json
@@ -269,7 +268,7 @@ def main(argv=None, tokenizer_dir: str | Path | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from quire.cluster.tools.default_model import default_model_dir
+    from quire.cluster.tools.default_model import default_model_dir, tiny_random_model_dir
 
     bars_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -281,7 +280,7 @@ def main(argv=None, tokenizer_dir: str | Path | None = None) -> dict:
                 if family == "default":
                     path = default_model_dir()
                 else:
-                    path = build_family(family, Path(tmp) / family, Path(tokenizer_dir or default_model_dir()))
+                    path = build_family(family, Path(tmp) / family, Path(tokenizer_dir or tiny_random_model_dir()))
                 print(f"[kv_accuracy] {family}: {args.num_prompts} prompts ...", file=sys.stderr, flush=True)
                 rows.extend(run_family(family, str(path), args))
     finally:

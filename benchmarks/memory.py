@@ -41,7 +41,7 @@ ratios from ``KVCacheSpec`` arithmetic for bfloat16 and a 70B-like geometry (see
 ``benchmarks/memory_dtypes.py``).
 
 Unless ``--model`` is given, a tiny random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads,
-8192 positions, the embedded default model's tokenizer) is built into a temp dir: this is a
+8192 positions, the tiny random model's tokenizer) is built into a temp dir: this is a
 memory experiment, the weights do not matter. Example (a few minutes on 2 CPU cores):
 
     python benchmarks/memory.py --out memory.json --plot memory.png      # --quick: a small run

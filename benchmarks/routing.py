@@ -52,7 +52,7 @@ in the simulation); the router makes >= 5,000 decisions per second for 1k-token 
 64 replicas (cache_aware, the policy doing the most work per decision).
 
 Unless `--model` is given, a tiny random Llama (hidden 64, 2 layers, 4 heads, 2 KV heads,
-4096 positions, the embedded default model's tokenizer) is built into a temp dir: the
+4096 positions, the tiny random model's tokenizer) is built into a temp dir: the
 routing does not depend on the weights. Examples:
 
     python benchmarks/routing.py --out routing-report          # a few minutes on 2 CPU cores

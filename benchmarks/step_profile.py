@@ -226,7 +226,9 @@ def main(argv=None) -> dict:
     total, input_len, output_len = workloads.WORKLOADS["long"]
     work = throughput.make_workload(total, input_len, output_len, args.seed, config.vocab_size,
                                     workloads.special_ids_of(config))[:args.num_requests]
-    llm = LLM(model=model_path, dtype="float32", seed=args.seed, skip_tokenizer_init=True)
+    # No prefix cache: the same prompts run three times, and later runs would skip their prefill.
+    llm = LLM(model=model_path, dtype="float32", seed=args.seed, skip_tokenizer_init=True,
+              enable_prefix_caching=False)
 
     def generate(items):
         params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in items]

@@ -5,7 +5,9 @@ A synthetic workload of random token-id prompts (special ids excluded) with inpu
 output lengths drawn uniformly from fixed ranges with a fixed seed. Every request is
 greedy and produces exactly its own output length (EOS never stops it). Peers:
 
-* ``quire``             -- ``quire.cluster.LLM.generate`` (continuous batching, paged KV).
+* ``quire``             -- ``quire.cluster.LLM.generate`` (continuous batching, paged KV),
+                           prefix cache off: every timed run repeats the same prompts, and
+                           a cached run would skip the prefill the peers must compute.
 * ``hf_generate``       -- ``model.generate`` in static batches of ``--hf-batch-size`` in
                            request order, left padded; each batch runs to its longest
                            output, so only each request's own tokens count as useful
@@ -196,7 +198,11 @@ class QuirePeer:
         self.llm = LLM(model=self.model_path, max_num_seqs=self.args.max_num_seqs,
                        max_num_batched_tokens=self.args.max_num_batched_tokens, dtype=self.args.dtype,
                        seed=self.args.seed, skip_tokenizer_init=self.args.skip_tokenizer_init,
-                       kv_cache_dtype=self.args.kv_cache_dtype)
+                       kv_cache_dtype=self.args.kv_cache_dtype,
+                       # Every timed run repeats the same prompts: with the prefix cache on, a
+                       # run would find the previous run's blocks and skip its prefill, which no
+                       # HF peer can. (These prompts share no prefix within a run.)
+                       enable_prefix_caching=False)
         init = time.perf_counter() - t0
         self._generate(warmup_work(self.work, self.args.warmup_requests))
         return {"init_seconds": round(init, 3), "kv_cache_dtype": self.args.kv_cache_dtype}

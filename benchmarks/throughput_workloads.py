@@ -70,7 +70,7 @@ def apply_preset(args):
 def checkpoint(args):
     """`(model directory, holder)`: `--model`, else the ``long`` workload's model built into a
     temporary directory (`holder` owns it: keep it alive while the directory is used), else
-    quire's embedded default checkpoint (holder None)."""
+    quire's shipped default model (holder None)."""
     if args.model is not None:
         return args.model, None
     if args.workload == "long":

@@ -8,9 +8,10 @@
     quire worker --rank 0 --world-size 2 [--listen HOST:PORT] ...       one rank, for --executor workers
     quire bench serve [--base-url URL] [--request-rates 1,inf] ...      benchmark a running server
 
-Without `--model` the embedded default checkpoint is used (built on first use under
-$QUIRE_CACHE_DIR). `serve` prints `quire: serving MODEL on http://HOST:PORT` once the
-socket is bound (the real port when `--port 0`).
+Without `--model` quire's shipped default model is used (a small Llama trained on the Python
+standard library, in the package; $QUIRE_DEFAULT_MODEL names another directory). `serve`
+prints `quire: serving MODEL on http://HOST:PORT` once the socket is bound (the real port
+when `--port 0`).
 
 Only `serve` and `generate` load the engine; `plan`, `bench` and `--help` import neither torch
 nor the worker, and `worker` hands over to `python -m quire.worker.server` (the controller
@@ -27,6 +28,7 @@ import sys
 from typing import NoReturn
 
 from quire.cluster.core.config import KV_CACHE_DTYPES
+from quire.cluster.tools.default_model import DefaultModelMissing
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as exc:  # bad configuration: say what, not a traceback
+    except (ValueError, DefaultModelMissing) as exc:  # bad configuration: say what, not a traceback
         print(f"quire: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

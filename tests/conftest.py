@@ -53,10 +53,12 @@ TINY_CONFIGS = {
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """The embedded default model's tokenizer, built once per session in a temp cache."""
-    from quire.cluster.tools.default_model import default_model_dir
+    """The tiny random model (and its tokenizer), built once per session in a temp cache. The
+    session's servers and `LLM()` without a model serve it (via $QUIRE_DEFAULT_MODEL, set by
+    the tests that start them): the shipped trained model is tested in test_shipped_model.py."""
+    from quire.cluster.tools.default_model import tiny_random_model_dir
 
-    return default_model_dir(tmp_path_factory.mktemp("quire-cache"))
+    return tiny_random_model_dir(tmp_path_factory.mktemp("quire-cache"))
 
 
 def build_checkpoint(directory: Path, name: str, tokenizer_dir: Path, dtype=torch.float32) -> Path:

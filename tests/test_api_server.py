@@ -39,10 +39,11 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
 
 @pytest.fixture(scope="module")
 def cache_dir(tokenizer_dir):
-    # conftest's session fixture builds the default model into a temp cache once; point
-    # QUIRE_CACHE_DIR there so default_model_dir() finds it (restored after the module).
+    # conftest's session fixture builds the tiny random model into a temp cache once; point
+    # QUIRE_DEFAULT_MODEL at it so default_model_dir() returns it (restored after the module).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
+        mp.setenv("QUIRE_DEFAULT_MODEL", str(tokenizer_dir))  # the tiny random model, not the shipped one
         yield tokenizer_dir.parent
 
 
@@ -98,7 +99,7 @@ def stream_events(server, **body) -> list:
 def test_models_and_health(idle):
     models = idle.client.get("/v1/models").json()
     assert models["object"] == "list"
-    assert [m["id"] for m in models["data"]] == [idle.engine.model.name] == ["default-llama-v1"]
+    assert [m["id"] for m in models["data"]] == [idle.engine.model.name] == ["tiny-random-llama-v1"]
     health = idle.client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
 

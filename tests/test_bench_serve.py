@@ -21,8 +21,8 @@ WORKLOAD = ["--num-prompts", "8", "--input-len", "8:16", "--output-len", "4:8", 
 
 @pytest.fixture(scope="module")
 def server(tokenizer_dir):
-    # conftest built the default model into a session temp cache; the server reuses it.
-    env = {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent)}
+    # conftest built the tiny random model into a session temp cache; the server serves it.
+    env = {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent), "QUIRE_DEFAULT_MODEL": str(tokenizer_dir)}
     with ServeProcess(SERVER_ARGS, env) as proc:
         yield proc
 

@@ -31,9 +31,10 @@ def quire_command() -> list[str]:
 
 @pytest.fixture(scope="module")
 def cache_env(tokenizer_dir):
-    # conftest built the default model into a session temp cache; reuse it instead of rebuilding.
+    # conftest built the tiny random model into a session temp cache; serve it, not the shipped one.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
+        mp.setenv("QUIRE_DEFAULT_MODEL", str(tokenizer_dir))  # the tiny random model, not the shipped one
         yield {**os.environ}
 
 
@@ -72,7 +73,7 @@ def test_serve_port_zero_announces_bound_port(cache_env):
                 pytest.fail(f"no serving line within 60s; output: {''.join(seen)}")
             match = re.match(r"quire: serving (\S+) on (http://127\.0\.0\.1:(\d+))$", seen[-1].strip())
         model, url, port = match.groups()
-        assert model == "default-llama-v1" and int(port) > 0
+        assert model == "tiny-random-llama-v1" and int(port) > 0
         with httpx.Client(base_url=url, timeout=30) as client:
             assert client.get("/health").status_code == 200
             body = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}).json()

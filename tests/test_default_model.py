@@ -1,4 +1,4 @@
-"""Tests for the embedded default checkpoint (quire.cluster.tools.default_model)."""
+"""Tests for the tiny random checkpoint built on first use (quire.cluster.tools.default_model)."""
 
 import pathlib
 
@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quire.cluster.tools import default_model
-from quire.cluster.tools.default_model import CHECKPOINT_NAME, REQUIRED_FILES, default_model_dir
+from quire.cluster.tools.default_model import CHECKPOINT_NAME, REQUIRED_FILES, tiny_random_model_dir
 
 MULTIBYTE = "héllo wörld — 你好 🙂"
 
@@ -16,7 +16,7 @@ MULTIBYTE = "héllo wörld — 你好 🙂"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> pathlib.Path:
     # One build shared by the module: building is cheap, importing torch/transformers is not.
-    return default_model_dir(tmp_path_factory.mktemp("cache"))
+    return tiny_random_model_dir(tmp_path_factory.mktemp("cache"))
 
 
 def test_build_creates_complete_checkpoint(built):
@@ -34,7 +34,7 @@ def test_second_call_reuses_without_rebuilding(built, monkeypatch):
         raise AssertionError("rebuilt an existing complete checkpoint")
 
     monkeypatch.setattr(default_model, "_build_tokenizer", fail)
-    assert default_model_dir(built.parent) == built
+    assert tiny_random_model_dir(built.parent) == built
     assert {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == mtimes
 
 
@@ -42,12 +42,12 @@ def test_incomplete_dir_is_rebuilt(tmp_path):
     target = tmp_path / CHECKPOINT_NAME
     target.mkdir()
     (target / "config.json").write_text("{}")
-    assert default_model_dir(tmp_path) == target
+    assert tiny_random_model_dir(tmp_path) == target
     assert all((target / name).is_file() for name in REQUIRED_FILES)
 
 
 def test_builds_are_deterministic(built, tmp_path):
-    other = default_model_dir(tmp_path)
+    other = tiny_random_model_dir(tmp_path)
     assert other != built
     assert (other / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()
     a = load_file(built / "model.safetensors")
@@ -112,3 +112,13 @@ def test_model_loads_and_runs(built):
         logits = model(**batch).logits
     assert logits.shape == (2, batch.input_ids.shape[1], len(tok))
     assert torch.isfinite(logits).all()
+
+
+def test_default_model_dir_honours_the_override(built, monkeypatch, tmp_path):
+    # $QUIRE_DEFAULT_MODEL names the directory served when no model is given (the tests point it
+    # at the tiny random model); an incomplete one is an error that says what is missing.
+    monkeypatch.setenv("QUIRE_DEFAULT_MODEL", str(built))
+    assert default_model.default_model_dir() == built
+    monkeypatch.setenv("QUIRE_DEFAULT_MODEL", str(tmp_path))
+    with pytest.raises(default_model.DefaultModelMissing, match="model.safetensors"):
+        default_model.default_model_dir()

@@ -234,7 +234,7 @@ def test_head_starts_ray_then_quire_serve(name):
         assert args.routing_policy == "cache_aware"
     assert (args.host, args.port, args.grpc_port) == ("0.0.0.0", 8000, 50051)
     assert args.ray_address == "auto"  # the cluster `ray start --head` just started
-    assert args.model == ("$QUIRE_MODEL" if name in GPU_YAMLS else None)  # CPU: the embedded default model
+    assert args.model == ("$QUIRE_MODEL" if name in GPU_YAMLS else None)  # CPU: the shipped default model
     assert re.search(r"nohup quire serve .*> ~/quire-serve\.log 2>&1 < /dev/null &", command)
 
 

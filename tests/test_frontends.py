@@ -26,7 +26,7 @@ GREEDY = pb.SamplingOptions(max_tokens=6, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def server(tokenizer_dir):
-    env = {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent)}
+    env = {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent), "QUIRE_DEFAULT_MODEL": str(tokenizer_dir)}
     # Asynchronous scheduling (off by default in process): these tests then cover it under
     # concurrent streams, cancellations and deadlines; tests/test_api_server.py covers the default.
     args = ["--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "512", "--max-num-seqs", "256",

@@ -105,7 +105,7 @@ def http_fields(vocab: int) -> tuple[dict, dict, dict]:
     ids = st.lists(st.integers(3, vocab - 1), min_size=1, max_size=8)
     odd_ids = st.lists(BIG_INT | st.integers(vocab - 2, vocab + 2), min_size=1, max_size=8)
     common = {
-        "model": st.just("default-llama-v1") | st.none(),
+        "model": st.just("tiny-random-llama-v1") | st.none(),
         "temperature": st.sampled_from([0, 0.0, 1]) | unit(0, 2), "top_p": unit(0.01, 1),
         "top_k": st.integers(-1, 50), "min_p": unit(0, 1), "seed": st.integers(0, 2**64 - 1) | st.just(2**64 - 1),
         "stop": st.text(min_size=1, max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=3),
@@ -239,7 +239,7 @@ def sampling_options(vocab: int):
 @st.composite
 def generate_requests(draw, vocab: int) -> pb.GenerateRequest:
     request = pb.GenerateRequest(sampling=draw(sampling_options(vocab)), request_id=draw(rarely(TEXT, "")),
-                                 model=draw(rarely(TEXT, st.sampled_from(["", "default-llama-v1"]), 10)),
+                                 model=draw(rarely(TEXT, st.sampled_from(["", "tiny-random-llama-v1"]), 10)),
                                  cache_salt=draw(rarely(TEXT, "")))
     prompt = draw(rarely(st.sampled_from(["odd_ids", "odd_ids", "none"]), st.sampled_from(["text", "ids"]), 5))
     if prompt == "text":
@@ -302,8 +302,9 @@ def server(tokenizer_dir, request):
     stats = {name: dict(examples=0, statuses=Counter(), failures=0, engine_deaths=0, leaked_blocks=0)
              for name in ("/v1/completions", "/v1/chat/completions", "grpc", "grpc_bytes")}
     with pytest.MonkeyPatch.context() as mp:
-        # conftest built the embedded default model in a temp cache; default_model_dir() finds it.
+        # conftest built the tiny random model in a temp cache; default_model_dir() returns it.
         mp.setenv("QUIRE_CACHE_DIR", str(tokenizer_dir.parent))
+        mp.setenv("QUIRE_DEFAULT_MODEL", str(tokenizer_dir))  # the tiny random model, not the shipped one
         model = str(default_model_dir())
         if request.param == "router":
             engine = build_router(model)

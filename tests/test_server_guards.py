@@ -22,7 +22,7 @@ GREEDY = pb.SamplingOptions(max_tokens=3, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def env(tokenizer_dir):
-    return {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent)}
+    return {**os.environ, "QUIRE_CACHE_DIR": str(tokenizer_dir.parent), "QUIRE_DEFAULT_MODEL": str(tokenizer_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_full_queue_is_refused_at_once_on_both_frontends(env):
         for call in calls:
             call.cancel()
         metrics = httpx.get(f"{server.http_url}/metrics", timeout=10).text
-        assert 'quire_requests_rejected_total{model_name="default-llama-v1",reason="queue_full"} 2.0' in metrics
+        assert 'quire_requests_rejected_total{model_name="tiny-random-llama-v1",reason="queue_full"} 2.0' in metrics
 
 
 def _children(pid: int) -> list[int]:

@@ -31,7 +31,7 @@ class LLM:
                  **kwargs):
         """`tokenizer`: a tokenizer directory, for a checkpoint without one (default: the checkpoint's).
         `skip_tokenizer_init`: load none; prompts are then token ids, outputs have token ids and no text.
-        Without `model`, the built-in default model (built locally on first use).
+        Without `model`, quire's shipped default model (`default_model_dir()`).
         `data_parallel_size` > 1: that many replicas of the whole engine as Ray actors behind a
         router choosing by `routing_policy` (`self.engine` is then None: the engines live in
         the actors); 1: one engine in this process."""

@@ -1,2 +1,2 @@
 """Tools beside the server: the deployment planner, the serving benchmark and its report,
-and the default model built locally for `make serve`."""
+the shipped default model served by `make serve`, and the tiny random model for tests."""

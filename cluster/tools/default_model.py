@@ -1,10 +1,15 @@
-"""The embedded default checkpoint: a tiny Llama that quire can run with no download.
+"""quire's two built-in checkpoints, both usable with no download.
 
-The checkpoint is *built* on first use rather than shipped: a byte-level BPE tokenizer is
-trained on text every machine already has (standard-library docstrings plus a few fixed
-non-ASCII lines below), and a small ``LlamaForCausalLM`` is created from a fixed seed.
-Its weights are random: it exists so that quire's whole serving path (tokenizer, paged
-KV cache, sampling, HTTP) runs offline and in tests, not to produce sensible text.
+* The default model (``default_model_dir()``): a small Llama trained on the Python standard
+  library by ``scripts/train_default_model.py`` and shipped with quire as package data
+  (``cluster/assets/default-model``). It writes readable documentation-style English and
+  Python; ``quire serve`` and ``LLM()`` use it when no model is given.
+* The tiny random model (``tiny_random_model_dir()``): *built* on first use rather than
+  shipped: a byte-level BPE tokenizer is trained on text every machine already has
+  (standard-library docstrings plus a few fixed non-ASCII lines below), and a small
+  ``LlamaForCausalLM`` is created from a fixed seed. Its weights are random: it exists so
+  that quire's whole serving path (tokenizer, paged KV cache, sampling, HTTP) runs offline
+  and fast in tests, not to produce sensible text.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import pathlib
 import shutil
 import tempfile
 
-CHECKPOINT_NAME = "default-llama-v1"  # bump when anything below changes the output
+CHECKPOINT_NAME = "tiny-random-llama-v1"  # bump when anything below changes the output
+# The shipped, trained default model (package data; written by scripts/train_default_model.py).
+SHIPPED_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "default-model"
+# A directory to use instead of the shipped model when no model is given (tests point it at
+# the tiny random model, which serves much faster).
+DEFAULT_MODEL_ENV = "QUIRE_DEFAULT_MODEL"
 VOCAB_SIZE = 2048
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
@@ -43,7 +53,8 @@ _NON_ASCII_LINES = (
     "Emoji: 🙂 🚀 ✨ 🎉 👍 — “quotes” ‘single’ … «guillemets» € £ ¥ ©.",
 )
 
-_CHAT_TEMPLATE = (
+# Shared by both checkpoints; the default model's chat training examples are rendered with it.
+CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
@@ -85,6 +96,16 @@ def _corpus() -> list[str]:
 
 
 def _build_tokenizer(out_dir: pathlib.Path):
+    hf_tok = train_tokenizer(_corpus(), VOCAB_SIZE)
+    hf_tok.save_pretrained(out_dir)
+    return hf_tok
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer (a ``PreTrainedTokenizerFast``, not saved) trained on the
+    iterable `texts`: at most `vocab_size` tokens, ids 0-2 the special tokens BOS, EOS, PAD,
+    all 256 bytes in the alphabet (any UTF-8 text encodes), BOS prepended on encode, and
+    CHAT_TEMPLATE as its chat template. Deterministic for given texts and library version."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -92,14 +113,14 @@ def _build_tokenizer(out_dir: pathlib.Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=[BOS, EOS, PAD],  # ids 0, 1, 2
         # All 256 bytes, so any UTF-8 text encodes even if a byte never occurs above.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # Prepend bos on encode (Llama-style add_bos_token) and keep byte-level offsets.
     tok.post_processor = processors.Sequence([
@@ -113,11 +134,10 @@ def _build_tokenizer(out_dir: pathlib.Path):
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        chat_template=_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
-    hf_tok.save_pretrained(out_dir)
     return hf_tok
 
 
@@ -161,10 +181,30 @@ def _build_model(out_dir: pathlib.Path, hf_tok) -> None:
             hf_logging.enable_progress_bar()
 
 
-def default_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """Return the directory of the embedded default checkpoint, building it on first use.
+class DefaultModelMissing(FileNotFoundError):
+    """The default model's directory is incomplete (see ``default_model_dir``)."""
 
-    The checkpoint lives in ``<root>/default-llama-v1`` where ``<root>`` is ``cache_dir``
+
+def default_model_dir() -> pathlib.Path:
+    """Return the directory of quire's default model: ``$QUIRE_DEFAULT_MODEL`` if set, else
+    the shipped trained checkpoint (``SHIPPED_DIR``), loadable with ``AutoTokenizer`` /
+    ``AutoModelForCausalLM``. Nothing is built or downloaded. Raises DefaultModelMissing when
+    the chosen directory lacks any of ``REQUIRED_FILES`` (e.g. a checkout where the model was
+    not trained yet: ``scripts/train_default_model.py`` writes it)."""
+    override = os.environ.get(DEFAULT_MODEL_ENV)
+    path = pathlib.Path(override) if override else SHIPPED_DIR
+    if not _is_complete(path):
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        source = f"${DEFAULT_MODEL_ENV}" if override else "the shipped default model"
+        raise DefaultModelMissing(f"{source} at {path} lacks {', '.join(missing)}; train it with "
+                                "scripts/train_default_model.py, or pass a model")
+    return path
+
+
+def tiny_random_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Return the directory of the tiny random checkpoint, building it on first use.
+
+    The checkpoint lives in ``<root>/tiny-random-llama-v1`` where ``<root>`` is ``cache_dir``
     if given, else ``$QUIRE_CACHE_DIR``, else ``$XDG_CACHE_HOME/quire``, else
     ``~/.cache/quire``. It holds a Hugging Face-format Llama (config.json,
     model.safetensors, generation_config.json) and a byte-level BPE tokenizer
@@ -215,12 +255,12 @@ def build_tiny_llama(directory: str | os.PathLike, max_position_embeddings: int 
                      tokenizer_dir: str | os.PathLike | None = None, num_attention_heads: int = 4,
                      num_key_value_heads: int = 2) -> pathlib.Path:
     """Save a random tiny Llama (hidden 64, 2 layers, 4 heads, 2 KV heads by default; seed 0)
-    with the default model's tokenizer (or `tokenizer_dir`'s) into `directory`, for benchmarks
+    with the tiny random model's tokenizer (or `tokenizer_dir`'s) into `directory`, for benchmarks
     that need a model of a given context length; returns the directory."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or tiny_random_model_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                          max_position_embeddings=max_position_embeddings,
