@@ -15,6 +15,9 @@ with an uninstrumented run of the same work (``uninstrumented_wall_seconds``).
 Attention is also split by step kind (``attention_by_step_kind``): decode-only steps, with
 the K/V bytes they must read and the bandwidth that achieves, beside the machine's streaming
 read bandwidth (``machine_read_gbps``): decode attention is memory-bound, and that is its floor.
+``gemm_floor`` replays the run's GEMMs alone (every linear layer at each forward's token
+count, the LM head at its rows, the model's own weights): the time no kernel or scheduler
+work can remove at this machine's GEMM rate.
 
 ``--torch-ops N`` also runs the same work under ``torch.profiler`` and lists the N
 operators with the most self CPU time (``key_averages``).
@@ -136,7 +139,57 @@ class AttentionSplit:
         return out
 
 
-def instrument(llm, timer: RangeTimer, split: AttentionSplit | None = None):
+class StepShapes:
+    """Records each forward's token count and each LM head call's row count, so the run's
+    GEMMs can be replayed alone (`gemm_floor`)."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.logit_rows: list[int] = []
+
+    def wrap_forward(self, forward):
+        def recorded(input_ids, *args, **kwargs):
+            self.tokens.append(int(input_ids.shape[0]))
+            return forward(input_ids, *args, **kwargs)
+        return recorded
+
+    def wrap_logits(self, compute_logits):
+        def recorded(hidden, *args, **kwargs):
+            self.logit_rows.append(int(hidden.shape[0]))
+            return compute_logits(hidden, *args, **kwargs)
+        return recorded
+
+
+def gemm_floor(model, shapes: StepShapes) -> dict:
+    """The run's GEMMs alone: every linear layer of every forward at its recorded token count
+    and the LM head at its recorded rows, on the model's own weights (`F.linear`, as the model
+    calls it), with nothing else between them. What no attention kernel or scheduler can beat
+    at this machine's GEMM rate: the step's floor."""
+    import torch
+    from torch.nn import functional
+
+    from quire.worker.linear import ColumnParallelLinear, RowParallelLinear
+
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    head = model.lm_head.weight
+    widest = max(max(m.weight.shape[1] for m in linears), head.shape[1])
+    inputs = torch.randn(max(shapes.tokens + shapes.logit_rows), widest)
+    flops = 0
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for tokens in shapes.tokens:
+            for m in linears:
+                functional.linear(inputs[:tokens, :m.weight.shape[1]], m.weight)
+                flops += 2 * tokens * m.weight.numel()
+        for rows in shapes.logit_rows:
+            functional.linear(inputs[:rows, :head.shape[1]], head)
+            flops += 2 * rows * head.numel()
+    seconds = time.perf_counter() - began
+    return {"seconds": round(seconds, 3), "tflop": round(flops / 1e12, 3), "gflops": round(flops / seconds / 1e9, 1),
+            "forwards": len(shapes.tokens)}
+
+
+def instrument(llm, timer: RangeTimer, split: AttentionSplit | None = None, shapes: StepShapes | None = None):
     """Wrap the step's pieces of an in-process `llm` (and `split` inside `attend`); returns a
     function that undoes it."""
     from quire.worker.linear import ColumnParallelLinear, RowParallelLinear
@@ -160,6 +213,10 @@ def instrument(llm, timer: RangeTimer, split: AttentionSplit | None = None):
     if split is not None:
         runner.attention.attend = split.wrap(runner.attention.attend)
         undo.append(lambda: delattr(runner.attention, "attend"))
+    if shapes is not None:
+        model.forward = shapes.wrap_forward(model.forward)
+        model.compute_logits = shapes.wrap_logits(model.compute_logits)
+        undo.append(lambda: (delattr(model, "forward"), delattr(model, "compute_logits")))
     for method, name in (("plan", "attention.plan"), ("write_kv", "attention.write_kv"), ("attend", "attention.attend")):
         patch(runner.attention, method, name)
     patch(model, "forward", "model.forward")
@@ -242,8 +299,8 @@ def main(argv=None) -> dict:
     reference = generate(work)
     plain_wall = time.perf_counter() - t0
 
-    timer, split = RangeTimer(), AttentionSplit()
-    undo = instrument(llm, timer, split)
+    timer, split, shapes = RangeTimer(), AttentionSplit(), StepShapes()
+    undo = instrument(llm, timer, split, shapes)
     steps_before = llm.engine.stats.num_steps
     t0 = time.perf_counter()
     outputs = generate(work)
@@ -265,6 +322,7 @@ def main(argv=None) -> dict:
         "profile": table(timer, steps, wall),
         "attention_by_step_kind": split.report(steps),
         "machine_read_gbps": _load_sibling("cpu_attention_bench").read_bandwidth_gbps(),
+        "gemm_floor": gemm_floor(llm.engine.executor.worker.runner.model, shapes),
     }
     if args.torch_ops:
         from torch.profiler import ProfilerActivity, profile

@@ -44,7 +44,8 @@ def test_dry_run_through_the_script_runs_every_section(tmp_path, tokenizer_dir):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     report = json.loads(Path(env["OUT"], "gpu_check.json").read_text())
-    failing = {name: {key: section.get(key) for key in ("status", "error", "token_agreement")}
+    failing = {name: {key: section.get(key) for key in ("status", "error", "token_agreement", "backend",
+                                                         "max_prompt_logit_error", "logit_tolerance")}
                for name, section in report["sections"].items() if section["status"] not in ("passed", "skipped")}
     assert proc.returncode == 0, f"failing sections: {failing}\nstderr: {proc.stderr[-2000:]}"
     assert report["dry_run"] is True and report["ok"] is True

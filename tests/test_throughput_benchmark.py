@@ -85,4 +85,9 @@ def test_step_profile_categories(load_script, monkeypatch):
     layers = TINY_LONG["num_hidden_layers"]
     calls = {name: row["calls"] for name, row in profile["ranges_exclusive"].items()}
     assert calls["attention.attend"] == calls["activation"] == layers * report["steps"]
+    kinds = report["attention_by_step_kind"]
+    assert kinds["decode_only"]["calls"] + kinds["with_prefill"]["calls"] == calls["attention.attend"]
+    assert kinds["with_prefill"]["calls"] >= layers  # the prompts are computed: no cache across the runs
+    assert kinds["decode_only"]["kv_bytes_read"] > 0 and report["machine_read_gbps"] > 0
+    assert report["gemm_floor"]["forwards"] == report["steps"] and report["gemm_floor"]["gflops"] > 0
     assert len(report["torch_ops_by_self_cpu"]) == 5

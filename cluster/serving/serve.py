@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -182,6 +183,11 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> int:
         client.shutdown()
         if replica_factory is not None:  # every replica, also those the router replaced; the server's loop is gone
             asyncio.run(replica_factory.shutdown_all())
+    if signal.SIGINT in getattr(server, "_captured_signals", ()):
+        # Ctrl-C ends quire as it ends any program (status 130). uvicorn re-raises the signal
+        # through the handler it found at start, which a library (Ray) may have replaced with
+        # one that does not raise; say it here, whichever handler that was.
+        raise KeyboardInterrupt
     if engine_failures:
         print(f"quire: the engine stopped ({engine_failures[0]!r}); exiting", file=sys.stderr, flush=True)
         return 1
