@@ -47,8 +47,11 @@ NO_CHECKPOINT = "skipped: needs the checkpoint section, which did not pass"
 # differ only where asynchronous batching changes a batch's shape, so they must agree more.
 PARITY_AGREEMENT = 0.5
 TRANSPORT_AGREEMENT = 0.9
-# Largest prompt-logit difference from HF's: fp16 was measured up to 0.06 on the CPU.
-LOGIT_TOLERANCE = {"float16": 0.1, "bfloat16": 0.5, "float32": 1e-3}
+# Largest prompt-logit difference from HF's: fp16 was measured up to 0.06 on the CPU. float32
+# (the dry run, on the CPU's C++ kernels, whose RMSNorm, SiLU and attention round differently
+# from torch's): 1e-5 on most tiny checkpoints, 1.7e-3 measured on one (weights drawn with
+# initializer_range 0.2 amplify rounding differences layer by layer); tokens identical.
+LOGIT_TOLERANCE = {"float16": 0.1, "bfloat16": 0.5, "float32": 1e-2}
 
 
 def _version(distribution: str) -> str | None:
