@@ -1,5 +1,5 @@
 """Paged attention on the CPU that reads K/V in place through the block table: a C++ kernel
-(csrc/paged_attention_cpu.cpp with csrc/vec8.h, registered as
+(csrc/paged_attention_cpu.cpp with csrc/simd.h, registered as
 `torch.ops.quire_cpu.paged_attention`) built with torch's extension tooling on first use and
 cached, so later processes only load it (its design is in the .cpp's opening comment).
 

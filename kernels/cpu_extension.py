@@ -1,10 +1,10 @@
 """The C++ CPU kernels' one extension: `torch.ops.quire_cpu.*` from csrc/paged_attention_cpu.cpp
 (the paged-attention kernel, `cpu_attention`) and csrc/layers_cpu.cpp (RMSNorm with the fused
-residual add, SiLU-and-mul, rotary: `cpu_layers`), sharing csrc/vec8.h.
+residual add, SiLU-and-mul, rotary: `cpu_layers`), sharing csrc/simd.h.
 
 Build and cache: `load_extension()` compiles into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default under the user's cache directory) under a name keyed on the
-CPU's vector capability (AVX2-class machines get `-mavx2 -mfma`), and torch's loader reuses a
+CPU's vector capability (AVX-512 machines get `-mavx512f ...`, AVX2-class ones `-mavx2 -mfma`), and torch's loader reuses a
 cached build whose sources are unchanged (it hashes the sources; ninja's dependency files catch
 a changed header). A build takes ~15-25 s, a cached load ~0.2 s. It needs a C++ compiler and
 ninja (the `ninja` package puts one beside the interpreter; it is found there when not on
@@ -36,14 +36,20 @@ class ExtensionUnavailable(RuntimeError):
 
 def extension_name() -> str:
     """The cache key of the build: the kernels' name plus the vector flags they are compiled with."""
-    return "quire_paged_attention_cpu_" + ("avx2" if _vector_flags() else "base")
+    flags = _vector_flags()
+    return "quire_paged_attention_cpu_" + ("avx512" if "-mavx512f" in flags else "avx2" if flags else "base")
 
 
 def _vector_flags() -> list[str]:
-    # AVX2+FMA where torch itself found at least AVX2: 8-wide fp32 FMAs for the inner loops.
-    # Not -march=native: the build is cached by name, and the name records exactly these flags.
+    # The vector ISA torch itself found: AVX-512 (16-lane fp32 FMAs and 32 vector registers
+    # for the attention kernel's loops, csrc/simd.h) or AVX2+FMA (8 lanes), else the compiler's
+    # baseline. Not -march=native: the build is cached by name, and the name records exactly
+    # these flags.
     capability = torch.backends.cpu.get_cpu_capability()
-    return ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512":
+        return [*avx2, "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
+    return avx2 if capability == "AVX2" else []
 
 
 def _ensure_ninja_on_path() -> None:

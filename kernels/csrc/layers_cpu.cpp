@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "vec8.h"
+#include "simd.h"
 
 namespace {
 using namespace quire_cpu;

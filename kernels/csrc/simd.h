@@ -1,0 +1,162 @@
+// fp32 vector helpers for the CPU kernels. GCC/Clang vector types keep the hot loops
+// vectorised whatever the auto-vectoriser decides (it scalarised them after unroll-and-jam),
+// on any target. Two widths: `v8`, eight lanes (one AVX register, two SSE/NEON ones), for the
+// layer kernels; `vf`, the build's native width `kLanes` (16 where the extension is compiled
+// for AVX-512, else 8), for paged attention, whose inner loops are written for any width.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace quire_cpu {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v8 load8(const float* p) { v8 x; std::memcpy(&x, p, sizeof x); return x; }
+inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline float sum8(v8 x) { return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7])); }
+inline v8 max8(v8 a, v8 b) { return a > b ? a : b; }
+
+// exp(x) lane-wise for x <= 0 (scores minus their row's running max): Cephes' expf (range
+// reduction by ln 2, degree-6 polynomial, 2^n from the exponent bits), about 1 ulp; a libm
+// call per score would cost more than the score's FMAs. Below -87 it returns exp(-87).
+// V: a float vector type, I: the int32 vector type of the same lane count.
+template <typename V, typename I>
+inline V exp_lanes(V x) {
+  x = x < -87.0f ? V{} - 87.0f : x;
+  const I n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, I);  // round(x / ln 2)
+  const V fn = __builtin_convertvector(n, V);
+  const V r = x - fn * 0.693359375f + fn * 2.12194440e-4f;  // |r| <= ln(2) / 2
+  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const I bits = (n + 127) << 23;
+  V two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+inline v8 exp8(v8 x) { return exp_lanes<v8, v8i>(x); }
+
+// The native width: every paged-attention loop below is written for kLanes lanes.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vfi __attribute__((vector_size(4 * kLanes)));
+inline vf loadv(const float* p) { vf x; std::memcpy(&x, p, sizeof x); return x; }
+inline void storev(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+inline vf splatv(float x) { return vf{} + x; }
+inline vf maxv(vf a, vf b) { return a > b ? a : b; }
+inline vf expv(vf x) { return exp_lanes<vf, vfi>(x); }
+inline float hmax(vf x) {
+  float m = x[0];
+  for (int j = 1; j < kLanes; ++j) m = m > x[j] ? m : x[j];
+  return m;
+}
+inline float hsum(vf x) {
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += x[j];
+  return s;
+}
+
+// t[0 .. kLanes) -> one vector whose lane j is the sum of t[j]'s lanes: a transposing reduction
+// (log2(kLanes) levels of shuffle-and-add, kLanes - 1 adds in all) in place of kLanes
+// horizontal sums. Each level adds lane pairs of two vectors and interleaves the results.
+#if defined(__AVX512F__)
+inline vf sums_level1(vf a, vf b) {  // per lane pair: (a, b)
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline vf sums_level2(vf x, vf y) {  // per lane quad: (a, b, c, d) from x = (a, b), y = (c, d)
+  return __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline vf sums_level3(vf x, vf y) {  // per 8 lanes: eight vectors' partial sums
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline vf transpose_sums(const vf* t) {
+  const vf a0 = sums_level2(sums_level1(t[0], t[1]), sums_level1(t[2], t[3]));
+  const vf a1 = sums_level2(sums_level1(t[4], t[5]), sums_level1(t[6], t[7]));
+  const vf a2 = sums_level2(sums_level1(t[8], t[9]), sums_level1(t[10], t[11]));
+  const vf a3 = sums_level2(sums_level1(t[12], t[13]), sums_level1(t[14], t[15]));
+  const vf x = sums_level3(a0, a1), y = sums_level3(a2, a3);
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+#else
+inline vf sums_level1(vf a, vf b) {
+  return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+inline vf sums_level2(vf x, vf y) {
+  return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+}
+inline vf transpose_sums(const vf* t) {
+  const vf lo = sums_level2(sums_level1(t[0], t[1]), sums_level1(t[2], t[3]));
+  const vf hi = sums_level2(sums_level1(t[4], t[5]), sums_level1(t[6], t[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#endif
+
+// Partial dot products of R query rows with n_pos K rows, each K row loaded once for all R:
+// t[r * t_stride + n] holds q[r] . k[n] spread over lanes (transpose_sums finishes them).
+template <int R>
+inline void dot_rows(const float* const* q, const float* const* k, int n_pos, int64_t D, vf* t, int t_stride) {
+  for (int n = 0; n < n_pos; ++n) {
+    const float* kr = k[n];
+    vf a[R];
+    for (int r = 0; r < R; ++r) a[r] = vf{};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      const vf kv = loadv(kr + d);
+      for (int r = 0; r < R; ++r) a[r] += loadv(q[r] + d) * kv;
+    }
+    for (; d < D; ++d)  // a head dim that is not a multiple of the width: the rest in lane 0
+      for (int r = 0; r < R; ++r) a[r][0] += q[r][d] * kr[d];
+    for (int r = 0; r < R; ++r) t[r * t_stride + n] = a[r];
+  }
+}
+
+// acc[r][d] += sum_n p[r][n * p_stride] * v[n][d] for R rows sharing the V rows (each V load
+// feeds all R), four vectors of each row's accumulator held in registers across the positions.
+template <int R>
+inline void accumulate_pv(float* const* acc, const float* const* p, int64_t p_stride, const float* const* v,
+                          int n_pos, int64_t D) {
+  int64_t d = 0;
+  for (; d + 4 * kLanes <= D; d += 4 * kLanes) {
+    vf a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) a[r][j] = loadv(acc[r] + d + j * kLanes);
+    for (int n = 0; n < n_pos; ++n) {
+      const float* vr = v[n] + d;
+      const vf v0 = loadv(vr), v1 = loadv(vr + kLanes), v2 = loadv(vr + 2 * kLanes), v3 = loadv(vr + 3 * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const vf x = splatv(p[r][n * p_stride]);
+        a[r][0] += x * v0; a[r][1] += x * v1; a[r][2] += x * v2; a[r][3] += x * v3;
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) storev(acc[r] + d + j * kLanes, a[r][j]);
+  }
+  for (; d + kLanes <= D; d += kLanes) {
+    vf a[R];
+    for (int r = 0; r < R; ++r) a[r] = loadv(acc[r] + d);
+    for (int n = 0; n < n_pos; ++n) {
+      const vf vv = loadv(v[n] + d);
+      for (int r = 0; r < R; ++r) a[r] += splatv(p[r][n * p_stride]) * vv;
+    }
+    for (int r = 0; r < R; ++r) storev(acc[r] + d, a[r]);
+  }
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r)
+      for (int n = 0; n < n_pos; ++n) acc[r][d] += p[r][n * p_stride] * v[n][d];
+}
+
+}  // namespace quire_cpu
