@@ -86,7 +86,8 @@ def load_extension() -> float:
 
             _ensure_ninja_on_path()
             cpp_extension.load(name=extension_name(), sources=[str(s) for s in SOURCES], is_python_module=False,
-                               extra_cflags=["-O3", "-fopenmp-simd", *_vector_flags()], verbose=False)
+                               extra_cflags=["-O3", "-fopenmp", *_vector_flags()], extra_ldflags=["-fopenmp"],
+                               verbose=False)
             for op in ("paged_attention", "rms_norm", "silu_and_mul", "rotate_qk"):
                 getattr(torch.ops.quire_cpu, op)  # raises if registration failed
         except Exception as exc:  # a compiler error, no compiler, no ninja: all mean "unavailable"

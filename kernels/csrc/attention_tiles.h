@@ -6,7 +6,7 @@
 //   heads lie side by side and the item then streams whole blocks; the work is memory-bound.
 //   Scores take lanes over head_dim, each K row loaded once for a block of query rows, and a
 //   transposing reduction finishes kLanes of them at a time; the next chunk's rows are
-//   prefetched as this chunk's are consumed.
+//   prefetched while this chunk's arithmetic runs.
 // - Prefill tiles (more rows: chunks of prompt tokens x the group) take one KV head each and
 //   are compute-bound. The queries are transposed once per item to [head_dim][rows], so the
 //   scores of a position vectorise over rows with K's elements broadcast (no per-chunk
@@ -93,7 +93,6 @@ struct Scratch {
   std::vector<float> f;
   std::vector<vf> t;                // a decode chunk's partial dot products
   std::vector<const float*> rows;   // the chunk's K/V rows, [head][position]
-  std::vector<const char*> next;    // the next chunk's K/V rows (decodes prefetch them)
 };
 
 // The item's geometry and where its query token rows sit.
@@ -183,7 +182,6 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
   sc.f.resize(P * D * 2 + P * 2 + P * kChunk + (kConverted ? 2 * NH * kChunk * D : 0));
   sc.t.resize(kRowBlock * kChunk);
   sc.rows.resize(2 * NH * kChunk);
-  sc.next.resize(2 * kChunk);
   float* q = sc.f.data();
   float* acc = q + P * D;
   float* mrow = acc + P * D;
@@ -208,27 +206,26 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
   for (int64_t c0 = it.begin; c0 < it.end; c0 += kChunk) {
     const int n_pos = int(std::min<int64_t>(kChunk, it.end - c0));
     gather_rows<T>(a, it, tl, c0, n_pos, krows, vrows, kb, vb);
-    // The next chunk's rows are prefetched a head's share at a time as this chunk's are
-    // consumed, so their loads overlap this chunk's arithmetic instead of waiting on it.
-    const int n_next = int(std::max<int64_t>(0, std::min<int64_t>(kChunk, it.end - c0 - kChunk)));
-    for (int n = 0; n < n_next; ++n) {
-      const int64_t c = c0 + kChunk + n;
+    // The next chunk's K/V rows are prefetched (whole positions, every head of the item) while
+    // this chunk's arithmetic runs: a decode reads each row once, so without it every chunk
+    // would wait on memory (measured ~10% faster over a 350 MB working set than no prefetch,
+    // or prefetching a head's share as each head is processed).
+    const int64_t next_end = std::min<int64_t>(it.end, c0 + 2 * kChunk);
+    for (int64_t c = c0 + kChunk; c < next_end; ++c) {
       const int64_t row = table[c / a.block_size] * a.c_sb + (c % a.block_size) * a.c_sp + it.kv_head * a.c_sh;
-      sc.next[n] = reinterpret_cast<const char*>(static_cast<const T*>(a.k) + row);
-      sc.next[kChunk + n] = reinterpret_cast<const char*>(static_cast<const T*>(a.v) + row);
+      const char* k_row = reinterpret_cast<const char*>(static_cast<const T*>(a.k) + row);
+      const char* v_row = reinterpret_cast<const char*>(static_cast<const T*>(a.v) + row);
+      for (int64_t o = 0; o < row_bytes; o += 64) {
+        __builtin_prefetch(k_row + o, 0, 3);
+        __builtin_prefetch(v_row + o, 0, 3);
+      }
     }
-    auto prefetch_next = [&](int64_t h, int kv) {
-      const int64_t from = row_bytes * h / NH, to = row_bytes * (h + 1) / NH;
-      for (int n = 0; n < n_next; ++n)
-        for (int64_t o = from; o < to; o += 64) __builtin_prefetch(sc.next[kv * kChunk + n] + o, 0, 3);
-    };
     // 1. scores s[m][n]: kRowBlock rows per K load, lanes over head_dim, then transposing sums
     const int n_vec = (n_pos + kLanes - 1) / kLanes * kLanes;  // whole vectors of positions
     vf* t = sc.t.data();
     for (int64_t h = 0; h < NH; ++h) {
       const float** kr = krows + h * kChunk;
       for (int n = n_pos; n < n_vec; ++n) kr[n] = kr[0];  // padding positions, masked below
-      prefetch_next(h, 0);
       for (int64_t local = 0; local < MH; local += kRowBlock) {
         const int64_t m = h * PH + local;
         const float* qr[kRowBlock];
@@ -274,7 +271,6 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
     }
     // 3. acc += p V, kRowBlock rows of one head at a time
     for (int64_t h = 0; h < NH; ++h) {
-      prefetch_next(h, 1);
       for (int64_t local = 0; local < MH; local += kRowBlock) {
         const int64_t m = h * PH + local;
         float* ar[kRowBlock];
