@@ -183,3 +183,15 @@ def test_the_cpu_kernel_is_the_cpu_default(monkeypatch):
     assert select_backend("cpu").name == "cpu"
     monkeypatch.setenv("QUIRE_ATTENTION_BACKEND", "torch")
     assert select_backend("cpu").name == "torch"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_kernels_parallel_regions_use_every_torch_thread(threads):
+    # at::parallel_for is inlined into the extension: built without OpenMP it silently runs on
+    # the calling thread alone (as it once did). The width is that of a region in the extension.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.ops.quire_cpu.parallel_width() == threads
+    finally:
+        torch.set_num_threads(previous)

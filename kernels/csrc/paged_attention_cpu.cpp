@@ -160,11 +160,23 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   return out;
 }
 
+// How many threads a parallel region of this extension runs on: at::parallel_for is inlined
+// here, so whether it is parallel depends on how this file was compiled (-fopenmp), not on torch.
+int64_t parallel_width() {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<std::atomic<int>> seen(threads);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { seen[at::get_thread_num() % threads] = 1; });
+  int64_t width = 0;
+  for (auto& s : seen) width += s.load();
+  return width;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quire_cpu, m) {
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale, Tensor? k_scale, Tensor? v_scale, int kind) -> Tensor");
+  m.def("parallel_width() -> int", &parallel_width);
 }
 
 TORCH_LIBRARY_IMPL(quire_cpu, CPU, m) { m.impl("paged_attention", &paged_attention); }
