@@ -171,14 +171,29 @@ inline void write_rows(const Args& a, const Item& it, const Tile& tl, const floa
     }
 }
 
+// Calls f(std::integral_constant<int, R>) for a block of R = 1 .. kRowBlock rows.
+template <typename F>
+inline void with_rows(int R, F&& f) {
+  static_assert(kRowBlock == 2 || kRowBlock == 4, "a row block of 2 or 4");
+  switch (R) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: if constexpr (kRowBlock == 4) f(std::integral_constant<int, 3>{}); break;
+    default: if constexpr (kRowBlock == 4) f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 template <typename T>
 void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
-  // Rows are (head, token, group), each head's rows padded to a multiple of kRowBlock (PH):
-  // a padding row keeps a zero query and zero probabilities and is never written out.
+  // Rows are (head, token, group), taken RB at a time: a head's rows (a GQA group of 3 is one
+  // block of 3, not 4 with a wasted row) or kRowBlock. Each head's rows are padded to a
+  // multiple of RB (PH): a padding row keeps a zero query and zero probabilities and is never
+  // written out.
   constexpr bool kConverted = !std::is_same_v<T, float>;
   const Tile tl(a, it);
   const int64_t D = tl.D, G = tl.G, NH = tl.NH, MH = tl.MH;
-  const int64_t PH = (MH + kRowBlock - 1) / kRowBlock * kRowBlock, P = NH * PH;
+  const int RB = int(std::min<int64_t>(MH, kRowBlock));
+  const int64_t PH = (MH + RB - 1) / RB * RB, P = NH * PH;
   sc.f.resize(P * D * 2 + P * 2 + P * kChunk + (kConverted ? 2 * NH * kChunk * D : 0));
   sc.t.resize(kRowBlock * kChunk);
   sc.rows.resize(2 * NH * kChunk);
@@ -220,20 +235,20 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
         __builtin_prefetch(v_row + o, 0, 3);
       }
     }
-    // 1. scores s[m][n]: kRowBlock rows per K load, lanes over head_dim, then transposing sums
+    // 1. scores s[m][n]: RB rows per K load, lanes over head_dim, then transposing sums
     const int n_vec = (n_pos + kLanes - 1) / kLanes * kLanes;  // whole vectors of positions
     vf* t = sc.t.data();
     for (int64_t h = 0; h < NH; ++h) {
       const float** kr = krows + h * kChunk;
       for (int n = n_pos; n < n_vec; ++n) kr[n] = kr[0];  // padding positions, masked below
-      for (int64_t local = 0; local < MH; local += kRowBlock) {
+      for (int64_t local = 0; local < MH; local += RB) {
         const int64_t m = h * PH + local;
         const float* qr[kRowBlock];
-        for (int r = 0; r < kRowBlock; ++r) qr[r] = q + (m + r) * D;
+        for (int r = 0; r < RB; ++r) qr[r] = q + (m + r) * D;
         // the block's last row sees the most positions; whole vectors of them
-        const int n_dot = (tl.limit(local + kRowBlock - 1, c0, n_pos) + kLanes - 1) / kLanes * kLanes;
-        dot_rows<kRowBlock>(qr, kr, n_dot, D, t, kChunk);
-        for (int r = 0; r < kRowBlock; ++r)
+        const int n_dot = (tl.limit(local + RB - 1, c0, n_pos) + kLanes - 1) / kLanes * kLanes;
+        with_rows(RB, [&](auto rows) { dot_rows<rows()>(qr, kr, n_dot, D, t, kChunk); });
+        for (int r = 0; r < RB; ++r)
           for (int n = 0, limit = tl.limit(local + r, c0, n_pos); n < limit; n += kLanes)
             storev(s + (m + r) * kChunk + n, transpose_sums(t + r * kChunk + n));
       }
@@ -269,17 +284,18 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
       }
       lrow[m] += hsum(sum);
     }
-    // 3. acc += p V, kRowBlock rows of one head at a time
+    // 3. acc += p V, RB rows of one head at a time
     for (int64_t h = 0; h < NH; ++h) {
-      for (int64_t local = 0; local < MH; local += kRowBlock) {
+      for (int64_t local = 0; local < MH; local += RB) {
         const int64_t m = h * PH + local;
         float* ar[kRowBlock];
         const float* pr[kRowBlock];
-        for (int r = 0; r < kRowBlock; ++r) {
+        for (int r = 0; r < RB; ++r) {
           ar[r] = acc + (m + r) * D;
           pr[r] = s + (m + r) * kChunk;
         }
-        accumulate_pv<kRowBlock>(ar, pr, 1, vrows + h * kChunk, tl.limit(local + kRowBlock - 1, c0, n_pos), D);
+        const int limit = tl.limit(local + RB - 1, c0, n_pos);
+        with_rows(RB, [&](auto rows) { accumulate_pv<rows()>(ar, pr, 1, vrows + h * kChunk, limit, D); });
       }
     }
   }
