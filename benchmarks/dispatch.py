@@ -39,6 +39,7 @@ import time
 
 import torch
 from controller_cost import _cluster, controller_report, token_cost_report
+from throughput_workloads import cpu_ticks
 
 
 parse_range = _cluster("tools", "bench_serve").parse_range
@@ -53,16 +54,6 @@ def workload(args, vocab_size):
         prompts.append([rng.randrange(3, vocab_size) for _ in range(rng.randint(*args.input_len))])
         params.append(SamplingParams(temperature=0, max_tokens=rng.randint(*args.output_len), ignore_eos=True))
     return prompts, params
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(steal, total) CPU ticks of the machine so far, from /proc/stat; None off Linux."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(field) for field in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def measure(name, llm, prompts, params):

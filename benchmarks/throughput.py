@@ -300,6 +300,7 @@ def summarize(runs: list[dict], work, tokens: list[list[int]], setup: dict) -> d
         "length_mismatches": sum(len(t) != o for t, (_, o) in zip(tokens, work)),
         "wall_seconds_all_runs": [round(w, 4) for w in walls],
         "speed_probe_us_around_runs": [r["probe"] for r in runs],
+        "cpu_steal_share_runs": [r.get("steal") for r in runs],  # CPU time the hypervisor gave to other guests
     }
     res.update(setup)
     res.update(median_run["extras"])
@@ -389,18 +390,19 @@ def main(argv=None) -> dict:
 
     for rep in range(args.repeats):
         for name in list(peers):
-            before = speed_probe()
+            before, ticks = speed_probe(), _workloads.cpu_ticks()
             try:
                 wall, toks, extras = peers[name].run()
             except Exception as exc:  # noqa: BLE001
                 report["results"][name] = _error(exc)
                 del peers[name]
                 continue
+            steal = _workloads.steal_share(ticks, _workloads.cpu_ticks())
             after = speed_probe()
-            runs[name].append({"wall": wall, "extras": extras, "probe": [before, after]})
+            runs[name].append({"wall": wall, "extras": extras, "probe": [before, after], "steal": steal})
             tokens.setdefault(name, toks)
             log(f"{name} run {rep + 1}/{args.repeats}: {wall:.2f}s "
-                f"(speed probe {before:.0f} -> {after:.0f} us)")
+                f"(speed probe {before:.0f} -> {after:.0f} us, cpu steal {steal})")
 
     for name in peers:
         report["results"][name] = summarize(runs[name], work, tokens[name], setups[name])

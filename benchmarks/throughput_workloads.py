@@ -1,4 +1,5 @@
-"""Workload presets for `throughput.py` and `step_profile.py`, and an attention timer.
+"""Workload presets for `throughput.py` and `step_profile.py`, an attention timer, and the
+machine's stolen CPU time (`cpu_ticks`, also used by `dispatch.py`).
 
 ``long``: 64 requests, prompts of 32-512 tokens, outputs of 16-256, on a randomly
 initialised 6-layer Llama (hidden 768, 12 query heads over 4 KV heads of 64, SwiGLU
@@ -139,3 +140,21 @@ class AttentionTimer:
     @property
     def total_seconds(self) -> float:
         return sum(self.seconds.values())
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of the machine so far, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(field) for field in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time its hypervisor gave to other guests between two
+    `cpu_ticks()` readings (None off Linux)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
