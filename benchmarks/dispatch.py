@@ -39,7 +39,7 @@ import time
 
 import torch
 from controller_cost import _cluster, controller_report, token_cost_report
-from throughput_workloads import cpu_ticks
+from throughput_workloads import cpu_ticks, steal_share
 
 
 parse_range = _cluster("tools", "bench_serve").parse_range
@@ -64,10 +64,7 @@ def measure(name, llm, prompts, params):
     began = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - began
-    ticks_after = cpu_ticks()
-    steal = None  # the share of CPU time the hypervisor gave to other guests during the run
-    if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
-        steal = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
+    steal = steal_share(ticks_before, cpu_ticks())  # CPU time the hypervisor gave to other guests
     stats = llm.engine.stats
     world = llm.engine.executor.world_size
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -146,8 +143,7 @@ def main() -> None:
         report["machine"] = {
             "cpu_cores": len(os.sched_getaffinity(0)), "seconds": time.perf_counter() - began,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "cpu_steal_share": (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
-            if ticks_before and ticks_after and ticks_after[1] > ticks_before[1] else None,
+            "cpu_steal_share": steal_share(ticks_before, ticks_after),
             "engine_module": _cluster("core", "engine").__file__}
         text = json.dumps(report, indent=2)
         if args.out:

@@ -300,7 +300,7 @@ def summarize(runs: list[dict], work, tokens: list[list[int]], setup: dict) -> d
         "length_mismatches": sum(len(t) != o for t, (_, o) in zip(tokens, work)),
         "wall_seconds_all_runs": [round(w, 4) for w in walls],
         "speed_probe_us_around_runs": [r["probe"] for r in runs],
-        "cpu_steal_share_runs": [r.get("steal") for r in runs],  # CPU time the hypervisor gave to other guests
+        "cpu_steal_share_runs": [None if r["steal"] is None else round(r["steal"], 4) for r in runs],  # CPU time the hypervisor gave to other guests
     }
     res.update(setup)
     res.update(median_run["extras"])
@@ -402,7 +402,7 @@ def main(argv=None) -> dict:
             runs[name].append({"wall": wall, "extras": extras, "probe": [before, after], "steal": steal})
             tokens.setdefault(name, toks)
             log(f"{name} run {rep + 1}/{args.repeats}: {wall:.2f}s "
-                f"(speed probe {before:.0f} -> {after:.0f} us, cpu steal {steal})")
+                f"(speed probe {before:.0f} -> {after:.0f} us, cpu steal {steal if steal is None else round(steal, 4)})")
 
     for name in peers:
         report["results"][name] = summarize(runs[name], work, tokens[name], setups[name])

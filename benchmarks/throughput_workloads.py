@@ -155,6 +155,6 @@ def cpu_ticks() -> tuple[int, int] | None:
 def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
     """The share of the machine's CPU time its hypervisor gave to other guests between two
     `cpu_ticks()` readings (None off Linux)."""
-    if before is None or after is None or after[1] == before[1]:
+    if before is None or after is None or after[1] <= before[1]:
         return None
-    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+    return (after[0] - before[0]) / (after[1] - before[1])

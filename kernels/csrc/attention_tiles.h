@@ -93,6 +93,7 @@ struct Scratch {
   std::vector<float> f;
   std::vector<vf> t;                // a decode chunk's partial dot products
   std::vector<const float*> rows;   // the chunk's K/V rows, [head][position]
+  std::vector<vfi> seen;            // a prefill item's causal limits, a vector of rows each
 };
 
 // The item's geometry and where its query token rows sit.
@@ -352,7 +353,8 @@ void run_prefill_item(const Args& a, const Item& it, Scratch& sc) {
     for (int64_t d = 0; d < D; ++d) qT[d * PR + m] = src[d] * a.scale;
   }
   // Each row's causal limit as a position (padding rows take the last real row's).
-  std::vector<vfi> seen(RV);
+  std::vector<vfi>& seen = sc.seen;
+  seen.resize(RV);
   for (int64_t m = 0; m < PR; ++m) seen[m / kLanes][m % kLanes] = int32_t(tl.first_limit + std::min(m, MH - 1) / G);
   for (int64_t c0 = it.begin; c0 < it.end; c0 += kChunk) {
     const int n_pos = int(std::min<int64_t>(kChunk, it.end - c0));

@@ -15,8 +15,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 inline v8 load8(const float* p) { v8 x; std::memcpy(&x, p, sizeof x); return x; }
 inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
-inline float sum8(v8 x) { return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7])); }
-inline v8 max8(v8 a, v8 b) { return a > b ? a : b; }
 
 // exp(x) lane-wise for x <= 0 (scores minus their row's running max): Cephes' expf (range
 // reduction by ln 2, degree-6 polynomial, 2^n from the exponent bits), about 1 ulp; a libm
