@@ -161,29 +161,30 @@ class StepShapes:
 
 
 def gemm_floor(model, shapes: StepShapes) -> dict:
-    """The run's GEMMs alone: every linear layer of every forward at its recorded token count
-    and the LM head at its recorded rows, on the model's own weights (`F.linear`, as the model
-    calls it), with nothing else between them. What no attention kernel or scheduler can beat
-    at this machine's GEMM rate: the step's floor."""
+    """The run's GEMMs alone: every projection (linear layers and the LM head) of every forward
+    at its recorded token count (the head at its recorded rows), through the model's own GEMM
+    path (`ProjectionWeight.project`: packed or `F.linear`), with nothing else between them.
+    What no attention kernel or scheduler can beat at this machine's GEMM rate: the step's floor."""
     import torch
-    from torch.nn import functional
 
-    from quire.worker.linear import ColumnParallelLinear, RowParallelLinear
+    from quire.worker.linear import ProjectionWeight
 
-    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    head = model.lm_head.weight
-    widest = max(max(m.weight.shape[1] for m in linears), head.shape[1])
+    head = model.lm_head
+    linears = [m for m in model.modules() if isinstance(m, ProjectionWeight) and m is not head]
+    widest = max(m.weight_shape[1] for m in (*linears, head))
     inputs = torch.randn(max(shapes.tokens + shapes.logit_rows), widest)
     flops = 0
     began = time.perf_counter()
     with torch.inference_mode():
         for tokens in shapes.tokens:
             for m in linears:
-                functional.linear(inputs[:tokens, :m.weight.shape[1]], m.weight)
-                flops += 2 * tokens * m.weight.numel()
+                out_features, in_features = m.weight_shape
+                m.project(inputs[:tokens, :in_features])
+                flops += 2 * tokens * out_features * in_features
         for rows in shapes.logit_rows:
-            functional.linear(inputs[:rows, :head.shape[1]], head)
-            flops += 2 * rows * head.numel()
+            out_features, in_features = head.weight_shape
+            head.project(inputs[:rows, :in_features])
+            flops += 2 * rows * out_features * in_features
     seconds = time.perf_counter() - began
     return {"seconds": round(seconds, 3), "tflop": round(flops / 1e12, 3), "gflops": round(flops / seconds / 1e9, 1),
             "forwards": len(shapes.tokens)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quire.worker.linear import ProjectionWeight
 from quire.worker.parallel import ParallelContext
 
 
@@ -40,14 +41,16 @@ class VocabParallelEmbedding(nn.Module):
         return self.ctx.all_reduce(embedded)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Shares the embedding's sharding; `tie_to` reuses an embedding's weight (tied embeddings)."""
+class ParallelLMHead(VocabParallelEmbedding, ProjectionWeight):
+    """Shares the embedding's sharding; `tie_to` reuses an embedding's weight (tied embeddings).
+    `pack_weight()` packs the head's slice for MKL's GEMM; a tied head's packed copy comes on
+    top of the embedding table, which the lookups still read."""
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """`[n, V]` float32 logits on rank 0; None elsewhere."""
-        local = nn.functional.linear(hidden, self.weight)
+        local = self.project(hidden)
         full = self.ctx.gather_to_first(local, dim=-1)
         return None if full is None else full[:, : self.vocab_size].float()

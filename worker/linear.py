@@ -10,7 +10,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quire.kernels.packed_gemm import PackedWeight, packing_available
 from quire.worker.parallel import ParallelContext
+
+
+class ProjectionWeight(nn.Module):
+    """The weight's home and its GEMM: `project(x)` is `x @ W^T` through `F.linear` until
+    `pack_weight()`, and through MKL's packed panels (`kernels.packed_gemm`) after it."""
+
+    packed: PackedWeight | None = None
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.linear(x, bias)
+        return nn.functional.linear(x, self.weight, bias)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """`(out, in)` of this rank's weight, packed or not."""
+        if self.packed is not None:
+            return self.packed.out_features, self.packed.in_features
+        return tuple(self.weight.shape)
+
+    def pack_weight(self) -> bool:
+        """Repack the loaded weight for MKL's GEMM and free the original (the packed panels take
+        its bytes); a no-op returning False where the weight cannot be packed (not fp32 on
+        the CPU). Call after loading: the layer has no `weight` parameter (and no
+        `weight_loader` target) afterwards."""
+        if self.packed is not None or not packing_available(self.weight):
+            return False
+        self.packed = PackedWeight(self.weight.data)
+        self.weight = None
+        return True
 
 
 def _load_rows(param: torch.Tensor, source, start: int, length: int, dst_offset: int = 0) -> None:
@@ -19,7 +50,7 @@ def _load_rows(param: torch.Tensor, source, start: int, length: int, dst_offset:
     param.data[dst_offset:dst_offset + length].copy_(torch.as_tensor(chunk).to(param.dtype))
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(ProjectionWeight):
     """Splits `W` by output rows: rank r holds `W[r*out/tp:(r+1)*out/tp, :]` (and that slice
     of `b`) and produces its slice of `y`; no communication. Input is replicated."""
 
@@ -35,7 +66,7 @@ class ColumnParallelLinear(nn.Module):
         _load_rows(param, source, self.ctx.rank * self.out_per_rank, self.out_per_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.project(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -84,7 +115,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             _load_rows(param, source, self.kv_head_start * d, kv_size, dst_offset=offset)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ProjectionWeight):
     """Splits `W` by input columns: rank r holds `W[:, r*in/tp:(r+1)*in/tp]` and consumes its
     slice of `x` (the output of a column-parallel layer), computes a partial `y`, and
     the partials are summed by all-reduce. The bias is added once, after the sum."""
@@ -106,5 +137,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(torch.as_tensor(chunk).to(param.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(nn.functional.linear(x, self.weight))
+        y = self.ctx.all_reduce(self.project(x))
         return y if self.bias is None else y + self.bias

@@ -74,7 +74,8 @@ class Worker:
         self.attention = select_backend(self.device)
         if self.attention.name == "cpu":  # the C++ kernels are loaded: the layers' elementwise steps too
             self.model.use_cpu_kernels()
-        weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+        self.model.pack_gemm_weights()
+        weight_bytes = self.model.weight_bytes()
         logger.info("rank %d loaded %s (%.1f MiB of weights) on %s", self.ctx.rank, request.model_path,
                     weight_bytes / 2**20, self.device)
         return pb.LoadModelResponse(weight_bytes=weight_bytes, vocab_size=config.vocab_size)

@@ -14,7 +14,7 @@ from quire.kernels import kv_quant
 from quire.worker.attention import Attention, AttentionMetadata
 from quire.worker.embedding import ParallelLMHead, VocabParallelEmbedding
 from quire.worker.kv_pool import KVCacheSpec
-from quire.worker.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from quire.worker.linear import MergedColumnParallelLinear, ProjectionWeight, QKVParallelLinear, RowParallelLinear
 from quire.worker.parallel import ParallelContext
 from quire.worker.rotary import RotaryEmbedding, rotate_qk_
 
@@ -200,6 +200,19 @@ class LlamaForCausalLM(nn.Module):
                 module.act_and_mul = cpu_layers.silu_and_mul
             elif isinstance(module, LlamaAttention):
                 module.rotate_qk_ = cpu_layers.rotate_qk_
+
+    def pack_gemm_weights(self) -> int:
+        """Repack every projection's weight (q/k/v, o, gate/up, down, the LM head) for MKL's GEMM
+        (`kernels.packed_gemm`): fp32 on the CPU only; elsewhere nothing changes. Call after
+        `load_weights`; the packed layers have no `weight` parameter afterwards (a tied LM head
+        keeps the embedding's). Returns how many weights were packed."""
+        return sum(module.pack_weight() for module in self.modules() if isinstance(module, ProjectionWeight))
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights hold: each distinct parameter once, plus packed GEMM panels."""
+        params = {id(p): p for p in self.parameters()}.values()
+        packed = (m.packed for m in self.modules() if isinstance(m, ProjectionWeight) and m.packed is not None)
+        return sum(p.numel() * p.element_size() for p in params) + sum(w.nbytes for w in packed)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
