@@ -71,8 +71,8 @@ def paged_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 class CpuPagedAttentionBackend(TorchAttentionBackend):
-    """The C++ in-place kernel above as an `AttentionBackend` (CPU caches only); K/V writes are
-    the torch reference's, inherited. Constructing
+    """The C++ in-place kernel above as an `AttentionBackend` (CPU caches only); K/V writes go
+    through the C++ slot copy (the torch reference's for quantized caches). Constructing
     one does not build the kernel: `select_backend` loads it first, `warm_up` (or the first
     `attend`) otherwise."""
 
@@ -84,6 +84,19 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
                                        torch.tensor(seq_lens, dtype=torch.int32),
                                        torch.tensor(query_start_loc, dtype=torch.int32))
         return AttentionPlan(block_tables, seq_lens, query_start_loc, kernel_plan)
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
+        """`write_kv_ref`'s contract. Rows already in the cache's dtype go straight into their slots
+        in C++ (one pass, no index_copy_ dispatch per layer); quantized or converting writes take
+        the reference."""
+        if (is_loaded() and not kv_quant.is_quantized(k_cache.dtype) and key.dtype == k_cache.dtype
+                and value.dtype == v_cache.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
+                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            torch.ops.quire_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
+        else:
+            super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:

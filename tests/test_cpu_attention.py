@@ -142,6 +142,38 @@ def test_random_ragged_batches_match_the_reference(data, kv_heads, group, head_d
                      cache_dtype=kv_quant.cache_dtype(cache, dtype), seed=data.draw(st.integers(0, 1000))))
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), tokens=st.integers(0, 40), kv_heads=st.integers(1, 4), head_dim=st.sampled_from([8, 20, 64]),
+       block_size=st.sampled_from([1, 5, 16]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       strided=st.booleans())
+def test_kv_writes_match_the_reference(data, tokens, kv_heads, head_dim, block_size, dtype, strided):
+    from quire.kernels.attention_ref import write_kv_ref
+
+    num_blocks = max(1, -(-tokens // block_size)) + data.draw(st.integers(0, 3))
+    slots = torch.tensor(data.draw(st.permutations(range(num_blocks * block_size)))[:tokens], dtype=torch.int64)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    # Strided rows are what the model hands over: views of one fused [tokens, q + k + v] output.
+    width = kv_heads * head_dim
+    fused = torch.randn(tokens, 3 * width, generator=g).to(dtype)
+    key, value = (fused[:, i * width:(i + 1) * width] for i in (1, 2))
+    key, value = ((t if strided else t.contiguous()).view(tokens, kv_heads, head_dim) for t in (key, value))
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype) for _ in "kv"]
+    expected = [c.clone() for c in caches]
+    BACKEND.write_kv(key, value, *caches, slots)
+    write_kv_ref(key, value, *expected, slots)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+
+
+def test_a_kv_write_to_a_slot_outside_the_cache_writes_nothing():
+    caches = [torch.zeros(2, 4, 1, 8) for _ in "kv"]
+    rows = torch.ones(3, 1, 8)
+    with pytest.raises(RuntimeError, match="slot 8 of token 2 is outside the cache's 8"):
+        BACKEND.write_kv(rows, rows, *caches, torch.tensor([0, 1, 8]))
+    with pytest.raises(RuntimeError, match="slot -1 of token 0"):
+        BACKEND.write_kv(rows, rows, *caches, torch.tensor([-1, 1, 2]))
+    assert all(not c.any() for c in caches), "every slot is checked before any is written"
+
+
 def test_warm_up_reports_the_kernel():
     result = BACKEND.warm_up(num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16,
                              device="cpu", kv_cache_dtype=torch.float8_e4m3fn)

@@ -1,5 +1,6 @@
 // Paged attention on the CPU over a ragged batch, reading K/V in place through the block
-// table (no gather copy). Registered as torch.ops.quire_cpu.paged_attention; the Python
+// table (no gather copy), and the K/V slot writes. Registered as torch.ops.quire_cpu.paged_attention
+// and write_kv; the Python
 // side (kernels/cpu_attention.py) owns the contract, kernels/cpu_extension.py the build.
 //
 // Work items. A request's query tokens are cut into tiles of kTileRows / group tokens. A tile
@@ -160,6 +161,40 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   return out;
 }
 
+// Copies each token's K and V rows ([tokens, kv_heads, head_dim], rows may be strided: views of
+// the fused QKV output) into its slot of the caches ([blocks, block_size, kv_heads, head_dim],
+// contiguous, the rows' dtype). Every slot is checked before anything is written, so a bad
+// slot leaves the caches untouched.
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.stride(2) == 1 && value.stride(2) == 1,
+              "key and value must be [tokens, kv_heads, head_dim] alike, unit stride on head_dim");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+              v_cache.is_contiguous(), "caches must be contiguous [blocks, block_size, kv_heads, head_dim] alike");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type() &&
+              key.scalar_type() == value.scalar_type(), "key, value and caches must share a dtype");
+  TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), "rows and cache slots differ in shape");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+              slot_mapping.size(0) == key.size(0), "slot_mapping: int64, one slot per token");
+  const int64_t tokens = key.size(0), slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the cache's ", slots);
+  const int64_t heads = key.size(1), row = key.size(2) * key.element_size(), slot_bytes = heads * row;
+  const char* ks = static_cast<const char*>(key.data_ptr());
+  const char* vs = static_cast<const char*>(value.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const int64_t e = key.element_size();
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(kc + slot[t] * slot_bytes + h * row, ks + (t * key.stride(0) + h * key.stride(1)) * e, row);
+        std::memcpy(vc + slot[t] * slot_bytes + h * row, vs + (t * value.stride(0) + h * value.stride(1)) * e, row);
+      }
+  });
+}
+
 // How many threads a parallel region of this extension runs on: at::parallel_for is inlined
 // here, so whether it is parallel depends on how this file was compiled (-fopenmp), not on torch.
 int64_t parallel_width() {
@@ -176,7 +211,11 @@ int64_t parallel_width() {
 TORCH_LIBRARY(quire_cpu, m) {
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale, Tensor? k_scale, Tensor? v_scale, int kind) -> Tensor");
+  m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("parallel_width() -> int", &parallel_width);
 }
 
-TORCH_LIBRARY_IMPL(quire_cpu, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(quire_cpu, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("write_kv", &write_kv);
+}
