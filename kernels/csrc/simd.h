@@ -52,16 +52,29 @@ inline void storev(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline vf splatv(float x) { return vf{} + x; }
 inline vf maxv(vf a, vf b) { return a > b ? a : b; }
 inline vf expv(vf x) { return exp_lanes<vf, vfi>(x); }
+// Horizontal max and sum by halving: log2(kLanes) shuffles, not kLanes - 1 lane extracts.
+#if defined(__AVX512F__)
+#define QUIRE_HALVES(x, op)                                                                                  \
+  x = op(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));           \
+  x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));           \
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));           \
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+#else
+#define QUIRE_HALVES(x, op)                                                \
+  x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));          \
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5));          \
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6));
+#endif
+inline vf addv(vf a, vf b) { return a + b; }
 inline float hmax(vf x) {
-  float m = x[0];
-  for (int j = 1; j < kLanes; ++j) m = m > x[j] ? m : x[j];
-  return m;
+  QUIRE_HALVES(x, maxv)
+  return x[0];
 }
 inline float hsum(vf x) {
-  float s = 0.0f;
-  for (int j = 0; j < kLanes; ++j) s += x[j];
-  return s;
+  QUIRE_HALVES(x, addv)
+  return x[0];
 }
+#undef QUIRE_HALVES
 
 // t[0 .. kLanes) -> one vector whose lane j is the sum of t[j]'s lanes: a transposing reduction
 // (log2(kLanes) levels of shuffle-and-add, kLanes - 1 adds in all) in place of kLanes
