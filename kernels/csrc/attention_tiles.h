@@ -13,9 +13,11 @@
 //   transpose of K), and the online softmax runs lane-wise over rows.
 //
 // Both fold kChunk positions at a time into an online softmax in fp32 (vectorised exp) and
-// accumulate p.V with each V load feeding a block of rows. bf16/fp16 and quantized caches
-// (int8 or e4m3 codes, an fp16 scale per token and KV head) are converted as read,
-// code * scale, into fp32 scratch rows; e4m3 bytes go through a 256-entry table.
+// accumulate p.V with each V load feeding a block of rows. Decode tiles read fp32, bf16 and
+// int8 rows in place, converting in registers (an int8 code's scale, one fp16 per token and
+// KV head, multiplies the score and the probability instead of every element); prefill tiles,
+// and decode tiles over fp16 or e4m3 caches, convert rows as read, code * scale, into fp32
+// scratch rows (e4m3 bytes through a 256-entry table).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -92,7 +95,8 @@ struct Args {
 struct Scratch {
   std::vector<float> f;
   std::vector<vf> t;                // a decode chunk's partial dot products
-  std::vector<const float*> rows;   // the chunk's K/V rows, [head][position]
+  // the chunk's K/V rows, [head][position], by the element type the loops read
+  std::tuple<std::vector<const float*>, std::vector<const int8_t*>, std::vector<const c10::BFloat16*>> rows;
   std::vector<vfi> seen;            // a prefill item's causal limits, a vector of rows each
 };
 
@@ -150,6 +154,37 @@ void gather_rows(const Args& a, const Item& it, const Tile& tl, int64_t c0, int 
   }
 }
 
+// Points krows/vrows ([NH][kChunk]) at positions c0 .. c0 + n_pos of the item's heads where they
+// lie, for loops that convert as they read; a quantized cache's scales go to kscale/vscale
+// ([NH][kChunk], 0 for the padding positions up to whole vectors).
+template <typename T>
+void point_rows(const Args& a, const Item& it, const Tile& tl, int64_t c0, int n_pos, const T** krows,
+                const T** vrows, float* kscale, float* vscale) {
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
+  const int64_t* table = a.table + int64_t(it.req) * a.table_stride;
+  int64_t block_idx = c0 / a.block_size, off = c0 % a.block_size;
+  for (int n = 0; n < n_pos; ++n, ++off) {
+    if (off == a.block_size) { off = 0; ++block_idx; }
+    const int64_t block = table[block_idx];
+    const int64_t base = block * a.c_sb + off * a.c_sp + it.kv_head * a.c_sh;
+    for (int64_t h = 0; h < tl.NH; ++h) {
+      krows[h * kChunk + n] = kc + base + h * a.c_sh;
+      vrows[h * kChunk + n] = vc + base + h * a.c_sh;
+    }
+    if (kscale != nullptr) {
+      const int64_t sbase = block * a.s_sb + off * a.s_sp + it.kv_head * a.s_sh;
+      for (int64_t h = 0; h < tl.NH; ++h) {
+        kscale[h * kChunk + n] = static_cast<float>(a.ks[sbase + h * a.s_sh]);
+        vscale[h * kChunk + n] = static_cast<float>(a.vs[sbase + h * a.s_sh]);
+      }
+    }
+  }
+  if (kscale != nullptr)
+    for (int64_t h = 0; h < tl.NH; ++h)
+      for (int n = n_pos; n < kChunk; ++n) kscale[h * kChunk + n] = vscale[h * kChunk + n] = 0.0f;
+}
+
 // The item's results: row (h, local) at acc + (h * row_stride + local) * D with its max and
 // sum, written to the output (normalised) or to its partial slot.
 inline void write_rows(const Args& a, const Item& it, const Tile& tl, const float* acc, const float* mrow,
@@ -190,23 +225,34 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
   // block of 3, not 4 with a wasted row) or kRowBlock. Each head's rows are padded to a
   // multiple of RB (PH): a padding row keeps a zero query and zero probabilities and is never
   // written out.
-  constexpr bool kConverted = !std::is_same_v<T, float>;
+  //
+  // fp32, bf16 and int8 rows are read in place, converted in registers (an int8 row's scale
+  // multiplies its score, and its probability before p.V): a quarter of fp32's bytes is then
+  // a quarter of the work too. fp16 and e4m3 rows are converted into fp32 scratch rows.
+  constexpr bool kInPlace = std::is_same_v<T, float> || std::is_same_v<T, int8_t> || std::is_same_v<T, c10::BFloat16>;
+  constexpr bool kScaled = std::is_same_v<T, int8_t>;  // int8 caches always carry scales
+  constexpr bool kConverted = !kInPlace;
+  using E = std::conditional_t<kInPlace, T, float>;  // the element type the loops read
   const Tile tl(a, it);
   const int64_t D = tl.D, G = tl.G, NH = tl.NH, MH = tl.MH;
   const int RB = int(std::min<int64_t>(MH, kRowBlock));
   const int64_t PH = (MH + RB - 1) / RB * RB, P = NH * PH;
-  sc.f.resize(P * D * 2 + P * 2 + P * kChunk + (kConverted ? 2 * NH * kChunk * D : 0));
+  const int64_t converted = kConverted ? NH * kChunk * D : 0, scales = kScaled ? NH * kChunk : 0;
+  sc.f.resize(P * D * 2 + P * 2 + P * kChunk + 2 * converted + 2 * scales);
   sc.t.resize(kRowBlock * kChunk);
-  sc.rows.resize(2 * NH * kChunk);
+  auto& rows = std::get<std::vector<const E*>>(sc.rows);
+  rows.resize(2 * NH * kChunk);
   float* q = sc.f.data();
   float* acc = q + P * D;
   float* mrow = acc + P * D;
   float* lrow = mrow + P;
   float* s = lrow + P;         // [P][kChunk] scores, then probabilities
   float* kb = s + P * kChunk;  // converted K rows, then V rows: [NH][kChunk][D] each
-  float* vb = kb + NH * kChunk * D;
-  const float** krows = sc.rows.data();
-  const float** vrows = krows + NH * kChunk;
+  float* vb = kb + converted;
+  float* kscale = vb + converted;  // an int8 chunk's scales: [NH][kChunk] each
+  float* vscale = kscale + scales;
+  const E** krows = rows.data();
+  const E** vrows = krows + NH * kChunk;
   std::fill(q, q + 2 * P * D, 0.0f);  // queries (padding rows stay 0) and accumulators
   std::fill(mrow, mrow + P, kNegInf);
   std::fill(lrow, lrow + P, 0.0f);
@@ -221,7 +267,10 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
   const int64_t row_bytes = NH * a.c_sh * int64_t(sizeof(T));  // one position's rows of the item's heads
   for (int64_t c0 = it.begin; c0 < it.end; c0 += kChunk) {
     const int n_pos = int(std::min<int64_t>(kChunk, it.end - c0));
-    gather_rows<T>(a, it, tl, c0, n_pos, krows, vrows, kb, vb);
+    if constexpr (kInPlace)
+      point_rows<T>(a, it, tl, c0, n_pos, krows, vrows, kScaled ? kscale : nullptr, kScaled ? vscale : nullptr);
+    else
+      gather_rows<T>(a, it, tl, c0, n_pos, krows, vrows, kb, vb);
     // The next chunk's K/V rows are prefetched (whole positions, every head of the item) while
     // this chunk's arithmetic runs: a decode reads each row once, so without it every chunk
     // would wait on memory (measured ~10% faster over a 350 MB working set than no prefetch,
@@ -235,12 +284,17 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
         __builtin_prefetch(k_row + o, 0, 3);
         __builtin_prefetch(v_row + o, 0, 3);
       }
+      if constexpr (kScaled) {
+        const int64_t srow = table[c / a.block_size] * a.s_sb + (c % a.block_size) * a.s_sp + it.kv_head * a.s_sh;
+        __builtin_prefetch(a.ks + srow, 0, 3);
+        __builtin_prefetch(a.vs + srow, 0, 3);
+      }
     }
     // 1. scores s[m][n]: RB rows per K load, lanes over head_dim, then transposing sums
     const int n_vec = (n_pos + kLanes - 1) / kLanes * kLanes;  // whole vectors of positions
     vf* t = sc.t.data();
     for (int64_t h = 0; h < NH; ++h) {
-      const float** kr = krows + h * kChunk;
+      const E** kr = krows + h * kChunk;
       for (int n = n_pos; n < n_vec; ++n) kr[n] = kr[0];  // padding positions, masked below
       for (int64_t local = 0; local < MH; local += RB) {
         const int64_t m = h * PH + local;
@@ -250,8 +304,10 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
         const int n_dot = (tl.limit(local + RB - 1, c0, n_pos) + kLanes - 1) / kLanes * kLanes;
         with_rows(RB, [&](auto rows) { dot_rows<rows()>(qr, kr, n_dot, D, t, kChunk); });
         for (int r = 0; r < RB; ++r)
-          for (int n = 0, limit = tl.limit(local + r, c0, n_pos); n < limit; n += kLanes)
-            storev(s + (m + r) * kChunk + n, transpose_sums(t + r * kChunk + n));
+          for (int n = 0, limit = tl.limit(local + r, c0, n_pos); n < limit; n += kLanes) {
+            const vf dots = transpose_sums(t + r * kChunk + n);
+            storev(s + (m + r) * kChunk + n, kScaled ? dots * loadv(kscale + h * kChunk + n) : dots);
+          }
       }
     }
     // 2. online softmax per row: s becomes p (0 past the row's position), acc is rescaled
@@ -278,9 +334,10 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
       }
       const vf mx = splatv(mrow[m]);
       vf sum = vf{};
+      const float* vsr = kScaled ? vscale + (m / PH) * kChunk : nullptr;  // this row's head's V scales
       for (int j = 0; j < kChunkVecs; ++j) {
         const vf e = sv[j] == kNegInf ? vf{} : expv(sv[j] - mx);
-        storev(sr + j * kLanes, e);
+        storev(sr + j * kLanes, kScaled ? e * loadv(vsr + j * kLanes) : e);
         sum += e;
       }
       lrow[m] += hsum(sum);
@@ -335,7 +392,8 @@ void run_prefill_item(const Args& a, const Item& it, Scratch& sc) {
   const int64_t D = tl.D, G = tl.G, MH = tl.MH;
   const int64_t RV = (MH + kLanes - 1) / kLanes, PR = RV * kLanes;
   sc.f.resize(D * PR + PR * D + 2 * PR + kChunk * PR + (kConverted ? 2 * kChunk * D : 0));
-  sc.rows.resize(2 * kChunk);
+  auto& rows = std::get<std::vector<const float*>>(sc.rows);
+  rows.resize(2 * kChunk);
   float* qT = sc.f.data();
   float* acc = qT + D * PR;     // [PR][D]
   float* mrow = acc + PR * D;
@@ -343,7 +401,7 @@ void run_prefill_item(const Args& a, const Item& it, Scratch& sc) {
   float* sT = lrow + PR;        // [kChunk][PR] scores, then probabilities
   float* kb = sT + kChunk * PR;
   float* vb = kb + kChunk * D;
-  const float** krows = sc.rows.data();
+  const float** krows = rows.data();
   const float** vrows = krows + kChunk;
   std::fill(qT, qT + 2 * PR * D, 0.0f);
   std::fill(mrow, mrow + PR, kNegInf);

@@ -5,8 +5,13 @@
 // for AVX-512, else 8), for paged attention, whose inner loops are written for any width.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace quire_cpu {
 
@@ -116,29 +121,58 @@ inline vf transpose_sums(const vf* t) {
 }
 #endif
 
+// kLanes cache elements as one fp32 vector: fp32 as is, int8 codes converted (the scale is
+// applied by the caller), bf16 widened (its bits are fp32's upper half).
+inline vf load_f(const float* p) { return loadv(p); }
+inline vf load_f(const int8_t* p) {
+  // Intrinsics where there are any: GCC scalarises __builtin_convertvector from 8-bit lanes.
+#if defined(__AVX512F__)
+  const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vf x;
+  for (int j = 0; j < kLanes; ++j) x[j] = static_cast<float>(p[j]);
+#endif
+  vf f;
+  std::memcpy(&f, &x, sizeof f);
+  return f;
+}
+inline vf load_f(const c10::BFloat16* p) {
+  typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+  vh x;
+  std::memcpy(&x, p, sizeof x);
+  const vfi bits = __builtin_convertvector(x, vfi) << 16;
+  vf f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float scalar_f(float x) { return x; }
+inline float scalar_f(int8_t x) { return static_cast<float>(x); }
+inline float scalar_f(c10::BFloat16 x) { return static_cast<float>(x); }
 // Partial dot products of R query rows with n_pos K rows, each K row loaded once for all R:
 // t[r * t_stride + n] holds q[r] . k[n] spread over lanes (transpose_sums finishes them).
-template <int R>
-inline void dot_rows(const float* const* q, const float* const* k, int n_pos, int64_t D, vf* t, int t_stride) {
+template <int R, typename E>
+inline void dot_rows(const float* const* q, const E* const* k, int n_pos, int64_t D, vf* t, int t_stride) {
   for (int n = 0; n < n_pos; ++n) {
-    const float* kr = k[n];
+    const E* kr = k[n];
     vf a[R];
     for (int r = 0; r < R; ++r) a[r] = vf{};
     int64_t d = 0;
     for (; d + kLanes <= D; d += kLanes) {
-      const vf kv = loadv(kr + d);
+      const vf kv = load_f(kr + d);
       for (int r = 0; r < R; ++r) a[r] += loadv(q[r] + d) * kv;
     }
     for (; d < D; ++d)  // a head dim that is not a multiple of the width: the rest in lane 0
-      for (int r = 0; r < R; ++r) a[r][0] += q[r][d] * kr[d];
+      for (int r = 0; r < R; ++r) a[r][0] += q[r][d] * scalar_f(kr[d]);
     for (int r = 0; r < R; ++r) t[r * t_stride + n] = a[r];
   }
 }
 
 // acc[r][d] += sum_n p[r][n * p_stride] * v[n][d] for R rows sharing the V rows (each V load
 // feeds all R), four vectors of each row's accumulator held in registers across the positions.
-template <int R>
-inline void accumulate_pv(float* const* acc, const float* const* p, int64_t p_stride, const float* const* v,
+template <int R, typename E>
+inline void accumulate_pv(float* const* acc, const float* const* p, int64_t p_stride, const E* const* v,
                           int n_pos, int64_t D) {
   int64_t d = 0;
   for (; d + 4 * kLanes <= D; d += 4 * kLanes) {
@@ -146,8 +180,8 @@ inline void accumulate_pv(float* const* acc, const float* const* p, int64_t p_st
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < 4; ++j) a[r][j] = loadv(acc[r] + d + j * kLanes);
     for (int n = 0; n < n_pos; ++n) {
-      const float* vr = v[n] + d;
-      const vf v0 = loadv(vr), v1 = loadv(vr + kLanes), v2 = loadv(vr + 2 * kLanes), v3 = loadv(vr + 3 * kLanes);
+      const E* vr = v[n] + d;
+      const vf v0 = load_f(vr), v1 = load_f(vr + kLanes), v2 = load_f(vr + 2 * kLanes), v3 = load_f(vr + 3 * kLanes);
       for (int r = 0; r < R; ++r) {
         const vf x = splatv(p[r][n * p_stride]);
         a[r][0] += x * v0; a[r][1] += x * v1; a[r][2] += x * v2; a[r][3] += x * v3;
@@ -160,14 +194,14 @@ inline void accumulate_pv(float* const* acc, const float* const* p, int64_t p_st
     vf a[R];
     for (int r = 0; r < R; ++r) a[r] = loadv(acc[r] + d);
     for (int n = 0; n < n_pos; ++n) {
-      const vf vv = loadv(v[n] + d);
+      const vf vv = load_f(v[n] + d);
       for (int r = 0; r < R; ++r) a[r] += splatv(p[r][n * p_stride]) * vv;
     }
     for (int r = 0; r < R; ++r) storev(acc[r] + d, a[r]);
   }
   for (; d < D; ++d)
     for (int r = 0; r < R; ++r)
-      for (int n = 0; n < n_pos; ++n) acc[r][d] += p[r][n * p_stride] * v[n][d];
+      for (int n = 0; n < n_pos; ++n) acc[r][d] += p[r][n * p_stride] * scalar_f(v[n][d]);
 }
 
 }  // namespace quire_cpu
