@@ -18,7 +18,7 @@ def test_wheel_maps_top_level_folders_into_the_quire_package(tmp_path):
     for module in ["quire/cluster/core/engine.py", "quire/cluster/core/scheduler.py", "quire/worker/model_runner.py",
                    "quire/worker/models/llama.py", "quire/kernels/attention_ref.py", "quire/protos/worker_pb2.py",
                    "quire/kernels/cpu_attention.py", "quire/kernels/csrc/paged_attention_cpu.cpp",
-                   "quire/kernels/csrc/simd.h", "quire/kernels/csrc/attention_tiles.h", "quire/kernels/csrc/layers_cpu.cpp", "quire/kernels/cpu_extension.py",
+                   "quire/kernels/csrc/simd.h", "quire/kernels/csrc/attention_tiles.h", "quire/kernels/csrc/attention_items.h", "quire/kernels/csrc/layers_cpu.cpp", "quire/kernels/cpu_extension.py",
                    "quire/kernels/cpu_layers.py",
                    "quire/protos/worker.proto", "quire/cluster/executor/inproc.py",
                    "quire/cluster/serving/async_engine.py", "quire/cluster/tools/planner.py"]:
