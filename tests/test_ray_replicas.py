@@ -26,8 +26,11 @@ ray = pytest.importorskip("ray")
 from quire.cluster.serving.ray_replicas import RayReplicaFactory, start_router  # noqa: E402 - needs Ray
 
 PROMPTS = [[(13 * i + 5 * j) % 1900 + 3 for j in range(5 + 6 * i)] for i in range(4)]
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-SEEDED = SamplingParams(temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)
+# Long enough that a kill after the first dozen streamed tokens always finds both replicas'
+# streams unfinished, however fast the engines run (at 10 tokens a fast replica could finish
+# its share before the kill, leaving nothing to move).
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True)
 CASES = [(prompt, params) for prompt in PROMPTS for params in (GREEDY, SEEDED)]
 ENGINE = dict(dtype="float32", num_kv_blocks=64, max_model_len=128)
 # Replicas over one worker process each, which no restart replaces: its death kills the engine.
@@ -73,7 +76,7 @@ def reference(checkpoint):
 def test_llm_over_two_ray_replicas_matches_hf(ray_local, checkpoint):
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
-        hf_tokens = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+        hf_tokens = [model.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None,
                                     pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
     llm = LLM(model=checkpoint, data_parallel_size=2, routing_policy="round_robin", **ENGINE)
     try:
