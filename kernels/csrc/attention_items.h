@@ -44,16 +44,7 @@ struct Fp8Table {
 };
 inline const Fp8Table kFp8Table;
 
-// One cache element to fp32 (before the scale of a quantized cache).
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline float to_float(int8_t x) { return static_cast<float>(x); }
+// An e4m3 byte to fp32 (before its scale); the other cache types' `to_float` are in simd.h.
 inline float to_float(uint8_t x) { return kFp8Table.v[x]; }
 
 struct Item {

@@ -98,7 +98,9 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
     // The next chunk's K/V rows are prefetched (whole positions, every head of the item) while
     // this chunk's arithmetic runs: a decode reads each row once, so without it every chunk
     // would wait on memory (measured ~10% faster over a 350 MB working set than no prefetch,
-    // or prefetching a head's share as each head is processed).
+    // or prefetching a head's share as each head is processed). The addresses are computed
+    // here, not through for_each_position: issued through its callback the same prefetches
+    // measured 12-16% slower over 64 decodes of 1536 positions.
     const int64_t next_end = std::min<int64_t>(it.end, c0 + 2 * kChunk);
     for (int64_t c = c0 + kChunk; c < next_end; ++c) {
       const int64_t row = table[c / a.block_size] * a.c_sb + (c % a.block_size) * a.c_sp + it.kv_head * a.c_sh;

@@ -1,7 +1,7 @@
 // Paged attention on the CPU over a ragged batch, reading K/V in place through the block
 // table (no gather copy), and the K/V slot writes. Registered as torch.ops.quire_cpu.paged_attention
-// and write_kv; the Python
-// side (kernels/cpu_attention.py) owns the contract, kernels/cpu_extension.py the build.
+// and write_kv; the Python side (kernels/cpu_attention.py) owns the contract,
+// kernels/cpu_extension.py the build.
 //
 // Work items. A request's query tokens are cut into tiles of kTileRows / group tokens. A tile
 // with many rows per KV head (tokens x group >= kRowLanesMin: prefill chunks) makes one item
@@ -180,17 +180,17 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
   const int64_t* slot = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t)
     TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the cache's ", slots);
-  const int64_t heads = key.size(1), row = key.size(2) * key.element_size(), slot_bytes = heads * row;
+  const int64_t e = key.element_size(), heads = key.size(1), row = key.size(2) * e, slot_bytes = heads * row;
+  const int64_t k_st = key.stride(0) * e, k_sh = key.stride(1) * e, v_st = value.stride(0) * e, v_sh = value.stride(1) * e;
   const char* ks = static_cast<const char*>(key.data_ptr());
   const char* vs = static_cast<const char*>(value.data_ptr());
   char* kc = static_cast<char*>(k_cache.data_ptr());
   char* vc = static_cast<char*>(v_cache.data_ptr());
-  const int64_t e = key.element_size();
   at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t h = 0; h < heads; ++h) {
-        std::memcpy(kc + slot[t] * slot_bytes + h * row, ks + (t * key.stride(0) + h * key.stride(1)) * e, row);
-        std::memcpy(vc + slot[t] * slot_bytes + h * row, vs + (t * value.stride(0) + h * value.stride(1)) * e, row);
+        std::memcpy(kc + slot[t] * slot_bytes + h * row, ks + t * k_st + h * k_sh, row);
+        std::memcpy(vc + slot[t] * slot_bytes + h * row, vs + t * v_st + h * v_sh, row);
       }
   });
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -121,6 +122,17 @@ inline vf transpose_sums(const vf* t) {
 }
 #endif
 
+// One cache element to fp32 (before the scale of a quantized cache; e4m3 bytes, through their
+// table, in attention_items.h).
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
 // kLanes cache elements as one fp32 vector: fp32 as is, int8 codes converted (the scale is
 // applied by the caller), bf16 widened (its bits are fp32's upper half).
 inline vf load_f(const float* p) { return loadv(p); }
@@ -147,9 +159,6 @@ inline vf load_f(const c10::BFloat16* p) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
-inline float scalar_f(float x) { return x; }
-inline float scalar_f(int8_t x) { return static_cast<float>(x); }
-inline float scalar_f(c10::BFloat16 x) { return static_cast<float>(x); }
 // Partial dot products of R query rows with n_pos K rows, each K row loaded once for all R:
 // t[r * t_stride + n] holds q[r] . k[n] spread over lanes (transpose_sums finishes them).
 template <int R, typename E>
@@ -164,7 +173,7 @@ inline void dot_rows(const float* const* q, const E* const* k, int n_pos, int64_
       for (int r = 0; r < R; ++r) a[r] += loadv(q[r] + d) * kv;
     }
     for (; d < D; ++d)  // a head dim that is not a multiple of the width: the rest in lane 0
-      for (int r = 0; r < R; ++r) a[r][0] += q[r][d] * scalar_f(kr[d]);
+      for (int r = 0; r < R; ++r) a[r][0] += q[r][d] * to_float(kr[d]);
     for (int r = 0; r < R; ++r) t[r * t_stride + n] = a[r];
   }
 }
@@ -201,7 +210,7 @@ inline void accumulate_pv(float* const* acc, const float* const* p, int64_t p_st
   }
   for (; d < D; ++d)
     for (int r = 0; r < R; ++r)
-      for (int n = 0; n < n_pos; ++n) acc[r][d] += p[r][n * p_stride] * scalar_f(v[n][d]);
+      for (int n = 0; n < n_pos; ++n) acc[r][d] += p[r][n * p_stride] * to_float(v[n][d]);
 }
 
 }  // namespace quire_cpu
