@@ -232,9 +232,20 @@ void run_prefill_item(const Args& a, const Item& it, Scratch& sc) {
   std::fill(qT, qT + 2 * PR * D, 0.0f);
   std::fill(mrow, mrow + PR, kNegInf);
   std::fill(lrow, lrow + PR, 0.0f);
-  for (int64_t m = 0; m < MH; ++m) {
-    const float* src = a.q + (tl.q_begin + it.first + m / G) * a.q_st + (it.kv_head * G + m % G) * a.q_sh;
-    for (int64_t d = 0; d < D; ++d) qT[d * PR + m] = src[d] * a.scale;
+  {
+    // the queries, scaled, into [head_dim][rows]: kLanes rows by kLanes dims per register transpose
+    const float* src[kLanes];
+    const float* zeros = acc;  // zero until the first chunk's p.V
+    const int64_t d_vec = D / kLanes * kLanes;
+    for (int64_t m0 = 0; m0 < PR; m0 += kLanes) {
+      for (int i = 0; i < kLanes; ++i) {
+        const int64_t m = m0 + i;
+        src[i] = m < MH ? a.q + (tl.q_begin + it.first + m / G) * a.q_st + (it.kv_head * G + m % G) * a.q_sh : zeros;
+      }
+      for (int64_t d0 = 0; d0 < d_vec; d0 += kLanes) transpose_scaled(src, d0, a.scale, qT + d0 * PR + m0, PR);
+      for (int64_t d = d_vec; d < D; ++d)
+        for (int i = 0; i < kLanes; ++i) qT[d * PR + m0 + i] = src[i][d] * a.scale;
+    }
   }
   // Each row's causal limit as a position (padding rows take the last real row's).
   std::vector<vfi>& seen = sc.seen;

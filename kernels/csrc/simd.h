@@ -55,7 +55,18 @@ typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vfi __attribute__((vector_size(4 * kLanes)));
 inline vf loadv(const float* p) { vf x; std::memcpy(&x, p, sizeof x); return x; }
 inline void storev(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
-inline vf splatv(float x) { return vf{} + x; }
+inline vf splatv(float x) {
+#if defined(__AVX512F__)
+  const __m512 b = _mm512_set1_ps(x);
+#elif defined(__AVX2__)
+  const __m256 b = _mm256_set1_ps(x);
+#else
+  const vf b = vf{} + x;
+#endif
+  vf v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
 inline vf maxv(vf a, vf b) { return a > b ? a : b; }
 inline vf expv(vf x) { return exp_lanes<vf, vfi>(x); }
 // Horizontal max and sum by halving: log2(kLanes) shuffles, not kLanes - 1 lane extracts.
@@ -121,6 +132,62 @@ inline vf transpose_sums(const vf* t) {
          __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 #endif
+
+// dst[j * dst_stride + i] = rows[i][d0 + j] * scale for i, j < kLanes: kLanes rows' vectors
+// transposed in registers (kLanes vector stores, not kLanes^2 scalar ones).
+inline void transpose_scaled(const float* const* rows, int64_t d0, float scale, float* dst, int64_t dst_stride) {
+#if defined(__AVX512F__)
+  __m512 r[16], t[16];
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_loadu_ps(rows[i] + d0), sc);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // r[4q + c] holds, in 128-bit lane l, column 4l + c of rows 4q .. 4q + 3
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);       // lanes 0, 2 of rows 0-3, 4-7
+    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);   // lanes 1, 3
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm512_storeu_ps(dst + c * dst_stride, _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88));
+    _mm512_storeu_ps(dst + (4 + c) * dst_stride, _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88));
+    _mm512_storeu_ps(dst + (8 + c) * dst_stride, _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd));
+    _mm512_storeu_ps(dst + (12 + c) * dst_stride, _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd));
+  }
+#elif defined(__AVX2__)
+  __m256 r[8], t[8];
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(rows[i] + d0), sc);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * dst_stride, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+    _mm256_storeu_ps(dst + (4 + c) * dst_stride, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+  }
+#else
+  for (int i = 0; i < kLanes; ++i)
+    for (int j = 0; j < kLanes; ++j) dst[j * dst_stride + i] = rows[i][d0 + j] * scale;
+#endif
+}
 
 // One cache element to fp32 (before the scale of a quantized cache; e4m3 bytes, through their
 // table, in attention_items.h).
