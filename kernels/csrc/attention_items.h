@@ -92,8 +92,9 @@ struct Tile {
 
 // Calls f(n, row, scale_row) for positions n = 0 .. n_pos of the chunk at c0: the element
 // offsets of the position's row of the item's first KV head in the caches and in the scales.
+// Always inlined, so a callback that only prefetches is not deleted (see prefetch_l2).
 template <typename F>
-inline void for_each_position(const Args& a, const Item& it, int64_t c0, int n_pos, F&& f) {
+__attribute__((always_inline)) inline void for_each_position(const Args& a, const Item& it, int64_t c0, int n_pos, F&& f) {
   const int64_t* table = a.table + int64_t(it.req) * a.table_stride;
   int64_t block_idx = c0 / a.block_size, off = c0 % a.block_size;  // stepped, not divided, per position
   for (int n = 0; n < n_pos; ++n, ++off) {

@@ -226,11 +226,22 @@ inline vf load_f(const c10::BFloat16* p) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+// Brings [p, p + bytes) into L2 (prefetcht1), for rows wanted a chunk from now: into L1 they
+// would evict the rows in use (a decode chunk's K and V rows outgrow L1). Always inlined: GCC's
+// mod/ref analysis finds a function of nothing but prefetches free of side effects and deletes
+// calls to it (and to lambdas around it) as dead code.
+__attribute__((always_inline)) inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
 // Partial dot products of R query rows with n_pos K rows, each K row loaded once for all R:
 // t[r * t_stride + n] holds q[r] . k[n] spread over lanes (transpose_sums finishes them).
-template <int R, typename E>
-inline void dot_rows(const float* const* q, const E* const* k, int n_pos, int64_t D, vf* t, int t_stride) {
+// before(n) runs before position n's dot: the caller's hook for spreading prefetches over the loop.
+template <int R, typename E, typename F>
+inline void dot_rows(const float* const* q, const E* const* k, int n_pos, int64_t D, vf* t, int t_stride, F&& before) {
   for (int n = 0; n < n_pos; ++n) {
+    before(n);
     const E* kr = k[n];
     vf a[R];
     for (int r = 0; r < R; ++r) a[r] = vf{};
