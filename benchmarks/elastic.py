@@ -382,7 +382,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps = steps("2:0.5,40:2,1:1.5")
+        # A burst, not a ramp: its backlog (~100 requests at a batch cap of 2) must outlast the
+        # scale-up window however fast the machine is; at 40 req/s for 2 s a replica on a fast
+        # hour of a 2-core VM kept up alone and nothing scaled.
+        args.steps = steps("2:0.5,200:0.5,1:1.5")
         args.output_len = (16, 24)
         args.max_replicas, args.target_ongoing = 2, 1.0
         args.scale_up_s, args.scale_down_s, args.tick_s = 0.2, 0.5, 0.05
