@@ -79,7 +79,6 @@ from quire.cluster.serving.routing import POLICIES
 from quire.protos.step import SamplingParams
 
 
-
 def _sibling(name: str):
     """A sibling script of this folder, imported by path (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
@@ -92,11 +91,10 @@ def _sibling(name: str):
 _sim = _sibling("routing_sim")  # the workload and the simulated deployment
 _report = _sibling("routing_report")  # goals, summary, chart
 check_goals, format_summary, plot = _report.check_goals, _report.format_summary, _report.plot
-(TOKEN_LOW, TOKEN_HIGH, Turn, Conversation, Workload, span, make_workload, percentile, Oracle, SimReplica,
- simulate, decision_bench) = (_sim.TOKEN_LOW, _sim.TOKEN_HIGH, _sim.Turn, _sim.Conversation, _sim.Workload,
-                              _sim.span, _sim.make_workload, _sim.percentile, _sim.Oracle, _sim.SimReplica,
-                              _sim.simulate, _sim.decision_bench)
-
+TOKEN_LOW, TOKEN_HIGH = _sim.TOKEN_LOW, _sim.TOKEN_HIGH
+Conversation, Workload, Oracle = _sim.Conversation, _sim.Workload, _sim.Oracle
+span, make_workload, percentile, simulate, decision_bench = (_sim.span, _sim.make_workload, _sim.percentile,
+                                                             _sim.simulate, _sim.decision_bench)
 
 
 def sim_workload(args, num_replicas: int) -> Workload:

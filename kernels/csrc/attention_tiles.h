@@ -130,9 +130,11 @@ void run_decode_item(const Args& a, const Item& it, Scratch& sc) {
         for (int r = 0; r < RB; ++r) qr[r] = q + (m + r) * D;
         // the block's last row sees the most positions; whole vectors of them
         const int n_dot = (tl.limit(local + RB - 1, c0, n_pos) + kLanes - 1) / kLanes * kLanes;
+        // the head's first row block prefetches the head's rows of the next chunk
+        const int n_fetch = local == 0 ? n_ahead : 0;
         const int64_t head = h * a.c_sh, head_scales = h * a.s_sh;
         auto fetch = [&](int n) __attribute__((always_inline)) {
-          if (n < n_ahead && local == 0) prefetch_position(ahead[n] + head, ahead_scales[n] + head_scales);
+          if (n < n_fetch) prefetch_position(ahead[n] + head, ahead_scales[n] + head_scales);
         };
         with_rows(RB, [&](auto rows) { dot_rows<rows()>(qr, kr, n_dot, D, t, kChunk, fetch); });
         for (int r = 0; r < RB; ++r)
