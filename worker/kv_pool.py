@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from quire.kernels import kv_quant
+from quire.worker import huge_pages
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,15 @@ class KVPool:
         def pair(shape, dtype, **where):
             return torch.zeros(shape, dtype=dtype, **where), torch.zeros(shape, dtype=dtype, **where)
 
-        self.caches = [pair(shape, spec.dtype, device=device) for _ in layers]
-        self.scales = [pair(shape[:-1], kv_quant.SCALE_DTYPE, device=device) for _ in scale_layers]
+        def device_pair(shape, dtype):
+            # On the CPU the attention kernel reads blocks in place, scattered over the pool:
+            # huge pages spare it the TLB misses of 4 KiB ones.
+            if device.type == "cpu":
+                return huge_pages.zeros(shape, dtype), huge_pages.zeros(shape, dtype)
+            return pair(shape, dtype, device=device)
+
+        self.caches = [device_pair(shape, spec.dtype) for _ in layers]
+        self.scales = [device_pair(shape[:-1], kv_quant.SCALE_DTYPE) for _ in scale_layers]
         cpu_shape = (num_cpu_blocks, *shape[1:])
         with_cpu = num_cpu_blocks > 0
         self.cpu_caches = [pair(cpu_shape, spec.dtype, pin_memory=pin) for _ in (layers if with_cpu else ())]
