@@ -33,13 +33,17 @@ def test_zeros_matches_torch_zeros(shape, dtype, huge_rows, extra):
 
 def test_writes_stick_and_the_memory_outlives_the_builder():
     t = huge_pages.zeros((huge_pages.HUGE_PAGE_BYTES // 4 + 5,), torch.float32)
-    view = t[-10:]
+    head, tail = t[:7], t[-10:]
     del t
-    gc.collect()
-    view.fill_(3.0)
-    assert view.sum().item() == 30.0
-    whole = view._base if view._base is not None else view
-    assert whole[:-10].abs().sum().item() == 0.0
+    gc.collect()  # only the views keep the mapping now: reading and writing it must still work
+    tail.fill_(3.0)
+    head[2] = -1.5
+    assert tail.tolist() == [3.0] * 10
+    assert head.tolist() == [0.0, 0.0, -1.5, 0.0, 0.0, 0.0, 0.0]
+    whole = tail._base
+    assert whole is not None and whole is head._base  # one mapping behind both
+    # fp32 3.0 and -1.5 each have two nonzero bytes; every other byte of the mapping is still 0
+    assert whole.view(torch.uint8).count_nonzero().item() == 10 * 2 + 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
