@@ -17,7 +17,8 @@ Contract: `attention_ref`'s, through `AttentionBackend` (kernels/backend.py). Qu
 bf16 or fp16 (computed in fp32, returned in the query's dtype); caches fp32/bf16/fp16 values,
 or int8 / float8_e4m3fn codes with fp16 scales `[num_blocks, block_size, num_kv_heads]`
 (dequantized as code * scale in fp32); any block size and head dim; block tables int32/int64.
-K/V writes are the reference's (`write_kv_ref`: one index_copy per tensor, cheap).
+K/V writes: `torch.ops.quire_cpu.write_kv` (a slot copy) and `write_kv_quantized` (quantization
+into the slots, `kv_quant`'s rule bit for bit), the reference's where neither applies.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ __all__ = ["CpuAttentionPlan", "CpuPagedAttentionBackend", "ExtensionUnavailable
            "load_extension", "paged_attention_cpu"]
 
 _KIND = {torch.int8: 1, torch.float8_e4m3fn: 2}  # the kernel's cache kinds; 0: values
+_QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)  # row dtypes write_kv_quantized reads
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,24 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None) -> None:
-        """`write_kv_ref`'s contract. Rows already in the cache's dtype go straight into their slots
-        in C++ (one pass, no index_copy_ dispatch per layer); quantized or converting writes take
-        the reference."""
-        if (is_loaded() and not kv_quant.is_quantized(k_cache.dtype) and key.dtype == k_cache.dtype
-                and value.dtype == v_cache.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
-                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        """`write_kv_ref`'s contract. In C++, one pass with no index_copy_ dispatch per layer: rows
+        already in the cache's dtype go straight into their slots; rows for a quantized cache
+        are quantized there by `kv_quant.quantize`'s rule, bit for bit. Converting writes, and
+        caches or scales not laid out contiguously, take the reference."""
+        rows_fit = key.stride(-1) == 1 and value.stride(-1) == 1 and key.dtype == value.dtype
+        caches_fit = k_cache.is_contiguous() and v_cache.is_contiguous()
+        kind = _KIND.get(k_cache.dtype, 0)
+        if not (is_loaded() and rows_fit and caches_fit):
+            super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        elif kind:
+            require_scales(k_cache, k_scale, v_scale)
+            if (key.dtype in _QUANTIZABLE and k_scale.dtype == kv_quant.SCALE_DTYPE
+                    and v_scale.dtype == kv_quant.SCALE_DTYPE and k_scale.is_contiguous() and v_scale.is_contiguous()):
+                torch.ops.quire_cpu.write_kv_quantized(key, value, k_cache.view(torch.uint8), v_cache.view(torch.uint8),
+                                                       k_scale, v_scale, slot_mapping.to(torch.int64).contiguous(), kind)
+            else:
+                super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        elif key.dtype == k_cache.dtype and value.dtype == v_cache.dtype:
             torch.ops.quire_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
         else:
             super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)

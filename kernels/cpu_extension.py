@@ -88,7 +88,7 @@ def load_extension() -> float:
             cpp_extension.load(name=extension_name(), sources=[str(s) for s in SOURCES], is_python_module=False,
                                extra_cflags=["-O3", "-fopenmp", *_vector_flags()], extra_ldflags=["-fopenmp"],
                                verbose=False)
-            for op in ("paged_attention", "write_kv", "rms_norm", "silu_and_mul", "rotate_qk"):
+            for op in ("paged_attention", "write_kv", "write_kv_quantized", "rms_norm", "silu_and_mul", "rotate_qk"):
                 getattr(torch.ops.quire_cpu, op)  # raises if registration failed
         except Exception as exc:  # a compiler error, no compiler, no ninja: all mean "unavailable"
             raise ExtensionUnavailable(f"the CPU kernels could not be built: {exc}") from exc

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -162,6 +163,44 @@ def test_kv_writes_match_the_reference(data, tokens, kv_heads, head_dim, block_s
     BACKEND.write_kv(key, value, *caches, slots)
     write_kv_ref(key, value, *expected, slots)
     assert all(torch.equal(c, e) for c, e in zip(caches, expected))
+
+
+# Values the quantization rule treats apart: signed zeros, subnormals, both ends of the scale's
+# clamp, e4m3's grid edges, saturation, and non-finite values (a NaN row's scale is NaN).
+EDGE_VALUES = [0.0, -0.0, 1e-45, -1e-40, 2.0 ** -14, 6e-8, 0.5, -1.0, 1.5, 3.0, 447.0, 448.0, 449.0, 1e4, -6.55e4,
+               1e20, -1e38, float("inf"), -float("inf"), float("nan")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), tokens=st.integers(0, 24), kv_heads=st.integers(1, 3), head_dim=st.sampled_from([1, 8, 20, 64]),
+       block_size=st.sampled_from([1, 5, 16]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       cache_dtype=st.sampled_from([torch.int8, torch.float8_e4m3fn]), strided=st.booleans())
+def test_quantized_kv_writes_are_the_references_bit_for_bit(data, tokens, kv_heads, head_dim, block_size, dtype,
+                                                            cache_dtype, strided):
+    from quire.kernels.attention_ref import TorchAttentionBackend, write_kv_ref
+
+    num_blocks = max(1, -(-tokens // block_size)) + data.draw(st.integers(0, 2))
+    slots = torch.tensor(data.draw(st.permutations(range(num_blocks * block_size)))[:tokens], dtype=torch.int64)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    width = kv_heads * head_dim
+    # Rows at scales from tiny to huge, some elements replaced by edge values.
+    fused = torch.randn(tokens, 3 * width, generator=g) * 10.0 ** torch.randint(-30, 30, (tokens, 1), generator=g)
+    edges = torch.tensor(EDGE_VALUES)
+    pick = torch.rand(fused.shape, generator=g) < data.draw(st.sampled_from([0.0, 0.05, 0.5]))
+    fused[pick] = edges[torch.randint(0, len(edges), (int(pick.sum()),), generator=g)]
+    fused = fused.to(dtype)
+    key, value = (fused[:, i * width:(i + 1) * width] for i in (1, 2))
+    key, value = ((t if strided else t.contiguous()).view(tokens, kv_heads, head_dim) for t in (key, value))
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    caches = [torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).view(cache_dtype) for _ in "kv"]
+    caches += [torch.rand(shape[:3], generator=g).to(kv_quant.SCALE_DTYPE) for _ in "kv"]
+    expected = [c.clone() for c in caches]
+    with mock.patch.object(TorchAttentionBackend, "write_kv", side_effect=AssertionError("took the reference")):
+        BACKEND.write_kv(key, value, caches[0], caches[1], slots, caches[2], caches[3])
+    write_kv_ref(key, value, expected[0], expected[1], slots, expected[2], expected[3])
+    for got, want in zip(caches, expected):
+        as_bits = (lambda t: t.view(torch.uint8)) if got.element_size() == 1 else (lambda t: t.view(torch.int16))
+        assert torch.equal(as_bits(got), as_bits(want))
 
 
 def test_a_kv_write_to_a_slot_outside_the_cache_writes_nothing():

@@ -1,4 +1,4 @@
-"""Quantized paged KV (int8 and fp8 e4m3, kernels/kv_quant.py) inside both attention backends:
+"""Quantized paged KV (int8 and fp8 e4m3, kernels/kv_quant.py) inside the attention backends:
 slot writes store exactly `kv_quant.quantize`'s codes and scales (the Triton kernel bit for bit
 as the torch backend), attention over codes matches attention over the dequantized cache, and
 the rule's own error bounds hold. Triton runs compiled on a GPU, else in its interpreter
@@ -17,13 +17,18 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (pip install 'quire[triton]')")
 CACHE_DTYPES = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3fn, id="fp8_e4m3")]
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["torch", "cpu", pytest.param("triton", marks=needs_triton)]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative to the output's scale
 
 
 def backend(name: str) -> AttentionBackend:
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        from quire.kernels.cpu_attention import CpuPagedAttentionBackend, load_extension
+
+        load_extension()
+        return CpuPagedAttentionBackend()
     from quire.kernels.triton_attention import TritonAttentionBackend
 
     return TritonAttentionBackend()

@@ -195,6 +195,161 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
   });
 }
 
+// kv_quant.quantize's rule, bit for bit (kernels/kv_quant.py states it): per row of head_dim
+// values, scale = fp16(clamp(amax / limit, MIN_SCALE, MAX_SCALE)); per value, y = clamp(x / scale,
+// -limit, limit), int8 codes floor(|y| + 0.5) * sign(y), e4m3 codes y rounded on e4m3's grid (step
+// 2^(exponent - 3), the exponent never below -6) the same way. NaN propagates as torch's ops
+// propagate it: a row holding one has a NaN scale and NaN (e4m3) or zero (int8) codes. torch.sign
+// is 0 for -0, so only a negative nonzero y gives e4m3's -0.
+constexpr float kMinScale = 0x1p-14f, kMaxScale = 65504.0f;
+template <bool kE4m3> constexpr float code_limit() { return kE4m3 ? 448.0f : 127.0f; }
+
+// One value's code (the scalar form of quantize_lanes, for a row's last values).
+template <bool kE4m3>
+inline uint8_t quantize_value(float x, float scale) {
+  constexpr float kLimit = code_limit<kE4m3>();
+  float y = x / scale;
+  if (std::isnan(y)) return kE4m3 ? 0x7F : 0;  // e4m3's NaN; torch casts a NaN to int8 as 0 here
+  y = std::min(std::max(y, -kLimit), kLimit);
+  const float magnitude = std::fabs(y);
+  if constexpr (kE4m3) {
+    uint32_t bits;
+    std::memcpy(&bits, &magnitude, 4);
+    const int32_t exponent = std::max<int32_t>(int32_t((bits >> 23) & 0xFF) - 127, -6);
+    const int32_t q = int32_t(std::floor(std::ldexp(magnitude, 3 - exponent) + 0.5f));  // 0 .. 16 steps
+    const int32_t code = q >= 8 ? (q == 16 ? (exponent + 8) << 3 : (exponent + 7) << 3 | (q - 8)) : q;
+    return uint8_t(code | (y < 0.0f ? 0x80 : 0));
+  } else {
+    const float sign = y > 0.0f ? 1.0f : (y < 0.0f ? -1.0f : 0.0f);
+    return static_cast<uint8_t>(static_cast<int8_t>(std::floor(magnitude + 0.5f) * sign));
+  }
+}
+
+// kLanes values' codes at once: quantize_value lane-wise (no branches; floor of a value in
+// [0, 2^23) is its truncation).
+template <bool kE4m3>
+inline void quantize_lanes(vf x, float scale, uint8_t* out) {
+  constexpr float kLimit = code_limit<kE4m3>();
+  const vf y0 = x / scale;
+  const vfi nan = y0 != y0;
+  vf y = y0 > kLimit ? splatv(kLimit) : y0;
+  y = y < -kLimit ? splatv(-kLimit) : y;
+  const vfi negative = y < 0.0f, positive = y > 0.0f;
+  vfi bits;
+  std::memcpy(&bits, &y, sizeof bits);
+  bits &= 0x7FFFFFFF;
+  vf magnitude;
+  std::memcpy(&magnitude, &bits, sizeof magnitude);
+  vfi code;
+  if constexpr (kE4m3) {
+    vfi exponent = ((bits >> 23) & 0xFF) - 127;
+    exponent = exponent < -6 ? vfi{} - 6 : exponent;
+    const vfi step_bits = (exponent + (127 - 3)) << 23;
+    vf step;
+    std::memcpy(&step, &step_bits, sizeof step);
+    const vfi q = __builtin_convertvector(magnitude / step + 0.5f, vfi);  // 0 .. 16 steps
+    const vfi normal = q == 16 ? (exponent + 8) << 3 : ((exponent + 7) << 3) | (q - 8);
+    code = (q >= 8 ? normal : q) | (negative & 0x80);
+    code = nan ? vfi{} + 0x7F : code;
+  } else {
+    const vfi q = __builtin_convertvector(magnitude + 0.5f, vfi);
+    code = (positive & q) | (negative & -q);  // NaN lanes are neither: 0
+  }
+  for (int j = 0; j < kLanes; ++j) out[j] = static_cast<uint8_t>(code[j]);
+}
+
+// One row of D fp32 values: its codes into `codes`, its scale returned.
+template <bool kE4m3>
+c10::Half quantize_row(const float* x, int64_t D, uint8_t* codes) {
+  const int64_t whole = D / kLanes * kLanes;
+  vf amax_lanes = vf{};
+  vfi nan = vfi{};
+  for (int64_t d = 0; d < whole; d += kLanes) {
+    const vf v = loadv(x + d);
+    const vf a = v < 0.0f ? -v : v;
+    nan |= v != v;
+    amax_lanes = maxv(amax_lanes, a);
+  }
+  float amax = hmax(amax_lanes);
+  bool any_nan = false;
+  for (int j = 0; j < kLanes; ++j) any_nan |= nan[j] != 0;
+  for (int64_t d = whole; d < D; ++d) {
+    any_nan |= std::isnan(x[d]);
+    amax = std::max(amax, std::fabs(x[d]));
+  }
+  float s = any_nan ? std::numeric_limits<float>::quiet_NaN() : amax / code_limit<kE4m3>();
+  if (!any_nan) s = std::min(std::max(s, kMinScale), kMaxScale);
+  const c10::Half scale(s);
+  const float sf = static_cast<float>(scale);
+  for (int64_t d = 0; d < whole; d += kLanes) quantize_lanes<kE4m3>(loadv(x + d), sf, codes + d);
+  for (int64_t d = whole; d < D; ++d) codes[d] = quantize_value<kE4m3>(x[d], sf);
+  return scale;
+}
+
+// write_kv for a quantized cache (kind 1: int8, 2: e4m3 as bytes): each token's K and V rows
+// ([tokens, kv_heads, head_dim], fp32/bf16/fp16, rows may be strided) quantized by
+// quantize_row into their slots' codes and fp16 scales ([blocks, block_size, kv_heads],
+// contiguous). Every slot is checked before anything is written.
+void write_kv_quantized(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
+                        at::Tensor k_scale, at::Tensor v_scale, const at::Tensor& slot_mapping, int64_t kind) {
+  TORCH_CHECK(kind == kInt8 || kind == kFp8, "kind must be 1 (int8) or 2 (e4m3)");
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.stride(2) == 1 && value.stride(2) == 1 &&
+              key.scalar_type() == value.scalar_type(),
+              "key and value must be [tokens, kv_heads, head_dim] alike, unit stride on head_dim");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.element_size() == 1 && v_cache.element_size() == 1,
+              "caches must be contiguous one-byte [blocks, block_size, kv_heads, head_dim] alike");
+  TORCH_CHECK(k_scale.scalar_type() == at::kHalf && v_scale.scalar_type() == at::kHalf && k_scale.is_contiguous() &&
+              v_scale.is_contiguous() && k_scale.sizes() == k_cache.sizes().slice(0, 3) &&
+              v_scale.sizes() == k_scale.sizes(), "scales must be contiguous fp16 [blocks, block_size, kv_heads]");
+  TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), "rows and cache slots differ in shape");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+              slot_mapping.size(0) == key.size(0), "slot_mapping: int64, one slot per token");
+  const int64_t tokens = key.size(0), heads = key.size(1), D = key.size(2), slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the cache's ", slots);
+  uint8_t* kc = static_cast<uint8_t*>(k_cache.data_ptr());
+  uint8_t* vc = static_cast<uint8_t*>(v_cache.data_ptr());
+  c10::Half* ks = static_cast<c10::Half*>(k_scale.data_ptr());
+  c10::Half* vs = static_cast<c10::Half*>(v_scale.data_ptr());
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* kr = static_cast<const T*>(key.data_ptr());
+    const T* vr = static_cast<const T*>(value.data_ptr());
+    at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> widened(std::is_same_v<T, float> ? 0 : D);
+      // a row as fp32 values: in place for fp32, else widened (exactly, as torch's .float())
+      auto as_float = [&](const T* row) -> const float* {
+        if constexpr (std::is_same_v<T, float>) {
+          return row;
+        } else {
+          for (int64_t d = 0; d < D; ++d) widened[d] = to_float(row[d]);
+          return widened.data();
+        }
+      };
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t at_slot = slot[t] * heads + h;
+          const T* krow = kr + t * key.stride(0) + h * key.stride(1);
+          const T* vrow = vr + t * value.stride(0) + h * value.stride(1);
+          if (kind == kFp8) {
+            ks[at_slot] = quantize_row</*kE4m3=*/true>(as_float(krow), D, kc + at_slot * D);
+            vs[at_slot] = quantize_row</*kE4m3=*/true>(as_float(vrow), D, vc + at_slot * D);
+          } else {
+            ks[at_slot] = quantize_row</*kE4m3=*/false>(as_float(krow), D, kc + at_slot * D);
+            vs[at_slot] = quantize_row</*kE4m3=*/false>(as_float(vrow), D, vc + at_slot * D);
+          }
+        }
+    });
+  };
+  const auto dtype = key.scalar_type();
+  if (dtype == at::kFloat) run(float{});
+  else if (dtype == at::kBFloat16) run(c10::BFloat16{});
+  else if (dtype == at::kHalf) run(c10::Half{});
+  else TORCH_CHECK(false, "unsupported row dtype ", dtype);
+}
+
 // How many threads a parallel region of this extension runs on: at::parallel_for is inlined
 // here, so whether it is parallel depends on how this file was compiled (-fopenmp), not on torch.
 int64_t parallel_width() {
@@ -212,10 +367,13 @@ TORCH_LIBRARY(quire_cpu, m) {
   m.def("paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale, Tensor? k_scale, Tensor? v_scale, int kind) -> Tensor");
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("write_kv_quantized(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
+        "Tensor(d!) v_scale, Tensor slot_mapping, int kind) -> ()");
   m.def("parallel_width() -> int", &parallel_width);
 }
 
 TORCH_LIBRARY_IMPL(quire_cpu, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("write_kv", &write_kv);
+  m.impl("write_kv_quantized", &write_kv_quantized);
 }
