@@ -94,23 +94,18 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
         already in the cache's dtype go straight into their slots; rows for a quantized cache
         are quantized there by `kv_quant.quantize`'s rule, bit for bit. Converting writes, and
         caches or scales not laid out contiguously, take the reference."""
-        rows_fit = key.stride(-1) == 1 and value.stride(-1) == 1 and key.dtype == value.dtype
-        caches_fit = k_cache.is_contiguous() and v_cache.is_contiguous()
         kind = _KIND.get(k_cache.dtype, 0)
-        if not (is_loaded() and rows_fit and caches_fit):
-            super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-        elif kind:
-            require_scales(k_cache, k_scale, v_scale)
-            if (key.dtype in _QUANTIZABLE and k_scale.dtype == kv_quant.SCALE_DTYPE
-                    and v_scale.dtype == kv_quant.SCALE_DTYPE and k_scale.is_contiguous() and v_scale.is_contiguous()):
+        if (is_loaded() and key.stride(-1) == 1 and value.stride(-1) == 1 and key.dtype == value.dtype
+                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            if not kind and key.dtype == k_cache.dtype and value.dtype == v_cache.dtype:
+                torch.ops.quire_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
+                return
+            if kind and key.dtype in _QUANTIZABLE and all(
+                    t is not None and t.dtype == kv_quant.SCALE_DTYPE and t.is_contiguous() for t in (k_scale, v_scale)):
                 torch.ops.quire_cpu.write_kv_quantized(key, value, k_cache.view(torch.uint8), v_cache.view(torch.uint8),
                                                        k_scale, v_scale, slot_mapping.to(torch.int64).contiguous(), kind)
-            else:
-                super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-        elif key.dtype == k_cache.dtype and value.dtype == v_cache.dtype:
-            torch.ops.quire_cpu.write_kv(key, value, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
-        else:
-            super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+                return
+        super().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:

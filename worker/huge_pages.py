@@ -9,6 +9,7 @@ ignored or refused and the tensor is an ordinary zeroed one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 
@@ -32,10 +33,8 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # longer than asked, so that the tensor can start on a huge page boundary: the kernel
     # backs only aligned 2 MiB ranges with huge pages.
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
+    with contextlib.suppress(OSError):  # refused where transparent huge pages are disabled: ordinary pages
         mapping.madvise(advice)
-    except OSError:  # transparent huge pages disabled: ordinary pages
-        pass
     # frombuffer holds a reference to the mapping for as long as the tensor (or a view) lives.
     whole = torch.frombuffer(mapping, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE_BYTES

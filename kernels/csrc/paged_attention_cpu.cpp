@@ -161,6 +161,17 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& k_cache, c
   return out;
 }
 
+// The slots of a K/V write, each checked against the caches' `slots` before anything is written
+// (so a bad slot leaves the caches untouched).
+const int64_t* checked_slots(const at::Tensor& slot_mapping, int64_t tokens, int64_t slots) {
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+              slot_mapping.size(0) == tokens, "slot_mapping: int64, one slot per token");
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the cache's ", slots);
+  return slot;
+}
+
 // Copies each token's K and V rows ([tokens, kv_heads, head_dim], rows may be strided: views of
 // the fused QKV output) into its slot of the caches ([blocks, block_size, kv_heads, head_dim],
 // contiguous, the rows' dtype). Every slot is checked before anything is written, so a bad
@@ -174,12 +185,8 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
   TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type() &&
               key.scalar_type() == value.scalar_type(), "key, value and caches must share a dtype");
   TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), "rows and cache slots differ in shape");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
-              slot_mapping.size(0) == key.size(0), "slot_mapping: int64, one slot per token");
-  const int64_t tokens = key.size(0), slots = k_cache.size(0) * k_cache.size(1);
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t)
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the cache's ", slots);
+  const int64_t tokens = key.size(0);
+  const int64_t* slot = checked_slots(slot_mapping, tokens, k_cache.size(0) * k_cache.size(1));
   const int64_t e = key.element_size(), heads = key.size(1), row = key.size(2) * e, slot_bytes = heads * row;
   const int64_t k_st = key.stride(0) * e, k_sh = key.stride(1) * e, v_st = value.stride(0) * e, v_sh = value.stride(1) * e;
   const char* ks = static_cast<const char*>(key.data_ptr());
@@ -204,29 +211,8 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
 constexpr float kMinScale = 0x1p-14f, kMaxScale = 65504.0f;
 template <bool kE4m3> constexpr float code_limit() { return kE4m3 ? 448.0f : 127.0f; }
 
-// One value's code (the scalar form of quantize_lanes, for a row's last values).
-template <bool kE4m3>
-inline uint8_t quantize_value(float x, float scale) {
-  constexpr float kLimit = code_limit<kE4m3>();
-  float y = x / scale;
-  if (std::isnan(y)) return kE4m3 ? 0x7F : 0;  // e4m3's NaN; torch casts a NaN to int8 as 0 here
-  y = std::min(std::max(y, -kLimit), kLimit);
-  const float magnitude = std::fabs(y);
-  if constexpr (kE4m3) {
-    uint32_t bits;
-    std::memcpy(&bits, &magnitude, 4);
-    const int32_t exponent = std::max<int32_t>(int32_t((bits >> 23) & 0xFF) - 127, -6);
-    const int32_t q = int32_t(std::floor(std::ldexp(magnitude, 3 - exponent) + 0.5f));  // 0 .. 16 steps
-    const int32_t code = q >= 8 ? (q == 16 ? (exponent + 8) << 3 : (exponent + 7) << 3 | (q - 8)) : q;
-    return uint8_t(code | (y < 0.0f ? 0x80 : 0));
-  } else {
-    const float sign = y > 0.0f ? 1.0f : (y < 0.0f ? -1.0f : 0.0f);
-    return static_cast<uint8_t>(static_cast<int8_t>(std::floor(magnitude + 0.5f) * sign));
-  }
-}
-
-// kLanes values' codes at once: quantize_value lane-wise (no branches; floor of a value in
-// [0, 2^23) is its truncation).
+// kLanes values' codes at once, lane-wise without branches (floor of a value in [0, 2^23) is its
+// truncation).
 template <bool kE4m3>
 inline void quantize_lanes(vf x, float scale, uint8_t* out) {
   constexpr float kLimit = code_limit<kE4m3>();
@@ -258,31 +244,32 @@ inline void quantize_lanes(vf x, float scale, uint8_t* out) {
   for (int j = 0; j < kLanes; ++j) out[j] = static_cast<uint8_t>(code[j]);
 }
 
-// One row of D fp32 values: its codes into `codes`, its scale returned.
+// One row of D fp32 values: its codes into `codes`, its scale returned. A row's last values, short
+// of a whole vector, are quantized as one padded with zeros (a zero changes no amax).
 template <bool kE4m3>
 c10::Half quantize_row(const float* x, int64_t D, uint8_t* codes) {
   const int64_t whole = D / kLanes * kLanes;
+  float tail[kLanes] = {};
+  std::memcpy(tail, x + whole, (D - whole) * sizeof(float));
   vf amax_lanes = vf{};
   vfi nan = vfi{};
-  for (int64_t d = 0; d < whole; d += kLanes) {
-    const vf v = loadv(x + d);
-    const vf a = v < 0.0f ? -v : v;
+  for (int64_t d = 0; d <= whole; d += kLanes) {
+    const vf v = loadv(d < whole ? x + d : tail);
     nan |= v != v;
-    amax_lanes = maxv(amax_lanes, a);
+    amax_lanes = maxv(amax_lanes, v < 0.0f ? -v : v);
   }
-  float amax = hmax(amax_lanes);
   bool any_nan = false;
   for (int j = 0; j < kLanes; ++j) any_nan |= nan[j] != 0;
-  for (int64_t d = whole; d < D; ++d) {
-    any_nan |= std::isnan(x[d]);
-    amax = std::max(amax, std::fabs(x[d]));
-  }
-  float s = any_nan ? std::numeric_limits<float>::quiet_NaN() : amax / code_limit<kE4m3>();
-  if (!any_nan) s = std::min(std::max(s, kMinScale), kMaxScale);
+  const float s = any_nan ? std::numeric_limits<float>::quiet_NaN()
+                          : std::min(std::max(hmax(amax_lanes) / code_limit<kE4m3>(), kMinScale), kMaxScale);
   const c10::Half scale(s);
   const float sf = static_cast<float>(scale);
   for (int64_t d = 0; d < whole; d += kLanes) quantize_lanes<kE4m3>(loadv(x + d), sf, codes + d);
-  for (int64_t d = whole; d < D; ++d) codes[d] = quantize_value<kE4m3>(x[d], sf);
+  if (whole < D) {
+    uint8_t tail_codes[kLanes];
+    quantize_lanes<kE4m3>(loadv(tail), sf, tail_codes);
+    std::memcpy(codes + whole, tail_codes, D - whole);
+  }
   return scale;
 }
 
@@ -303,12 +290,8 @@ void write_kv_quantized(const at::Tensor& key, const at::Tensor& value, at::Tens
               v_scale.is_contiguous() && k_scale.sizes() == k_cache.sizes().slice(0, 3) &&
               v_scale.sizes() == k_scale.sizes(), "scales must be contiguous fp16 [blocks, block_size, kv_heads]");
   TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), "rows and cache slots differ in shape");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
-              slot_mapping.size(0) == key.size(0), "slot_mapping: int64, one slot per token");
-  const int64_t tokens = key.size(0), heads = key.size(1), D = key.size(2), slots = k_cache.size(0) * k_cache.size(1);
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t)
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " of token ", t, " is outside the cache's ", slots);
+  const int64_t tokens = key.size(0), heads = key.size(1), D = key.size(2);
+  const int64_t* slot = checked_slots(slot_mapping, tokens, k_cache.size(0) * k_cache.size(1));
   uint8_t* kc = static_cast<uint8_t*>(k_cache.data_ptr());
   uint8_t* vc = static_cast<uint8_t*>(v_cache.data_ptr());
   c10::Half* ks = static_cast<c10::Half*>(k_scale.data_ptr());
